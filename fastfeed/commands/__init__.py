@@ -1,0 +1,1 @@
+"""Subcommands of the ``fastfeed`` CLI; see :mod:`fastfeed.cli` for the contract."""

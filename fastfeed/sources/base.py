@@ -1,0 +1,220 @@
+"""The Source contract: random access to raw records by index.
+
+A source maps an index ``0..len-1`` to a :class:`Record` (raw bytes plus an optional
+integer label). Sources are picklable and fork/spawn safe: heavy handles (LMDB
+environments, file descriptors) are opened lazily by :meth:`Source._open` in the
+process that reads, and re-opened after a PID change. Every source counts its reads,
+bytes and time so the profiler can read them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from fastfeed.errors import SourceIndexError
+
+__all__ = ["Record", "Source", "SourceCounters"]
+
+
+class Record(NamedTuple):
+    """One raw sample.
+
+    Attributes:
+        data: The record's bytes (``bytes`` or a read-only bytes-like object the
+            caller may keep).
+        label: Integer label, or ``None`` where the dataset has none.
+    """
+
+    data: bytes
+    label: int | None
+
+
+@dataclass
+class SourceCounters:
+    """Cumulative read counters of one source (thread safe through :meth:`add`).
+
+    Attributes:
+        reads: Records returned.
+        bytes: Bytes returned.
+        time_s: Wall time spent inside reads, seconds (summed over threads).
+        calls: ``read``/``read_many`` calls.
+    """
+
+    reads: int = 0
+    bytes: int = 0
+    time_s: float = 0.0
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, reads: int, nbytes: int, seconds: float) -> None:
+        """Add one call's worth of reads, bytes and seconds."""
+        with self._lock:
+            self.reads += reads
+            self.bytes += nbytes
+            self.time_s += seconds
+            self.calls += 1
+
+    def snapshot(self) -> dict[str, float]:
+        """Return a consistent copy as a plain dict."""
+        with self._lock:
+            return {
+                "reads": self.reads,
+                "bytes": self.bytes,
+                "time_s": self.time_s,
+                "calls": self.calls,
+            }
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        with self._lock:
+            self.reads = self.bytes = self.calls = 0
+            self.time_s = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.snapshot()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class Source(ABC):
+    """Random access to records by index.
+
+    Subclasses implement :meth:`__len__`, :meth:`_read_one` and :meth:`describe`, and
+    usually :meth:`_read_many` (the fast path), :meth:`_open`, :meth:`_close` and
+    :meth:`hint`. Public :meth:`read` / :meth:`read_many` validate indices, open
+    handles lazily (again after a fork), and update :attr:`counters`.
+
+    Attributes:
+        counters: Cumulative reads / bytes / seconds of this source.
+        classes: Class names indexed by label, or ``None``.
+    """
+
+    classes: list[str] | None = None
+
+    def __init__(self) -> None:
+        self.counters = SourceCounters()
+        self._pid: int | None = None
+        self._open_lock = threading.Lock()
+
+    # -- to implement -------------------------------------------------------------
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of records."""
+
+    @abstractmethod
+    def _read_one(self, index: int) -> Record:
+        """Read one record; ``index`` is already validated and handles are open."""
+
+    def _read_many(self, indices: Sequence[int]) -> list[Record]:
+        """Read several records; override with a batched fast path."""
+        return [self._read_one(i) for i in indices]
+
+    @abstractmethod
+    def describe(self, index: int) -> str:
+        """A human description of where ``index`` lives (path or key) for error messages."""
+
+    def hint(self, indices: Iterable[int]) -> None:  # noqa: B027 - optional hook
+        """Tell the source which indices will be read next (read-ahead). No-op by default."""
+
+    def _open(self) -> None:  # noqa: B027 - optional hook
+        """Open heavy handles in this process. Called lazily, once per PID."""
+
+    def _close(self) -> None:  # noqa: B027 - optional hook
+        """Release heavy handles."""
+
+    # -- public API ---------------------------------------------------------------
+
+    def read(self, index: int) -> Record:
+        """Read the record at ``index``.
+
+        Raises:
+            SourceIndexError: ``index`` is outside ``0..len-1``.
+            RecordReadError: The record exists in the index but cannot be read.
+        """
+        index = self._check_index(index)
+        self._ensure_open()
+        t0 = time.perf_counter()
+        rec = self._read_one(index)
+        self.counters.add(1, len(rec.data), time.perf_counter() - t0)
+        return rec
+
+    def read_many(self, indices: Sequence[int]) -> list[Record]:
+        """Read several records in one call (one LMDB transaction, concurrent file reads)."""
+        n = len(self)
+        for i in indices:
+            if not 0 <= i < n:
+                self._check_index(i)
+        self._ensure_open()
+        t0 = time.perf_counter()
+        recs = self._read_many(indices)
+        self.counters.add(len(recs), sum(len(r.data) for r in recs), time.perf_counter() - t0)
+        return recs
+
+    def close(self) -> None:
+        """Release handles; the source re-opens lazily if read again. Idempotent."""
+        with self._open_lock:
+            if self._pid is not None:
+                self._close()
+                self._pid = None
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _check_index(self, index: int) -> int:
+        n = len(self)
+        if isinstance(index, bool) or not isinstance(index, int):
+            try:
+                index = int(index)  # numpy / torch integers
+            except (TypeError, ValueError):
+                raise SourceIndexError(
+                    f"index {index!r} is not an integer ({type(self).__name__} of {n} records)",
+                    index=None,
+                ) from None
+        if not 0 <= index < n:
+            raise SourceIndexError(
+                f"index {index} out of range for {type(self).__name__} of {n} records",
+                index=index,
+            )
+        return index
+
+    def _ensure_open(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._open_lock:
+            if self._pid != pid:
+                # After a fork the parent's handles are unusable here: drop, then reopen.
+                self._open()
+                self._pid = pid
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pid"] = None
+        del state["_open_lock"]
+        for key in self._unpicklable():
+            state[key] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open_lock = threading.Lock()
+
+    def _unpicklable(self) -> tuple[str, ...]:
+        """Attribute names holding handles that must not travel through pickle."""
+        return ()
