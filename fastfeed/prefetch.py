@@ -155,6 +155,9 @@ class Prefetcher(Generic[T, R]):
         recorder: Receives consumer-wait, step-time and queue figures.
         thread_init: Run once at the start of each worker thread.
         role: Thread names are ``fastfeed-<role>-<n>``.
+        report_consumer: Report wait/step times to ``recorder`` as the training loop's.
+            False when another stage (the device stager) sits between this prefetcher
+            and the training loop and reports them itself.
     """
 
     def __init__(
@@ -170,6 +173,7 @@ class Prefetcher(Generic[T, R]):
         recorder: Recorder | None = None,
         thread_init: Callable[[], None] | None = None,
         role: str = "worker",
+        report_consumer: bool = True,
     ) -> None:
         if num_threads < 0:
             raise ConfigError(f"num_threads must be >= 0, got {num_threads}")
@@ -181,6 +185,7 @@ class Prefetcher(Generic[T, R]):
         self.in_order = in_order
         self.timeout_s = timeout_s or None  # torch semantics: 0 means no timeout
         self.describe = describe
+        self.report_consumer = report_consumer
         self.recorder = recorder if recorder is not None else Recorder(enabled=False)
         self._shared: _Shared[T, R] = _Shared(iter(tasks), fn, depth, self.recorder, thread_init)
         self._next_out = 0
@@ -205,10 +210,11 @@ class Prefetcher(Generic[T, R]):
             item = self._next_inline()
         else:
             item = self._next_threaded(t_enter)
-        now = time.perf_counter()
-        step = None if self._last_handoff is None else now - self._last_handoff
-        self._last_handoff = now
-        self.recorder.consumer_step(now - t_enter, step)
+        if self.report_consumer:
+            now = time.perf_counter()
+            step = None if self._last_handoff is None else now - self._last_handoff
+            self._last_handoff = now
+            self.recorder.consumer_step(now - t_enter, step)
         task, result = item
         if isinstance(result, ExceptionBox):
             result.reraise()
