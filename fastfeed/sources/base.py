@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,25 @@ from typing import Any, NamedTuple
 from fastfeed.errors import SourceIndexError
 
 __all__ = ["Record", "Source", "SourceCounters"]
+
+# Every live source and counter set, so a forked child can replace locks that another
+# thread of the parent may have held at fork time (a held lock would deadlock the child).
+_LIVE_SOURCES: weakref.WeakSet[Source] = weakref.WeakSet()
+_LIVE_COUNTERS: weakref.WeakSet[SourceCounters] = weakref.WeakSet()
+
+
+def _reinit_locks_after_fork() -> None:
+    # Runs in the child, which has a single thread at this point: no lock is contended.
+    for counters in list(_LIVE_COUNTERS):
+        counters._lock = threading.Lock()
+    for source in list(_LIVE_SOURCES):
+        source._open_lock = threading.Lock()
+        source._after_fork_in_child()
+        source._pid = None  # the next read re-opens handles in this process
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)
 
 
 class Record(NamedTuple):
@@ -53,6 +73,7 @@ class SourceCounters:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        _LIVE_COUNTERS.add(self)
 
     def add(self, reads: int, nbytes: int, seconds: float) -> None:
         """Add one call's worth of reads, bytes and seconds."""
@@ -84,6 +105,10 @@ class SourceCounters:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        _LIVE_COUNTERS.add(self)
+
+    def __hash__(self) -> int:  # identity hash, so instances can live in a WeakSet
+        return id(self)
 
 
 class Source(ABC):
@@ -105,6 +130,7 @@ class Source(ABC):
         self.counters = SourceCounters()
         self._pid: int | None = None
         self._open_lock = threading.Lock()
+        _LIVE_SOURCES.add(self)
 
     # -- to implement -------------------------------------------------------------
 
@@ -132,6 +158,13 @@ class Source(ABC):
 
     def _close(self) -> None:  # noqa: B027 - optional hook
         """Release heavy handles."""
+
+    def _after_fork_in_child(self) -> None:  # noqa: B027 - optional hook
+        """Drop per-process state (thread pools, locks) inherited through ``fork``.
+
+        Runs in the child right after ``fork``, while it has a single thread. Handles are
+        re-opened lazily by :meth:`_open` on the next read (the PID changed).
+        """
 
     # -- public API ---------------------------------------------------------------
 
@@ -214,6 +247,7 @@ class Source(ABC):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._open_lock = threading.Lock()
+        _LIVE_SOURCES.add(self)
 
     def _unpicklable(self) -> tuple[str, ...]:
         """Attribute names holding handles that must not travel through pickle."""

@@ -1,0 +1,451 @@
+"""Pack any source (an ImageFolder, a file list, an LMDB, a :class:`Source`) into one LMDB.
+
+On-disk format (``format_version`` 1)
+-------------------------------------
+The output is an LMDB **directory** (``subdir=True``) holding a single ``data.mdb`` (written
+with ``lock=False``, so there is no ``lock.mdb``; :class:`~fastfeed.sources.LMDBSource`
+also opens with ``lock=False``). It has one unnamed database with these keys:
+
+``b"0000000000"`` ... ``b"%010d" % (count - 1)``
+    The raw record bytes, byte-identical to what the input source returned (unless
+    ``max_side`` re-encoded an image). Ten ASCII digits sort in index order.
+``b"__fastfeed__"``
+    UTF-8 JSON: ``{"format_version": 1, "count": int, "classes": [str] | null,
+    "has_labels": bool, "has_paths": bool, "max_side": int | null, "quality": int,
+    "writer": "fastfeed <version>"}``.
+``b"__fastfeed__/labels"`` (when the input has labels)
+    ``count`` little-endian int64 labels; ``-1`` marks a record without a label.
+``b"__fastfeed__/paths"``
+    UTF-8 JSON list of each record's origin: the path relative to the ImageFolder root or
+    file-list folder, the original path carried over from an input LMDB, or the input
+    source's :meth:`~fastfeed.sources.Source.describe` text. Error messages quote it.
+
+``_`` sorts after the digits, so a cursor walk meets every record before the metadata.
+
+Writing is atomic: everything goes to a temporary directory next to the output, which is
+renamed into place only after a successful ``sync``; any failure (including Ctrl-C) removes
+the temporary directory and leaves no output. The map size starts from an estimate and
+doubles on ``MapFullError`` (the batch is retried), so no size needs to be given.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from fastfeed._size import format_size
+from fastfeed.errors import (
+    ConfigError,
+    OutputExistsError,
+    PackError,
+    SourceError,
+    SourceNotFoundError,
+)
+from fastfeed.sources.base import Record, Source
+from fastfeed.sources.files import FileSource, _WorkerPool
+from fastfeed.sources.lmdb import (
+    FORMAT_VERSION,
+    LABELS_KEY,
+    META_KEY,
+    PATHS_KEY,
+    LMDBSource,
+    record_key,
+)
+
+__all__ = ["PackReport", "is_lmdb", "open_source", "pack"]
+
+_MIN_MAP_BYTES = 64 << 20
+_BATCH_RECORDS = 64
+
+
+@dataclass
+class PackReport:
+    """What :func:`pack` did.
+
+    Attributes:
+        output: The output LMDB directory.
+        records: Records written.
+        skipped: ``(index, where, reason)`` of every input record left out
+            (``on_error="skip"``).
+        reencoded: Images re-encoded because their longer side exceeded ``max_side``.
+        bytes_in: Record bytes read from the input.
+        bytes_out: Record bytes written.
+        file_bytes: Size of the output ``data.mdb``.
+        seconds: Wall time of the whole pack.
+        classes: Class names written, or ``None``.
+    """
+
+    output: str
+    records: int = 0
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    reencoded: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    file_bytes: int = 0
+    seconds: float = 0.0
+    classes: list[str] | None = None
+
+    def summary(self) -> str:
+        """A few human-readable lines: counts, MB in/out, time, skipped files."""
+        mb = 1e6
+        rate = self.records / self.seconds if self.seconds > 0 else 0.0
+        classes = f", {len(self.classes)} classes" if self.classes else ""
+        lines = [
+            f"packed {self.records} records{classes} into {self.output} in "
+            f"{self.seconds:.1f} s ({rate:.0f} records/s)",
+            f"  {self.bytes_in / mb:.1f} MB in, {self.bytes_out / mb:.1f} MB out "
+            f"(data.mdb {format_size(self.file_bytes)}), {self.reencoded} re-encoded, "
+            f"{len(self.skipped)} skipped",
+        ]
+        for index, where, reason in self.skipped:
+            lines.append(f"  skipped {index} ({where}): {reason}")
+        return "\n".join(lines)
+
+
+def is_lmdb(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` looks like an LMDB: a directory with ``data.mdb`` or a ``*.mdb`` file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "data.mdb"))
+    return os.path.isfile(path) and path.endswith(".mdb")
+
+
+def open_source(src: str | os.PathLike[str] | Source) -> Source:
+    """Turn a path into a source: an LMDB, an ImageFolder root, or a file list (text file).
+
+    A :class:`Source` is returned unchanged.
+
+    Raises:
+        SourceNotFoundError: The path does not exist.
+    """
+    if isinstance(src, Source):
+        return src
+    path = os.fspath(src)
+    if not os.path.exists(path):
+        raise SourceNotFoundError(f"input not found: {path}", path=path)
+    if is_lmdb(path):
+        return LMDBSource(path)
+    if os.path.isdir(path):
+        return FileSource.from_folder(path)
+    return FileSource.from_list(path)
+
+
+def _origin(src: Source, index: int) -> str:
+    if isinstance(src, FileSource):
+        return src.relpath(index)
+    if isinstance(src, LMDBSource) and src.origins is not None:
+        return src.origins[index]
+    return src.describe(index)
+
+
+def _shrink(data: bytes, max_side: int, quality: int) -> bytes | None:
+    """Re-encode to at most ``max_side`` pixels on the longer side; ``None`` = keep bytes.
+
+    Small images are still fully decoded (at 1/8 scale where JPEG allows, which is cheap)
+    so a corrupt file is caught at pack time rather than in the middle of training.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if max(w, h) <= max_side:
+                img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+                img.load()
+                return None
+            scale = max_side / max(w, h)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            if w >= h:
+                size = (max_side, size[1])
+            else:
+                size = (size[0], max_side)
+            img.draft("RGB", size)  # JPEG DCT scaling: decode at >= size, much faster
+            out = img if img.mode in ("RGB", "L") else img.convert("RGB")
+            out = out.resize(size, Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            out.save(buf, format="JPEG", quality=quality)
+            return buf.getvalue()
+
+
+def _read_batch(
+    src: Source, indices: Sequence[int], skip: bool
+) -> list[tuple[int, Record | BaseException]]:
+    try:
+        return list(zip(indices, src.read_many(indices), strict=True))
+    except SourceError:
+        if not skip:
+            raise
+    out: list[tuple[int, Record | BaseException]] = []
+    for i in indices:  # find which record failed; keep the others
+        try:
+            out.append((i, src.read(i)))
+        except SourceError as exc:
+            out.append((i, exc))
+    return out
+
+
+def pack(
+    src: str | os.PathLike[str] | Source,
+    out: str | os.PathLike[str],
+    *,
+    max_side: int | None = None,
+    quality: int = 90,
+    workers: int | None = None,
+    overwrite: bool = False,
+    on_error: str = "raise",
+    progress: bool = True,
+    map_bytes: int | None = None,
+) -> PackReport:
+    """Write every record of ``src`` (bytes + label) and its metadata into one LMDB.
+
+    Args:
+        src: An ImageFolder root, a file list (``path[<TAB>label]`` lines), an LMDB, or
+            any :class:`Source`.
+        out: The output LMDB directory (must not exist unless ``overwrite``).
+        max_side: Re-encode images whose longer side exceeds this many pixels (Pillow,
+            aspect kept, JPEG ``quality``); smaller images are copied byte for byte after
+            a decode check. ``None`` copies every record unchanged without decoding.
+        quality: JPEG quality of re-encoded images (1-95).
+        workers: Threads that decode/re-encode (default: CPU count).
+        overwrite: Replace an existing ``out``.
+        on_error: ``"raise"`` (stop with :class:`PackError`) or ``"skip"`` (leave the
+            record out and list it in the report).
+        progress: Show a tqdm bar and print the summary to stderr.
+        map_bytes: Initial LMDB map size; grows automatically (default: from the input).
+
+    Returns:
+        A :class:`PackReport`.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+        PackError: A record could not be read or re-encoded (names the file), or writing
+            failed; no output is left behind.
+        SourceError: The input could not be opened.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ConfigError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    if max_side is not None and max_side < 1:
+        raise ConfigError(f"max_side must be a positive number of pixels, not {max_side}")
+    if not 1 <= quality <= 100:
+        raise ConfigError(f"quality must be in 1..100, not {quality}")
+    out = os.path.abspath(os.fspath(out))
+    if os.path.lexists(out) and not overwrite:
+        raise OutputExistsError(f"{out} already exists (pass overwrite=True / --overwrite)")
+    skip = on_error == "skip"
+    t0 = time.perf_counter()
+    owns_source = not isinstance(src, Source)
+    source = open_source(src)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".packing", dir=parent)
+    pool = _WorkerPool((workers or os.cpu_count() or 1) - 1, "pack") if max_side else None
+    env: lmdb.Environment | None = None
+    report = PackReport(output=out, classes=list(source.classes) if source.classes else None)
+    try:
+        env = lmdb.open(
+            tmp,
+            subdir=True,
+            map_size=map_bytes if map_bytes is not None else _MIN_MAP_BYTES,
+            lock=False,
+            sync=False,
+            metasync=False,
+            readahead=False,
+            meminit=False,
+            max_dbs=0,
+        )
+        labels, origins = _write_records(
+            env, source, report, pool, max_side, quality, skip, progress, map_bytes is None
+        )
+        meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "count": report.records,
+            "classes": report.classes,
+            "has_labels": any(x >= 0 for x in labels),
+            "has_paths": True,
+            "max_side": max_side,
+            "quality": quality,
+            "writer": f"fastfeed {_version()}",
+        }
+        extra = {
+            META_KEY: json.dumps(meta).encode("utf-8"),
+            PATHS_KEY: json.dumps(origins).encode("utf-8"),
+        }
+        if meta["has_labels"]:
+            extra[LABELS_KEY] = np.asarray(labels, dtype="<i8").tobytes()
+        _put_batch(env, list(extra.items()))
+        env.sync(True)
+        env.close()
+        env = None
+        report.file_bytes = os.path.getsize(os.path.join(tmp, "data.mdb"))
+        _move_into_place(tmp, out, overwrite)
+    except BaseException as exc:
+        if env is not None:
+            env.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, lmdb.Error):
+            raise PackError(f"writing {out} failed: {exc}") from exc
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+        if owns_source:
+            source.close()
+    report.seconds = time.perf_counter() - t0
+    if progress:
+        tqdm.write(report.summary())
+    return report
+
+
+def _write_records(
+    env: lmdb.Environment,
+    source: Source,
+    report: PackReport,
+    pool: _WorkerPool | None,
+    max_side: int | None,
+    quality: int,
+    skip: bool,
+    progress: bool,
+    estimate_map: bool,
+) -> tuple[list[int], list[str]]:
+    n = len(source)
+    labels: list[int] = []
+    origins: list[str] = []
+    with tqdm(total=n, unit="rec", desc="pack", disable=not progress, leave=False) as bar:
+        for start in range(0, n, _BATCH_RECORDS):
+            indices = list(range(start, min(n, start + _BATCH_RECORDS)))
+            try:
+                batch = _read_batch(source, indices, skip)
+            except SourceError as exc:
+                raise PackError(f"reading the input failed: {exc}") from exc
+            if max_side is not None:
+                batch = _reencode(batch, pool, max_side, quality, report)
+            items: list[tuple[bytes, bytes]] = []
+            for i, rec in batch:
+                if isinstance(rec, BaseException):
+                    where = source.describe(i)
+                    reason = f"{type(rec).__name__}: {rec}"
+                    if not skip:
+                        raise PackError(f"record {i} ({where}) failed: {reason}") from rec
+                    report.skipped.append((i, where, reason))
+                    continue
+                report.bytes_in += _record_in_bytes(rec)
+                data = rec.data
+                items.append((record_key(len(labels) + len(items)), data))
+                report.bytes_out += len(data)
+            if estimate_map and start == 0 and items:
+                # Size the map from the first batch (virtual address space only: the
+                # file grows with the data), leaving room for the tail to vary.
+                per = report.bytes_out / len(items)
+                want = int(per * n * 2) + _MIN_MAP_BYTES
+                if want > env.info()["map_size"]:
+                    env.set_mapsize(want)
+            _put_batch(env, items)
+            for i, rec in batch:
+                if not isinstance(rec, BaseException):
+                    labels.append(-1 if rec.label is None else int(rec.label))
+                    origins.append(_origin(source, i))
+            report.records = len(labels)
+            bar.update(len(indices))
+    if not labels:
+        raise PackError(f"no record of {source!r} could be packed (all {n} failed)")
+    return labels, origins
+
+
+def _record_in_bytes(rec: Record) -> int:
+    # _reencode stashes the input size on re-encoded records (see there).
+    return getattr(rec, "_in_bytes", len(rec.data))
+
+
+class _Reencoded(Record):
+    """A record whose data was re-encoded; remembers the input size for the report."""
+
+    _in_bytes: int
+
+
+def _reencode(
+    batch: list[tuple[int, Record | BaseException]],
+    pool: _WorkerPool | None,
+    max_side: int,
+    quality: int,
+    report: PackReport,
+) -> list[tuple[int, Record | BaseException]]:
+    def work(k: int) -> Record | BaseException:
+        rec = batch[k][1]
+        if isinstance(rec, BaseException):
+            return rec
+        try:
+            new = _shrink(rec.data, max_side, quality)
+        except Exception as exc:  # any decoder error: reported with the file's name
+            return exc
+        if new is None:
+            return rec
+        out = _Reencoded(new, rec.label)
+        out._in_bytes = len(rec.data)
+        return out
+
+    results = (
+        pool.map(work, len(batch)) if pool is not None else [work(k) for k in range(len(batch))]
+    )
+    report.reencoded += sum(isinstance(r, _Reencoded) for r in results)
+    return [(i, r) for (i, _), r in zip(batch, results, strict=True)]
+
+
+def _put_batch(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
+    """Write one batch in one transaction, doubling the map size while it does not fit."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for key, value in items:
+                    txn.put(key, value, overwrite=True, append=False)
+            return
+        except lmdb.MapFullError:
+            # The aborted transaction wrote nothing; grow and redo the whole batch.
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def _move_into_place(tmp: str, out: str, overwrite: bool) -> None:
+    if not os.path.lexists(out):
+        try:
+            os.rename(tmp, out)
+        except FileExistsError as exc:
+            raise OutputExistsError(f"{out} appeared while packing; not replacing it") from exc
+        except OSError as exc:
+            if not os.path.lexists(out):
+                raise PackError(f"cannot move the packed LMDB to {out}: {exc}") from exc
+            if not overwrite:
+                raise OutputExistsError(f"{out} appeared while packing; not replacing it") from exc
+        else:
+            return
+    if not overwrite:
+        raise OutputExistsError(f"{out} appeared while packing; not replacing it")
+    # Replace: move the old output aside first so OUT is never half-written.
+    old = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(out)}.", suffix=".old", dir=os.path.dirname(out)
+    )
+    aside = os.path.join(old, "previous")
+    os.rename(out, aside)
+    try:
+        os.rename(tmp, out)
+    except OSError as exc:
+        os.rename(aside, out)
+        raise PackError(f"cannot move the packed LMDB to {out}: {exc}") from exc
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _version() -> str:
+    from fastfeed import __version__
+
+    return __version__

@@ -1,0 +1,471 @@
+"""``FileSource``: one record per file (an ImageFolder, a list of paths, a glob or a file list).
+
+Reads use ``os.open`` + ``os.pread`` straight into a ``bytes`` object (one syscall for the
+whole file, no Python file object, no buffering layer). :meth:`FileSource.read_many` reads
+the files of one call concurrently on a small named thread pool (``fastfeed-read-<n>``),
+created lazily, owned by the process that created it, and joined by :meth:`close`: many
+outstanding reads keep a disk's queue full, which is what cold reads need.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import itertools
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from fastfeed.errors import (
+    ConfigError,
+    EmptySourceError,
+    RecordReadError,
+    SourceError,
+    SourceNotFoundError,
+)
+from fastfeed.sources.base import Record, Source
+
+__all__ = ["IMG_EXTENSIONS", "FileSource"]
+
+#: torchvision's default ``IMG_EXTENSIONS`` (matched case-insensitively, like torchvision).
+IMG_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+
+_T = TypeVar("_T")
+_O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+class _WorkerPool:
+    """A tiny pool of named daemon threads that run one ``map`` at a time with the caller.
+
+    ``map(fn, n)`` runs ``fn(k)`` for ``k in range(n)``: the calling thread and up to
+    ``n - 1`` pool threads pull ``k`` from a shared counter, so load balances itself and a
+    call costs one queue put per helper. The first exception stops the others and is
+    re-raised in the caller. Threads start on first use and stop on :meth:`close`.
+
+    Args:
+        size: Number of pool threads (the caller is an extra participant).
+        role: Thread names are ``fastfeed-<role>-<n>``.
+    """
+
+    _POLL_S = 0.5  # how often idle workers check the stop flag
+
+    def __init__(self, size: int, role: str) -> None:
+        self.size = max(0, int(size))
+        self.role = role
+        self._tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._start_lock = threading.Lock()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._threads or self._stop.is_set():
+                return
+            for n in range(self.size):
+                t = threading.Thread(
+                    target=self._worker, name=f"fastfeed-{self.role}-{n}", daemon=True
+                )
+                t.start()
+                self._threads.append(t)
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._tasks.get(timeout=self._POLL_S)
+            except queue.Empty:
+                continue
+            if job is None:
+                return
+            job()
+
+    def map(self, fn: Callable[[int], _T], n: int) -> list[_T]:
+        """Return ``[fn(0), ..., fn(n-1)]``, computed by the caller and the pool threads."""
+        helpers = min(self.size, n - 1)
+        if helpers <= 0 or self._stop.is_set():
+            return [fn(k) for k in range(n)]
+        self._start()
+        results: list[Any] = [None] * n
+        counter = itertools.count()
+        errors: list[BaseException] = []
+        done = threading.Semaphore(0)
+
+        def participate() -> None:
+            try:
+                while not errors:
+                    k = next(counter)  # atomic under the GIL
+                    if k >= n:
+                        return
+                    results[k] = fn(k)
+            except BaseException as exc:  # re-raised in the caller
+                errors.append(exc)
+
+        def helper() -> None:
+            try:
+                participate()
+            finally:
+                done.release()
+
+        for _ in range(helpers):
+            self._tasks.put(helper)
+        participate()
+        for _ in range(helpers):
+            # Helpers finish within one fn() call of the counter running out; the timeout
+            # loop only guards against a pool closed under our feet.
+            while not done.acquire(timeout=self._POLL_S):
+                if not any(t.is_alive() for t in self._threads):
+                    raise SourceError(f"the {self.role} thread pool stopped during a call")
+        if errors:
+            raise errors[0]
+        return results
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop and join every thread (idempotent)."""
+        self._stop.set()
+        for _ in self._threads:
+            self._tasks.put(None)
+        for t in self._threads:
+            t.join(timeout_s)
+        self._threads = []
+
+
+class FileSource(Source):
+    """Records are whole files; labels optional.
+
+    Construct from explicit paths, or with :meth:`from_folder` (torchvision ImageFolder
+    layout and label mapping), :meth:`from_glob` or :meth:`from_list` (a text file of
+    ``path`` or ``path<TAB>label`` lines).
+
+    Args:
+        paths: File paths, one per record (kept in this order).
+        labels: Optional integer labels, one per path.
+        classes: Optional class names indexed by label.
+        root: Optional common root, used to shorten paths in :meth:`describe` and by ``pack``.
+        num_threads: Threads of the concurrent :meth:`read_many` pool (0 reads serially
+            in the calling thread).
+
+    Attributes:
+        paths: Absolute-or-as-given paths, one per record.
+        labels: Labels, or ``None``.
+        classes: Class names indexed by label, or ``None``.
+        class_to_idx: Class name to label, or ``None``.
+        root: The folder the paths came from, or ``None``.
+
+    Raises:
+        EmptySourceError: ``paths`` is empty.
+        ConfigError: ``labels`` does not match ``paths`` in length.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        labels: Sequence[int] | None = None,
+        *,
+        classes: Sequence[str] | None = None,
+        root: str | os.PathLike[str] | None = None,
+        num_threads: int = 16,
+    ) -> None:
+        super().__init__()
+        self.paths: list[str] = [os.fspath(p) for p in paths]
+        if not self.paths:
+            raise EmptySourceError("FileSource got an empty list of paths")
+        if labels is not None:
+            labels = [int(x) for x in labels]
+            if len(labels) != len(self.paths):
+                raise ConfigError(
+                    f"FileSource got {len(self.paths)} paths but {len(labels)} labels"
+                )
+        self.labels: list[int] | None = labels
+        self.classes = list(classes) if classes is not None else None
+        self.class_to_idx: dict[str, int] | None = (
+            {c: i for i, c in enumerate(self.classes)} if self.classes is not None else None
+        )
+        self.root: str | None = os.fspath(root) if root is not None else None
+        self.num_threads = int(num_threads)
+        self._pool: _WorkerPool | None = None
+        self._pool_lock = threading.Lock()
+
+    # -- constructors ---------------------------------------------------------------
+
+    @classmethod
+    def from_folder(
+        cls,
+        root: str | os.PathLike[str],
+        extensions: Sequence[str] | None = IMG_EXTENSIONS,
+        *,
+        allow_empty: bool = False,
+        num_threads: int = 16,
+    ) -> FileSource:
+        """Index an ImageFolder root exactly like ``torchvision.datasets.ImageFolder``.
+
+        Classes are the sorted sub-directory names of ``root`` (label = position); files
+        are found by ``sorted(os.walk(class_dir, followlinks=True))`` with sorted file
+        names, keeping those whose lower-cased name ends with one of ``extensions``.
+
+        Args:
+            root: The dataset root with one sub-directory per class.
+            extensions: Allowed file endings (case-insensitive); ``None`` keeps every file.
+            allow_empty: Accept class folders with no valid file (torchvision raises).
+            num_threads: See :class:`FileSource`.
+
+        Raises:
+            SourceNotFoundError: ``root`` does not exist.
+            EmptySourceError: No class folder, or a class folder with no valid file.
+        """
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            if os.path.exists(root):
+                raise SourceNotFoundError(f"ImageFolder root is not a directory: {root}", path=root)
+            raise SourceNotFoundError(f"ImageFolder root does not exist: {root}", path=root)
+        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        if not classes:
+            raise EmptySourceError(f"no class folders found in {root}", path=root)
+        exts = tuple(e.lower() for e in extensions) if extensions is not None else None
+        paths: list[str] = []
+        labels: list[int] = []
+        empty: list[str] = []
+        for label, name in enumerate(classes):
+            before = len(paths)
+            for dirpath, _, fnames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+                for fname in sorted(fnames):
+                    if exts is None or fname.lower().endswith(exts):
+                        paths.append(os.path.join(dirpath, fname))
+                        labels.append(label)
+            if len(paths) == before:
+                empty.append(name)
+        if empty and (not allow_empty or not paths):
+            raise EmptySourceError(
+                f"found no valid file for the classes {', '.join(empty)} in {root} "
+                f"(extensions: {', '.join(exts) if exts else 'any'})",
+                path=root,
+            )
+        return cls(paths, labels, classes=classes, root=root, num_threads=num_threads)
+
+    @classmethod
+    def from_glob(cls, pattern: str, *, num_threads: int = 16) -> FileSource:
+        """Every regular file matching ``pattern`` (``**`` recurses), sorted; no labels.
+
+        Raises:
+            EmptySourceError: Nothing matches.
+        """
+        paths = sorted(p for p in _glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not paths:
+            raise EmptySourceError(f"no files match {pattern}", path=pattern)
+        return cls(paths, num_threads=num_threads)
+
+    @classmethod
+    def from_list(cls, list_file: str | os.PathLike[str], *, num_threads: int = 16) -> FileSource:
+        """Read a text file of ``path`` or ``path<TAB>label`` lines.
+
+        Relative paths are relative to the list file's folder. Blank lines and lines
+        starting with ``#`` are ignored. Either every line has a label or none does.
+
+        Raises:
+            SourceNotFoundError: The list file does not exist.
+            EmptySourceError: It lists no path.
+            ConfigError: A malformed label, or labels on only some lines.
+        """
+        list_file = os.fspath(list_file)
+        try:
+            with open(list_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError as exc:
+            raise SourceNotFoundError(f"file list not found: {list_file}", path=list_file) from exc
+        except OSError as exc:
+            raise SourceNotFoundError(
+                f"cannot read file list {list_file}: {exc}", path=list_file
+            ) from exc
+        base = os.path.dirname(os.path.abspath(list_file))
+        paths: list[str] = []
+        labels: list[int | None] = []
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            path, sep, label = line.rpartition("\t") if "\t" in line else (line, "", "")
+            path = path.strip() if sep else line.strip()
+            if sep:
+                try:
+                    labels.append(int(label.strip()))
+                except ValueError as exc:
+                    raise ConfigError(
+                        f"{list_file}:{lineno}: label {label.strip()!r} is not an integer"
+                    ) from exc
+            else:
+                labels.append(None)
+            paths.append(path if os.path.isabs(path) else os.path.join(base, path))
+        if not paths:
+            raise EmptySourceError(f"file list {list_file} lists no files", path=list_file)
+        has = [x is not None for x in labels]
+        if any(has) and not all(has):
+            raise ConfigError(f"{list_file}: some lines have a label and some do not")
+        return cls(
+            paths,
+            [int(x) for x in labels if x is not None] if all(has) else None,
+            root=base,
+            num_threads=num_threads,
+        )
+
+    # -- contract -----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        """The file's path, as stored in :attr:`paths`."""
+        return self.paths[index]
+
+    def relpath(self, index: int) -> str:
+        """The file's path relative to :attr:`root` (the path as given when no root)."""
+        path = self.paths[index]
+        if self.root is not None:
+            try:
+                return os.path.relpath(path, self.root)
+            except ValueError:  # another drive on Windows
+                return path
+        return path
+
+    def _read_one(self, index: int) -> Record:
+        return Record(self._read_file(index), self.labels[index] if self.labels else None)
+
+    def _read_many(self, indices: Sequence[int]) -> list[Record]:
+        indices = list(indices)
+        labels = self.labels
+        if self.num_threads <= 0 or len(indices) <= 2:
+            datas = [self._read_file(i) for i in indices]
+        else:
+            pool = self._get_pool()
+            datas = pool.map(lambda k: self._read_file(indices[k]), len(indices))
+        if labels is None:
+            return [Record(d, None) for d in datas]
+        return [Record(d, labels[i]) for d, i in zip(datas, indices, strict=True)]
+
+    def hint(self, indices: Iterable[int]) -> None:
+        """Ask the kernel to start reading these files (``POSIX_FADV_WILLNEED``).
+
+        Advisory: errors are ignored (the read reports them), and on platforms without
+        ``posix_fadvise`` this does nothing.
+        """
+        fadvise = getattr(os, "posix_fadvise", None)
+        if fadvise is None:
+            return
+        n = len(self.paths)
+        for i in indices:
+            if not 0 <= i < n:
+                continue
+            try:
+                fd = os.open(self.paths[i], _O_FLAGS)
+            except OSError:
+                continue
+            try:
+                fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    def record_sizes(self) -> list[int]:
+        """Size of every file in bytes (``os.stat``), in index order; -1 where stat fails."""
+        sizes = []
+        for p in self.paths:
+            try:
+                sizes.append(os.stat(p).st_size)
+            except OSError:
+                sizes.append(-1)
+        return sizes
+
+    def _close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's pool threads do not exist here; forget the pool without joining.
+        self._pool = None
+        self._pool_lock = threading.Lock()
+
+    def _unpicklable(self) -> tuple[str, ...]:
+        return ("_pool",)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        del state["_pool_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._pool_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        where = self.root if self.root is not None else f"{len(self)} paths"
+        return f"FileSource({where!r}, records={len(self)})"
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _get_pool(self) -> _WorkerPool:
+        pool = self._pool
+        if pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = _WorkerPool(self.num_threads, "read")
+                pool = self._pool
+        return pool
+
+    def _read_file(self, index: int) -> bytes:
+        path = self.paths[index]
+        try:
+            fd = os.open(path, _O_FLAGS)
+        except FileNotFoundError as exc:
+            raise RecordReadError(
+                f"cannot read record {index}: {path} does not exist (deleted after indexing?)",
+                path=path,
+                index=index,
+            ) from exc
+        except PermissionError as exc:
+            raise RecordReadError(
+                f"cannot read record {index}: permission denied for {path}",
+                path=path,
+                index=index,
+            ) from exc
+        except OSError as exc:
+            raise RecordReadError(
+                f"cannot read record {index}: cannot open {path}: {exc.strerror or exc}",
+                path=path,
+                index=index,
+            ) from exc
+        try:
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, size, 0) if size else b""
+            if len(data) < size:  # short read (network file systems): keep reading
+                parts = [data]
+                got = len(data)
+                while got < size:
+                    chunk = os.pread(fd, size - got, got)
+                    if not chunk:
+                        break
+                    parts.append(chunk)
+                    got += len(chunk)
+                data = b"".join(parts)
+        except OSError as exc:
+            raise RecordReadError(
+                f"cannot read record {index}: reading {path} failed: {exc.strerror or exc}",
+                path=path,
+                index=index,
+            ) from exc
+        finally:
+            os.close(fd)
+        if not data:
+            raise RecordReadError(
+                f"cannot read record {index}: {path} is empty (0 bytes)", path=path, index=index
+            )
+        return data

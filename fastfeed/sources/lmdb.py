@@ -1,0 +1,368 @@
+"""``LMDBSource``: records stored in one LMDB (as written by :func:`fastfeed.pack.pack`).
+
+The environment is opened read-only with ``lock=False`` (no lock file, no reader table:
+nothing is written next to the data, so read-only media and many processes work) in the
+process that reads, lazily, and again after a fork. It never creates a database: a missing
+path is :class:`~fastfeed.errors.SourceNotFoundError`. At open it checks that the data file
+holds every page LMDB's metadata says it uses; a truncated ``data.mdb`` would otherwise kill
+the process with SIGBUS on the first read of a missing page.
+
+A database written by fastfeed carries its labels, class names and original paths (see
+:mod:`fastfeed.pack` for the format). Any other LMDB is readable too: its keys are listed at
+open in LMDB order, index ``i`` is the ``i``-th key, and there are no labels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from fastfeed.errors import CorruptSourceError, RecordReadError, SourceNotFoundError
+from fastfeed.sources.base import Record, Source
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LABELS_KEY",
+    "META_KEY",
+    "PATHS_KEY",
+    "LMDBSource",
+    "record_key",
+]
+
+#: Version of the on-disk layout written by :func:`fastfeed.pack.pack`.
+FORMAT_VERSION = 1
+#: JSON metadata: ``{"format_version", "count", "classes", "has_labels", "has_paths", ...}``.
+META_KEY = b"__fastfeed__"
+#: ``count`` little-endian int64 labels (``-1`` = no label).
+LABELS_KEY = b"__fastfeed__/labels"
+#: UTF-8 JSON list of the records' original (relative) paths.
+PATHS_KEY = b"__fastfeed__/paths"
+
+_LMDB_MAGIC = 0xBEEFC0DE
+_PAGE_HEADER_BYTES = 16  # MDB_page header before MDB_meta on 64-bit builds
+_MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", 3)
+_PAGE_BYTES = mmap.PAGESIZE
+
+
+def record_key(index: int) -> bytes:
+    """The key of record ``index`` in a fastfeed LMDB: ten zero-padded ASCII digits."""
+    return b"%010d" % index
+
+
+def _default_max_readers() -> int:
+    return max(126, 2 * (os.cpu_count() or 1) + 64)
+
+
+def _load_madvise() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _load_madvise()
+
+
+class LMDBSource(Source):
+    """Random access to the records of one LMDB.
+
+    Args:
+        path: The LMDB directory (holding ``data.mdb``, as ``pack`` writes it) or the
+            data file itself.
+        max_readers: LMDB's reader slot count; sized for many reader threads.
+        readahead: Let the kernel read around each page fault of the memory map. Keep
+            ``True`` (the default, chosen by ``benchmarks/sources.py``): with ``False``
+            (``MADV_RANDOM``) a cold record of ~100 KB is faulted in 4 KiB at a time, which
+            measured about 2x slower here. ``False`` helps only when records are much
+            smaller than a page and RAM is short.
+
+    Attributes:
+        path: The path as given.
+        data_path: The data file (``.../data.mdb`` for a directory).
+        labels: Labels, or ``None``.
+        classes: Class names indexed by label, or ``None``.
+        origins: Original (relative) path of each record as packed, or ``None``.
+        meta: The fastfeed metadata dict, or ``{}`` for a foreign LMDB.
+
+    Raises:
+        SourceNotFoundError: ``path`` does not exist.
+        CorruptSourceError: ``path`` is not an LMDB, is empty or truncated, or its
+            fastfeed metadata is inconsistent.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_readers: int | None = None,
+        readahead: bool = True,
+    ) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.max_readers = int(max_readers) if max_readers else _default_max_readers()
+        self.readahead = bool(readahead)
+        self._subdir, self.data_path = self._locate(self.path)
+        self._env: lmdb.Environment | None = None
+        self.meta: dict[str, Any] = {}
+        self.labels: list[int] | None = None
+        self.origins: list[str] | None = None
+        self._keys: list[bytes] | None = None  # only for foreign LMDBs
+        self._count = 0
+        self._ensure_open()
+        self._load_index()
+
+    # -- opening --------------------------------------------------------------------
+
+    @staticmethod
+    def _locate(path: str) -> tuple[bool, str]:
+        if not os.path.exists(path):
+            raise SourceNotFoundError(f"LMDB not found: {path}", path=path)
+        if os.path.isdir(path):
+            data = os.path.join(path, "data.mdb")
+            if not os.path.isfile(data):
+                raise CorruptSourceError(
+                    f"{path} is not an LMDB: the directory has no data.mdb", path=path
+                )
+            return True, data
+        return False, path
+
+    def _check_file(self) -> None:
+        """Reject empty / non-LMDB files before LMDB maps them."""
+        data = self.data_path
+        try:
+            with open(data, "rb") as f:
+                head = f.read(_PAGE_HEADER_BYTES + 8)
+        except OSError as exc:
+            raise CorruptSourceError(
+                f"cannot read LMDB data file {data}: {exc.strerror or exc}", path=self.path
+            ) from exc
+        if len(head) < _PAGE_HEADER_BYTES + 8:
+            raise CorruptSourceError(
+                f"{data} is not an LMDB: the file is {len(head)} bytes long", path=self.path
+            )
+        magic = int.from_bytes(head[_PAGE_HEADER_BYTES : _PAGE_HEADER_BYTES + 4], "little")
+        if magic != _LMDB_MAGIC:
+            raise CorruptSourceError(
+                f"{data} is not an LMDB (no LMDB magic number in the first page)",
+                path=self.path,
+            )
+
+    def _open(self) -> None:
+        self._check_file()
+        old, self._env = self._env, None
+        if old is not None:
+            try:
+                old.close()
+            except lmdb.Error:
+                pass
+        try:
+            env = lmdb.open(
+                self.path,
+                subdir=self._subdir,
+                readonly=True,
+                lock=False,
+                create=False,
+                readahead=self.readahead,
+                max_readers=self.max_readers,
+                max_dbs=0,
+                map_size=1 << 20,  # LMDB takes the larger size recorded in the file
+            )
+        except lmdb.Error as exc:
+            msg = f"cannot open LMDB {self.path}: {exc}"
+            raise CorruptSourceError(msg, path=self.path) from exc
+        try:
+            psize = env.stat()["psize"]
+            last_pgno = env.info()["last_pgno"]
+            file_bytes = os.path.getsize(self.data_path)
+        except (lmdb.Error, OSError) as exc:
+            env.close()
+            msg = f"cannot read LMDB {self.path}: {exc}"
+            raise CorruptSourceError(msg, path=self.path) from exc
+        need = (last_pgno + 1) * psize
+        if file_bytes < need:
+            env.close()
+            raise CorruptSourceError(
+                f"LMDB {self.data_path} is truncated: {file_bytes} bytes on disk but its "
+                f"pages need {need} bytes (last page {last_pgno} x {psize} B)",
+                path=self.path,
+            )
+        self._env = env
+
+    def _load_index(self) -> None:
+        env = self._env
+        assert env is not None
+        with env.begin(buffers=False) as txn:
+            raw_meta = txn.get(META_KEY)
+            if raw_meta is None:
+                # A foreign LMDB: every key is a record, in LMDB's (sorted) order.
+                self._keys = list(txn.cursor().iternext(keys=True, values=False))
+                self._count = len(self._keys)
+                return
+            try:
+                self.meta = json.loads(raw_meta)
+                self._count = int(self.meta["count"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CorruptSourceError(
+                    f"LMDB {self.path} has unreadable fastfeed metadata: {exc}", path=self.path
+                ) from exc
+            version = self.meta.get("format_version")
+            if version != FORMAT_VERSION:
+                raise CorruptSourceError(
+                    f"LMDB {self.path} has fastfeed format version {version!r}; "
+                    f"this fastfeed reads version {FORMAT_VERSION}",
+                    path=self.path,
+                )
+            classes = self.meta.get("classes")
+            self.classes = list(classes) if classes is not None else None
+            raw_labels = txn.get(LABELS_KEY)
+            if raw_labels is not None:
+                arr = np.frombuffer(raw_labels, dtype="<i8")
+                if arr.shape[0] != self._count:
+                    raise CorruptSourceError(
+                        f"LMDB {self.path}: {arr.shape[0]} labels for {self._count} records",
+                        path=self.path,
+                    )
+                self.labels = [None if x < 0 else x for x in arr.tolist()]  # type: ignore[misc]
+            raw_paths = txn.get(PATHS_KEY)
+            if raw_paths is not None:
+                self.origins = json.loads(raw_paths.decode("utf-8"))
+                if len(self.origins) != self._count:
+                    raise CorruptSourceError(
+                        f"LMDB {self.path}: {len(self.origins)} paths for {self._count} records",
+                        path=self.path,
+                    )
+
+    @property
+    def class_to_idx(self) -> dict[str, int] | None:
+        """Class name to label, or ``None``."""
+        return {c: i for i, c in enumerate(self.classes)} if self.classes is not None else None
+
+    # -- contract -----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._count
+
+    def key(self, index: int) -> bytes:
+        """The LMDB key of record ``index``."""
+        return self._keys[index] if self._keys is not None else record_key(index)
+
+    def describe(self, index: int) -> str:
+        """E.g. ``"train.lmdb key 0000000037 (from dog/img_0037.jpg)"``."""
+        key = self.key(index)
+        text = key.decode("utf-8", "backslashreplace")
+        where = f"{self.path} key {text}"
+        if self.origins is not None:
+            where += f" (from {self.origins[index]})"
+        return where
+
+    def _label(self, index: int) -> int | None:
+        return self.labels[index] if self.labels is not None else None
+
+    def _missing(self, index: int, what: str) -> RecordReadError:
+        return RecordReadError(
+            f"cannot read record {index}: {self.describe(index)} {what}",
+            path=self.path,
+            index=index,
+        )
+
+    def _read_one(self, index: int) -> Record:
+        env = self._env
+        assert env is not None
+        try:
+            with env.begin(buffers=False) as txn:
+                data = txn.get(self.key(index))
+        except lmdb.Error as exc:
+            raise self._missing(index, f"failed: {exc}") from exc
+        if data is None:
+            raise self._missing(index, "is missing")
+        if not data:
+            raise self._missing(index, "is empty (0 bytes)")
+        return Record(data, self._label(index))
+
+    def _read_many(self, indices: Sequence[int]) -> list[Record]:
+        env = self._env
+        assert env is not None
+        out: list[Record] = []
+        try:
+            # One read transaction for the whole call; buffers=False copies every value
+            # out of the map before the transaction ends.
+            with env.begin(buffers=False) as txn:
+                get = txn.get
+                for i in indices:
+                    data = get(self.key(i))
+                    if not data:
+                        raise self._missing(i, "is missing" if data is None else "is empty")
+                    out.append(Record(data, self._label(i)))
+        except lmdb.Error as exc:
+            raise RecordReadError(
+                f"reading {len(indices)} records from {self.path} failed: {exc}", path=self.path
+            ) from exc
+        return out
+
+    def hint(self, indices: Iterable[int]) -> None:
+        """``madvise(MADV_WILLNEED)`` the pages of the upcoming values (Linux; else no-op).
+
+        Finding a value's address is a B-tree lookup that does not touch the value's own
+        pages (large values live on overflow pages LMDB only points at), so the kernel
+        starts reading exactly the upcoming records' bytes in the background.
+        """
+        if _madvise is None:
+            return
+        self._ensure_open()
+        env = self._env
+        if env is None:
+            return
+        n = self._count
+        try:
+            with env.begin(buffers=True) as txn:
+                for i in indices:
+                    if not 0 <= i < n:
+                        continue
+                    buf = txn.get(self.key(i))
+                    if buf is None or len(buf) == 0:
+                        continue
+                    addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+                    start = addr - addr % _PAGE_BYTES
+                    _madvise(start, addr + len(buf) - start, _MADV_WILLNEED)
+        except lmdb.Error:
+            pass  # advisory only: the read reports real errors
+
+    def record_sizes(self) -> list[int]:
+        """Size of every record's value in bytes, in index order (does not read the values)."""
+        self._ensure_open()
+        env = self._env
+        assert env is not None
+        with env.begin(buffers=True) as txn:
+            get = txn.get
+            return [len(get(self.key(i)) or b"") for i in range(self._count)]
+
+    def _close(self) -> None:
+        env, self._env = self._env, None
+        if env is not None:
+            env.close()
+
+    def _after_fork_in_child(self) -> None:
+        # LMDB forbids using an environment across fork: drop the inherited one (with
+        # lock=False and readonly, its teardown only unmaps and closes this process's
+        # copies) and let the next read open a fresh one.
+        self._env = None
+
+    def _unpicklable(self) -> tuple[str, ...]:
+        return ("_env",)
+
+    def __repr__(self) -> str:
+        return f"LMDBSource({self.path!r}, records={len(self)})"
