@@ -1,0 +1,51 @@
+"""``fastfeed pack SRC OUT.lmdb``: pack an image folder, file list or LMDB into one LMDB."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "pack an image folder, file list or LMDB into one LMDB"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``pack``'s arguments to ``parser``."""
+    parser.add_argument("src", help="ImageFolder root, file list (path[<TAB>label]) or LMDB")
+    parser.add_argument("out", help="output LMDB directory (e.g. train.lmdb)")
+    parser.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        metavar="N",
+        help="re-encode images whose longer side exceeds N pixels (keeps aspect)",
+    )
+    parser.add_argument(
+        "--quality", type=int, default=90, metavar="Q", help="JPEG quality of re-encoded images"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, metavar="K", help="re-encoding threads (default: CPUs)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable/corrupt records and list them"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Pack ``args.src`` into ``args.out``; print the summary; return the exit code."""
+    from fastfeed.pack import pack
+
+    report = pack(
+        args.src,
+        args.out,
+        max_side=args.max_side,
+        quality=args.quality,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        on_error="skip" if args.skip_bad else "raise",
+        progress=not args.quiet,
+    )
+    if args.quiet:
+        print(report.summary(), file=sys.stderr)
+    return 0

@@ -1,0 +1,288 @@
+"""``MemoryCache``: keep raw record bytes of any source in RAM under a byte budget.
+
+Two policies:
+
+``"static"`` (default)
+    Fill once, never evict. The first records read (or :meth:`MemoryCache.preload`) take
+    the budget; later ones are read through. On shuffled epochs over a dataset larger than
+    the budget, every epoch hits ``capacity / dataset`` of its reads. LRU would thrash
+    there: by the time a record comes round again (one epoch later) it has been evicted,
+    so its hit rate falls towards zero (Mohan et al., "Analyzing and Mitigating Data
+    Stalls in DNN Training", VLDB 2021).
+``"lru"``
+    Evict the least recently used records; for workloads that re-read a hot subset.
+
+Hits are a list (static) or dict (LRU) lookup per index and one lock per call at most: the
+cached ``bytes`` object itself is returned, without a copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from fastfeed._size import parse_size
+from fastfeed.errors import ConfigError
+from fastfeed.sources.base import Record, Source
+
+__all__ = ["MemoryCache"]
+
+_POLICIES = ("static", "lru")
+
+
+class MemoryCache(Source):
+    """A RAM cache of raw records in front of another source.
+
+    Args:
+        source: The source to cache (any :class:`Source`).
+        capacity: Byte budget for cached record data: an int or a string such as
+            ``"8GiB"`` or ``"512MB"`` (see :func:`fastfeed._size.parse_size`). Python object
+            overhead (~100 bytes per record) is not counted.
+        policy: ``"static"`` (fill once, never evict) or ``"lru"``.
+
+    Attributes:
+        source: The wrapped source.
+        capacity_bytes: The byte budget.
+        policy: ``"static"`` or ``"lru"``.
+
+    Note:
+        Pickling (spawn, process workers) sends the wrapped source but not the cached
+        bytes: the receiving process starts with an empty cache. A forked child inherits
+        the cache (copy-on-write). :meth:`close` closes the wrapped source and keeps the
+        cached data; :meth:`clear` drops it.
+    """
+
+    def __init__(self, source: Source, capacity: int | str, policy: str = "static") -> None:
+        super().__init__()
+        if not isinstance(source, Source):
+            raise ConfigError(f"MemoryCache wraps a Source, not {type(source).__name__}")
+        if policy not in _POLICIES:
+            raise ConfigError(f"cache policy must be one of {_POLICIES}, not {policy!r}")
+        self.source = source
+        self.capacity_bytes = parse_size(capacity)
+        self.policy = policy
+        self.classes = source.classes
+        self._lock = threading.Lock()
+        self._init_store()
+
+    def _init_store(self) -> None:
+        self._n = len(self.source)
+        # static: a list indexed by record (fastest hit path); lru: an ordered dict.
+        self._slots: list[Record | None] = [None] * self._n if self.policy == "static" else []
+        self._lru: OrderedDict[int, Record] = OrderedDict()
+        self._bytes = 0
+        self._entries = 0
+        self._hits = 0
+        self._misses = 0
+        self._evictions = 0
+
+    # -- contract -----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._n
+
+    def describe(self, index: int) -> str:
+        """The wrapped source's description of ``index``."""
+        return self.source.describe(index)
+
+    @property
+    def labels(self) -> Any:
+        """The wrapped source's labels, or ``None``."""
+        return getattr(self.source, "labels", None)
+
+    def _read_one(self, index: int) -> Record:
+        return self._read_many((index,))[0]
+
+    def _read_many(self, indices: Sequence[int]) -> list[Record]:
+        if self.policy == "static":
+            return self._read_static(indices)
+        return self._read_lru(indices)
+
+    def _read_static(self, indices: Sequence[int]) -> list[Record]:
+        slots = self._slots
+        recs: list[Any] = [slots[i] for i in indices]
+        missing = [k for k, r in enumerate(recs) if r is None]
+        if missing:
+            fetched = self.source.read_many([indices[k] for k in missing])
+            with self._lock:
+                cap = self.capacity_bytes
+                for k, rec in zip(missing, fetched, strict=True):
+                    recs[k] = rec
+                    i = indices[k]
+                    size = len(rec.data)
+                    if slots[i] is None and self._bytes + size <= cap:
+                        slots[i] = rec
+                        self._bytes += size
+                        self._entries += 1
+                self._hits += len(recs) - len(missing)
+                self._misses += len(missing)
+        else:
+            with self._lock:
+                self._hits += len(recs)
+        return recs
+
+    def _read_lru(self, indices: Sequence[int]) -> list[Record]:
+        lru = self._lru
+        recs: list[Any] = [None] * len(indices)
+        missing: list[int] = []
+        with self._lock:
+            touch = lru.move_to_end
+            for k, i in enumerate(indices):
+                rec = lru.get(i)
+                if rec is None:
+                    missing.append(k)
+                else:
+                    touch(i)
+                    recs[k] = rec
+            self._hits += len(recs) - len(missing)
+            self._misses += len(missing)
+        if missing:
+            # Read outside the lock so other threads' hits are not held up by IO.
+            fetched = self.source.read_many([indices[k] for k in missing])
+            with self._lock:
+                for k, rec in zip(missing, fetched, strict=True):
+                    recs[k] = rec
+                    self._lru_insert(indices[k], rec)
+        return recs
+
+    def _lru_insert(self, index: int, rec: Record) -> None:
+        size = len(rec.data)
+        if size > self.capacity_bytes:
+            return
+        old = self._lru.pop(index, None)
+        if old is not None:
+            self._bytes -= len(old.data)
+            self._entries -= 1
+        while self._lru and self._bytes + size > self.capacity_bytes:
+            _, evicted = self._lru.popitem(last=False)
+            self._bytes -= len(evicted.data)
+            self._entries -= 1
+            self._evictions += 1
+        self._lru[index] = rec
+        self._bytes += size
+        self._entries += 1
+
+    def hint(self, indices: Iterable[int]) -> None:
+        """Forward the read-ahead hint for the indices that are not cached."""
+        n = self._n
+        if self.policy == "static":
+            slots = self._slots
+            todo = [i for i in indices if 0 <= i < n and slots[i] is None]
+        else:
+            lru = self._lru
+            todo = [i for i in indices if 0 <= i < n and i not in lru]
+        if todo:
+            self.source.hint(todo)
+
+    def close(self) -> None:
+        """Close the wrapped source (its handles); cached bytes are kept. Idempotent."""
+        super().close()
+        self.source.close()
+
+    # -- cache API ------------------------------------------------------------------
+
+    def cached(self, index: int) -> bool:
+        """Whether record ``index`` is in the cache now."""
+        if self.policy == "static":
+            return self._slots[index] is not None
+        return index in self._lru
+
+    def cached_indices(self) -> list[int]:
+        """Cached record indices (static: ascending; LRU: least to most recently used)."""
+        with self._lock:
+            if self.policy == "static":
+                return [i for i, r in enumerate(self._slots) if r is not None]
+            return list(self._lru)
+
+    def preload(self, progress: bool = True, batch: int = 256) -> int:
+        """Read records in index order into the cache until the budget is full.
+
+        Stops at the first record that no longer fits (static) or when the budget is full
+        (LRU: nothing is evicted by a preload). Records already cached are skipped.
+
+        Args:
+            progress: Show a tqdm bar (records).
+            batch: Records per ``read_many`` of the wrapped source.
+
+        Returns:
+            Records added.
+        """
+        self._ensure_open()
+        added = 0
+        with tqdm(total=self._n, unit="rec", desc="preload", disable=not progress) as bar:
+            for start in range(0, self._n, batch):
+                todo = [i for i in range(start, min(self._n, start + batch)) if not self.cached(i)]
+                bar.update(min(self._n, start + batch) - start - len(todo))
+                if not todo:
+                    continue
+                fetched = self.source.read_many(todo)
+                full = False
+                with self._lock:
+                    for i, rec in zip(todo, fetched, strict=True):
+                        size = len(rec.data)
+                        if self._bytes + size > self.capacity_bytes:
+                            full = True
+                            break
+                        if self.policy == "static":
+                            self._slots[i] = rec
+                            self._bytes += size
+                            self._entries += 1
+                        else:
+                            self._lru_insert(i, rec)
+                        added += 1
+                        bar.update(1)
+                if full:
+                    break
+        return added
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Hits, misses, hit rate, bytes and entries cached, evictions, capacity, policy."""
+        with self._lock:
+            total = self._hits + self._misses
+            return {
+                "policy": self.policy,
+                "hits": self._hits,
+                "misses": self._misses,
+                "hit_rate": self._hits / total if total else 0.0,
+                "bytes_cached": self._bytes,
+                "entries": self._entries,
+                "evictions": self._evictions,
+                "capacity_bytes": self.capacity_bytes,
+            }
+
+    def reset_stats(self) -> None:
+        """Zero hits, misses and evictions (the cached data stays)."""
+        with self._lock:
+            self._hits = self._misses = self._evictions = 0
+
+    def clear(self) -> None:
+        """Drop every cached record and zero the statistics."""
+        with self._lock:
+            self._init_store()
+
+    # -- pickling -------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        del state["_lock"]
+        for key in ("_slots", "_lru"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
+        self._init_store()
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryCache({self.source!r}, capacity={self.capacity_bytes}, "
+            f"policy={self.policy!r}, entries={self._entries})"
+        )
