@@ -1,0 +1,273 @@
+"""Bytes → PIL image: header checks, lazy (draftable) decode, mode conversion, tensor export."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from fastfeed.errors import ConfigError, DecodeError
+
+__all__ = ["EncodedImage", "convert_mode", "decode_image", "to_tensor_uint8"]
+
+OUTPUT_MODES = ("RGB", "L")
+LAYOUTS = ("CHW", "HWC")
+_EXIF_ORIENTATION_TAG = 0x0112
+# Orientations 5..8 rotate by 90 degrees, so the displayed width and height swap.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def check_mode_layout(mode: str, layout: str) -> None:
+    """Raise :class:`ConfigError` unless ``mode`` and ``layout`` are supported output options."""
+    if mode not in OUTPUT_MODES:
+        raise ConfigError(f"mode must be one of {OUTPUT_MODES}, got {mode!r}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _pixel_limit(max_pixels: int | None) -> int | None:
+    # Read Pillow's global at call time, so a user who raises PIL.Image.MAX_IMAGE_PIXELS
+    # sees it honoured here too.
+    return Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+
+
+def _describe_head(view: memoryview) -> str:
+    return repr(bytes(view[:16]))
+
+
+class EncodedImage:
+    """An image whose header is parsed and checked but whose pixels are not decoded yet.
+
+    Opening reads only the header, so the caller can plan a crop from :attr:`size` and
+    then ask :meth:`decode` for a reduced (JPEG DCT-domain) decode that still covers it.
+
+    Args:
+        data: Encoded image bytes (``bytes`` or any bytes-like object).
+        mode: Output mode, ``"RGB"`` or ``"L"``.
+        exif_transpose: Apply the EXIF orientation tag (rotate/mirror as a viewer would).
+        max_pixels: Refuse images with more than this many pixels (width x height) as
+            decompression bombs; ``None`` means Pillow's ``PIL.Image.MAX_IMAGE_PIXELS``.
+
+    Raises:
+        DecodeError: Zero bytes, not an image, an unreadable header, or a decompression bomb.
+        TypeError: ``data`` is not bytes-like.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        mode: str = "RGB",
+        *,
+        exif_transpose: bool = False,
+        max_pixels: int | None = None,
+    ) -> None:
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(
+                f"expected encoded image bytes (bytes-like), got {type(data).__name__}"
+            ) from None
+        if view.nbytes == 0:
+            raise DecodeError("cannot decode an image from zero bytes")
+        self.mode = mode
+        self.nbytes = view.nbytes
+        # BytesIO shares a bytes object's buffer; other bytes-likes are copied once here.
+        buffer = io.BytesIO(data if isinstance(data, bytes) else view.cast("B"))
+        try:
+            img = Image.open(buffer)
+        except Image.DecompressionBombError as exc:
+            raise DecodeError(f"decompression bomb rejected by Pillow: {exc}") from exc
+        except Image.UnidentifiedImageError as exc:
+            raise DecodeError(
+                f"not an image, or its header is truncated: {view.nbytes} bytes starting "
+                f"{_describe_head(view)} match no format Pillow can read"
+            ) from exc
+        except MemoryError:
+            raise
+        except Exception as exc:  # Pillow plugins raise many types on corrupt headers
+            raise DecodeError(
+                f"cannot read image header ({view.nbytes} bytes): {type(exc).__name__}: {exc}"
+            ) from exc
+        width, height = img.size
+        limit = _pixel_limit(max_pixels)
+        if limit is not None and width * height > limit:
+            raise DecodeError(
+                f"decompression bomb: {img.format} image of {width}x{height} = "
+                f"{width * height} pixels > limit {limit} pixels"
+            )
+        self._img = img
+        self.format = img.format
+        self.orientation = _orientation(img) if exif_transpose else 1
+        swap = self.orientation in _SWAPPING_ORIENTATIONS
+        self.size: tuple[int, int] = (height, width) if swap else (width, height)
+        """(width, height) as displayed, i.e. after the EXIF orientation when applied."""
+
+    def decode(self, reduce: int = 1) -> tuple[Image.Image, float]:
+        """Decode the pixels, optionally reduced in the JPEG DCT domain.
+
+        Args:
+            reduce: Largest integer factor (1, 2, 4 or 8) the caller can accept; JPEG
+                decodes at 1/reduce resolution (libjpeg-turbo scaled IDCT), other
+                formats ignore it.
+
+        Returns:
+            The decoded image in :attr:`mode` and orientation, and the factor it was
+            actually reduced by (image coordinate = original coordinate / factor).
+
+        Raises:
+            DecodeError: Truncated or corrupt pixel data, or a mode that cannot convert.
+        """
+        img = self._img
+        factor = 1.0
+        if self.format == "JPEG" and (reduce > 1 or self.mode == "L"):
+            width, height = img.size
+            # Requesting (W // r, H // r) makes Pillow pick exactly the factor r (or the
+            # next power of two below it), never a larger one.
+            request = (width // reduce, height // reduce) if reduce > 1 else None
+            drafted = img.draft(self.mode, request)
+            if drafted is not None and request is not None:
+                factor = width / drafted[1][2]
+        try:
+            # Never with ImageFile.LOAD_TRUNCATED_IMAGES: a cut file must fail here.
+            img.load()
+        except MemoryError:
+            raise
+        except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, ...
+            raise DecodeError(
+                f"truncated or corrupt image data ({self.format} {self._img.size[0]}x"
+                f"{self._img.size[1]}, {self.nbytes} bytes): {type(exc).__name__}: {exc}"
+            ) from exc
+        if self.orientation > 1:
+            img = ImageOps.exif_transpose(img)
+        return convert_mode(img, self.mode), factor
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = int(img.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # a corrupt EXIF block must not fail an otherwise good image
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def convert_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert a decoded image to ``mode`` (``"RGB"`` or ``"L"``).
+
+    Alpha is dropped without compositing (as torchvision's ``pil_loader`` does), palette
+    transparency included; 16-bit and 32-bit integer images keep their high byte
+    (``value >> 8``) instead of Pillow's clip at 255, which would turn most of a 16-bit
+    image white.
+
+    Raises:
+        DecodeError: Pillow cannot convert this mode.
+    """
+    if img.mode == mode:
+        return img
+    try:
+        if img.mode in _SIXTEEN_BIT_MODES:
+            wide = np.asarray(img).astype(np.int64)
+            narrow = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+            img = Image.fromarray(narrow)
+            return img if mode == "L" else img.convert(mode)
+        if img.mode == "P" and "transparency" in img.info:
+            # Through RGBA: Pillow warns when palette transparency meets a direct convert.
+            img = img.convert("RGBA")
+        return img.convert(mode)
+    except (ValueError, OSError) as exc:
+        raise DecodeError(f"cannot convert {img.mode} image to {mode}: {exc}") from exc
+
+
+def decode_image(
+    data: Any,
+    mode: str = "RGB",
+    *,
+    exif_transpose: bool = False,
+    max_pixels: int | None = None,
+) -> Image.Image:
+    """Decode encoded image bytes into a fully loaded PIL image of ``mode``.
+
+    The building block for the generic path:
+    ``transform=lambda b: tv_transform(fastfeed.image.decode_image(b))``.
+
+    Args:
+        data: Encoded bytes (JPEG, PNG, WebP, ... anything Pillow reads).
+        mode: ``"RGB"`` (default) or ``"L"``.
+        exif_transpose: Apply the EXIF orientation (off by default, like torchvision).
+        max_pixels: Decompression-bomb limit in pixels; ``None`` = ``PIL.Image.MAX_IMAGE_PIXELS``.
+
+    Returns:
+        The decoded image.
+
+    Raises:
+        DecodeError: Zero bytes, not an image, truncated data, or a decompression bomb.
+    """
+    check_mode_layout(mode, "CHW")
+    encoded = EncodedImage(data, mode, exif_transpose=exif_transpose, max_pixels=max_pixels)
+    return encoded.decode()[0]
+
+
+def hwc_array(img: Image.Image) -> np.ndarray:
+    """The image's pixels as a read-only uint8 array of shape (H, W, C).
+
+    Raises:
+        ConfigError: The mode does not have 8 bits per channel (convert it first).
+    """
+    if img.mode == "1":
+        img = img.convert("L")
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        raise ConfigError(
+            f"cannot make a uint8 tensor from a {img.mode} image; convert it first "
+            f"(decode_image(..., mode='RGB') or img.convert('RGB'))"
+        )
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Raise :class:`ConfigError` unless ``out`` is a CPU tensor of ``shape`` and ``dtype``."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device.type != "cpu":
+        raise ConfigError(
+            f"out must be a CPU tensor of shape {tuple(shape)} and dtype {dtype}, got "
+            f"shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}"
+        )
+
+
+def write_hwc(src: np.ndarray, out: torch.Tensor, layout: str) -> torch.Tensor:
+    """Copy an (H, W, C) uint8 array view (any strides) into ``out`` in one strided copy."""
+    dst = out.numpy()
+    if layout == "CHW":
+        dst = dst.transpose(1, 2, 0)
+    np.copyto(dst, src)
+    return out
+
+
+def to_tensor_uint8(
+    img: Image.Image, out: torch.Tensor | None = None, *, layout: str = "CHW"
+) -> torch.Tensor:
+    """A PIL image as a uint8 tensor, (C, H, W) by default or (H, W, C) with ``layout="HWC"``.
+
+    Args:
+        img: An image with 8 bits per channel (L, LA, RGB, RGBA, CMYK, P, 1).
+        out: Optional CPU uint8 tensor of exactly the result's shape to write into.
+        layout: ``"CHW"`` (torchvision's layout) or ``"HWC"``.
+
+    Returns:
+        ``out`` when given, else a new tensor.
+
+    Raises:
+        ConfigError: Unsupported layout or mode, or ``out`` of the wrong shape/dtype.
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    arr = hwc_array(img)
+    height, width, channels = arr.shape
+    shape = (channels, height, width) if layout == "CHW" else (height, width, channels)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.uint8)
+    else:
+        check_out(out, shape, torch.uint8)
+    return write_hwc(arr, out, layout)

@@ -1,0 +1,231 @@
+"""The fused geometry of a transform chain and its execution into a tensor row.
+
+A run of crops, resizes and flips collapses into one :class:`Plan`::
+
+    view = flip?( crop of resize( source[src_box] -> resize_to ) )
+
+so the decoder can be told the smallest resolution that still covers the output (JPEG
+DCT-domain reduction), the pixels are resampled once, and the flip and the HWC→CHW
+transpose ride along in the single strided copy into the caller's tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastfeed.errors import ConfigError
+from fastfeed.image._decode import hwc_array, write_hwc
+
+__all__ = ["DRAFT_GAP", "Plan", "draft_factor", "execute_into", "execute_pil", "resampling"]
+
+# Decode a JPEG reduced by f only while the reduced source box keeps DRAFT_GAP x the
+# resized resolution: the antialiasing resize then still does a true downscale, and
+# the scaled-IDCT result stays within ~1-2 grey levels of a full decode + resize.
+DRAFT_GAP = 1.0
+
+_PIL_RESAMPLING: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+# torch's antialiased uint8 kernels (AVX2) are ~3x faster than Pillow's resampler and
+# within 1 grey level of it (a=-0.5 cubic, like Pillow); other filters use Pillow.
+_TORCH_MODES = frozenset({"bilinear", "bicubic"})
+
+
+def resampling(value: object) -> str:
+    """Normalize an interpolation: a name, a ``PIL.Image.Resampling`` or torchvision's
+    ``InterpolationMode`` (its ``.value`` is the name).
+
+    Raises:
+        ConfigError: Unknown interpolation.
+    """
+    if isinstance(value, str):
+        name = value.lower()
+    elif isinstance(value, int):
+        try:
+            name = Image.Resampling(value).name.lower()
+        except ValueError:
+            name = repr(value)
+    elif isinstance(getattr(value, "value", None), str):
+        name = value.value.lower()  # type: ignore[attr-defined]
+    else:
+        name = repr(value)
+    if name not in _PIL_RESAMPLING:
+        raise ConfigError(
+            f"interpolation must be one of {sorted(_PIL_RESAMPLING)} (or a PIL Resampling / "
+            f"torchvision InterpolationMode), got {value!r}"
+        )
+    return name
+
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class Plan:
+    """Fused geometry: integer boxes ``(x0, y0, x1, y1)`` and sizes ``(width, height)``.
+
+    Attributes:
+        src_box: Region of the (oriented, full resolution) source image.
+        resize_to: Size that region is resampled to.
+        crop: Region of the resampled image that is kept.
+        flip: Mirror the kept region left-right.
+        interpolation: Filter name of the resampling.
+    """
+
+    src_box: Box
+    resize_to: tuple[int, int]
+    crop: Box
+    flip: bool = False
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def start(cls, size: tuple[int, int]) -> Plan:
+        """The identity plan of an image of ``size`` (width, height)."""
+        width, height = size
+        return cls((0, 0, width, height), (width, height), (0, 0, width, height))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the image the next transform sees."""
+        x0, y0, x1, y1 = self.crop
+        return x1 - x0, y1 - y0
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the plan resamples (resize_to differs from the source box size)."""
+        x0, y0, x1, y1 = self.src_box
+        return self.resize_to != (x1 - x0, y1 - y0)
+
+    def crop_view(self, left: int, top: int, width: int, height: int) -> None:
+        """Keep the region (left, top, width, height) of the current view."""
+        view_w, view_h = self.size
+        if not (left >= 0 and top >= 0 and left + width <= view_w and top + height <= view_h):
+            raise ValueError(f"crop {(left, top, width, height)} outside view {view_w}x{view_h}")
+        if self.flip:  # the view is mirrored: the same pixels sit mirrored in the unflipped one
+            left = view_w - left - width
+        x0, y0 = self.crop[0], self.crop[1]
+        self.crop = (x0 + left, y0 + top, x0 + left + width, y0 + top + height)
+
+    def resize_view(self, width: int, height: int, interpolation: str) -> None:
+        """Resample the current view to (width, height); only valid while not :attr:`scaled`."""
+        if self.scaled:
+            raise ValueError("a plan resamples once; materialize it before another resize")
+        # Unscaled, the crop is in source coordinates: fold it into the source box.
+        sx0, sy0 = self.src_box[0], self.src_box[1]
+        cx0, cy0, cx1, cy1 = self.crop
+        self.src_box = (sx0 + cx0, sy0 + cy0, sx0 + cx1, sy0 + cy1)
+        self.resize_to = (width, height)
+        self.crop = (0, 0, width, height)
+        self.interpolation = interpolation
+
+
+def draft_factor(plan: Plan) -> int:
+    """Largest JPEG reduction (1, 2, 4, 8) that keeps the source box >= DRAFT_GAP x resize_to."""
+    if not plan.scaled:
+        return 1
+    x0, y0, x1, y1 = plan.src_box
+    room = min((x1 - x0) / plan.resize_to[0], (y1 - y0) / plan.resize_to[1]) / DRAFT_GAP
+    for factor in (8, 4, 2):
+        if room >= factor:
+            return factor
+    return 1
+
+
+def _reduced_box(box: Box, factor: float, size: tuple[int, int]) -> Box:
+    """``box`` in the coordinates of an image decoded at 1/factor (rounded, clamped)."""
+    if factor == 1.0:
+        return box
+    width, height = size
+    x0 = min(math.floor(box[0] / factor + 0.5), width - 1)
+    y0 = min(math.floor(box[1] / factor + 0.5), height - 1)
+    x1 = max(min(math.floor(box[2] / factor + 0.5), width), x0 + 1)
+    y1 = max(min(math.floor(box[3] / factor + 0.5), height), y0 + 1)
+    return x0, y0, x1, y1
+
+
+def _crop_source_box(plan: Plan, box: Box) -> tuple[float, float, float, float]:
+    """The float source-coordinate box that resamples exactly to ``plan.crop``."""
+    x0, y0, x1, y1 = box
+    sx = (x1 - x0) / plan.resize_to[0]
+    sy = (y1 - y0) / plan.resize_to[1]
+    cx0, cy0, cx1, cy1 = plan.crop
+    return x0 + cx0 * sx, y0 + cy0 * sy, x0 + cx1 * sx, y0 + cy1 * sy
+
+
+def execute_into(
+    img: Image.Image, factor: float, plan: Plan, out: torch.Tensor, layout: str
+) -> torch.Tensor:
+    """Run ``plan`` on ``img`` (decoded at 1/factor) and write the result into ``out``.
+
+    Args:
+        img: Decoded image in the output mode (RGB or L).
+        factor: Reduction the decoder applied (plan coordinates / factor = image ones).
+        plan: The fused geometry.
+        out: uint8 tensor of the plan's output shape in ``layout``.
+        layout: ``"CHW"`` or ``"HWC"``.
+
+    Returns:
+        ``out``.
+    """
+    box = _reduced_box(plan.src_box, factor, img.size)
+    if not plan.scaled:
+        x0, y0 = box[0], box[1]
+        cx0, cy0, cx1, cy1 = plan.crop
+        hwc = hwc_array(img)[y0 + cy0 : y0 + cy1, x0 + cx0 : x0 + cx1]
+    elif plan.interpolation in _TORCH_MODES:
+        x0, y0, x1, y1 = box
+        # A writable copy of just the box (np.asarray of a PIL image is read-only, which
+        # torch.from_numpy warns about); it is also the channels-last input the fast
+        # uint8 kernel wants.
+        region = torch.from_numpy(np.array(hwc_array(img)[y0:y1, x0:x1]))
+        resized = F.interpolate(
+            region.permute(2, 0, 1).unsqueeze(0),
+            size=(plan.resize_to[1], plan.resize_to[0]),
+            mode=plan.interpolation,
+            align_corners=False,
+            antialias=True,
+        )
+        cx0, cy0, cx1, cy1 = plan.crop
+        hwc = resized[0].numpy().transpose(1, 2, 0)[cy0:cy1, cx0:cx1]
+    else:
+        # Pillow resamples only the crop, from a float source box: exactly the pixels
+        # of resize-then-crop, without computing the discarded ones.
+        width, height = plan.size
+        resized_img = img.resize(
+            (width, height), _PIL_RESAMPLING[plan.interpolation], box=_crop_source_box(plan, box)
+        )
+        hwc = hwc_array(resized_img)
+    if plan.flip:
+        hwc = hwc[:, ::-1]
+    return write_hwc(hwc, out, layout)
+
+
+def execute_pil(img: Image.Image, factor: float, plan: Plan) -> Image.Image:
+    """Run ``plan`` on ``img`` (decoded at 1/factor) with Pillow and return the image."""
+    box = _reduced_box(plan.src_box, factor, img.size)
+    if plan.scaled:
+        result = img.resize(
+            plan.size, _PIL_RESAMPLING[plan.interpolation], box=_crop_source_box(plan, box)
+        )
+    else:
+        cx0, cy0, cx1, cy1 = plan.crop
+        result = img.crop((box[0] + cx0, box[1] + cy0, box[0] + cx1, box[1] + cy1))
+    if plan.flip:
+        result = result.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return result
+
+
+def pil_resample(name: str) -> Image.Resampling:
+    """The Pillow filter of an interpolation name (see :func:`resampling`)."""
+    return _PIL_RESAMPLING[name]
