@@ -19,6 +19,7 @@ import json
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -77,6 +78,36 @@ def _load_madvise() -> Any:
 _madvise = _load_madvise()
 
 
+class _EnvEntry:
+    """One open environment shared by every LMDBSource of a file in this process."""
+
+    __slots__ = ("env", "refs")
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self.env = env
+        self.refs = 0
+
+
+# py-lmdb refuses to open one file twice in a process, so sources of the same file (a
+# clone from pickling, a cache's inner source and a raw one) share an environment,
+# keyed by the data file's (st_dev, st_ino) and reference counted. The first opener's
+# readahead / max_readers settings apply to all of them.
+_ENVS: dict[tuple[int, int], _EnvEntry] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _forget_envs_after_fork() -> None:
+    # The child must not use the parent's environments; dropping the references lets
+    # them be torn down here (readonly, lock=False: this only unmaps the child's copy).
+    global _ENVS_LOCK
+    _ENVS_LOCK = threading.Lock()
+    _ENVS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_envs_after_fork)
+
+
 class LMDBSource(Source):
     """Random access to the records of one LMDB.
 
@@ -117,6 +148,7 @@ class LMDBSource(Source):
         self.readahead = bool(readahead)
         self._subdir, self.data_path = self._locate(self.path)
         self._env: lmdb.Environment | None = None
+        self._env_key: tuple[int, int] | None = None
         self.meta: dict[str, Any] = {}
         self.labels: list[int] | None = None
         self.origins: list[str] | None = None
@@ -163,12 +195,23 @@ class LMDBSource(Source):
 
     def _open(self) -> None:
         self._check_file()
-        old, self._env = self._env, None
-        if old is not None:
-            try:
-                old.close()
-            except lmdb.Error:
-                pass
+        self._release_env()
+        try:
+            st = os.stat(self.data_path)
+        except OSError as exc:
+            msg = f"cannot open LMDB {self.path}: {exc.strerror or exc}"
+            raise CorruptSourceError(msg, path=self.path) from exc
+        key = (st.st_dev, st.st_ino)
+        with _ENVS_LOCK:
+            entry = _ENVS.get(key)
+            if entry is None:
+                entry = _EnvEntry(self._open_env())
+                _ENVS[key] = entry
+            entry.refs += 1
+        self._env_key = key
+        self._env = entry.env
+
+    def _open_env(self) -> lmdb.Environment:
         try:
             env = lmdb.open(
                 self.path,
@@ -200,7 +243,22 @@ class LMDBSource(Source):
                 f"pages need {need} bytes (last page {last_pgno} x {psize} B)",
                 path=self.path,
             )
-        self._env = env
+        return env
+
+    def _release_env(self) -> None:
+        key, self._env_key = self._env_key, None
+        self._env = None
+        if key is None:
+            return
+        with _ENVS_LOCK:
+            entry = _ENVS.get(key)
+            if entry is None:
+                return
+            entry.refs -= 1
+            if entry.refs > 0:
+                return
+            del _ENVS[key]
+        entry.env.close()
 
     def _load_index(self) -> None:
         env = self._env
@@ -351,18 +409,16 @@ class LMDBSource(Source):
             return [len(get(self.key(i)) or b"") for i in range(self._count)]
 
     def _close(self) -> None:
-        env, self._env = self._env, None
-        if env is not None:
-            env.close()
+        self._release_env()
 
     def _after_fork_in_child(self) -> None:
-        # LMDB forbids using an environment across fork: drop the inherited one (with
-        # lock=False and readonly, its teardown only unmaps and closes this process's
-        # copies) and let the next read open a fresh one.
+        # LMDB forbids using an environment across fork: drop the inherited one (the
+        # registry forgets it too) and let the next read open a fresh one.
         self._env = None
+        self._env_key = None
 
     def _unpicklable(self) -> tuple[str, ...]:
-        return ("_env",)
+        return ("_env", "_env_key")
 
     def __repr__(self) -> str:
         return f"LMDBSource({self.path!r}, records={len(self)})"

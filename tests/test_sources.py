@@ -1,0 +1,620 @@
+"""Sources: one contract for FileSource, LMDBSource and MemoryCache, then each one's specifics."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import multiprocessing
+import os
+import pickle
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import pytest
+from fakes import ListSource
+from imagedata import make_image_folder
+
+from fastfeed._size import format_size, parse_size
+from fastfeed.errors import (
+    ConfigError,
+    CorruptSourceError,
+    EmptySourceError,
+    RecordReadError,
+    SourceIndexError,
+    SourceNotFoundError,
+)
+from fastfeed.pack import pack
+from fastfeed.sources import FileSource, LMDBSource, MemoryCache, Record, Source
+from fastfeed.sources import files as files_mod
+from fastfeed.sources import lmdb as lmdb_mod
+
+N_CLASSES, PER_CLASS = 3, 4
+N = N_CLASSES * PER_CLASS
+CLASSES = ["class_000", "class_001", "class_002"]
+LABELS = [i // PER_CLASS for i in range(N)]
+RELPATHS = [f"class_{i // PER_CLASS:03d}/img_{i:04d}.jpg" for i in range(N)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(
+        tmp_path_factory.mktemp("src") / "imgs", N_CLASSES, PER_CLASS, ((64, 64), (48, 48))
+    )
+
+
+@pytest.fixture(scope="module")
+def expected(folder: Path) -> list[bytes]:
+    return [(folder / rel).read_bytes() for rel in RELPATHS]
+
+
+@pytest.fixture(scope="module")
+def packed(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lmdb") / "train.lmdb"
+    pack(folder, out, progress=False)
+    return out
+
+
+KINDS = [
+    "files",
+    "lmdb",
+    "cache-static-files",
+    "cache-lru-files",
+    "cache-static-lmdb",
+    "cache-lru-lmdb",
+]
+
+
+def _build(kind: str, folder: Path, packed: Path, expected: list[bytes]) -> Source:
+    base: Source = FileSource.from_folder(folder) if kind.endswith("files") else LMDBSource(packed)
+    if kind.startswith("cache"):
+        # Half the data fits: both the hit and the miss paths run.
+        return MemoryCache(base, capacity=sum(map(len, expected)) // 2, policy=kind.split("-")[1])
+    return base
+
+
+@pytest.fixture(params=KINDS)
+def source(request, folder, packed, expected) -> Iterator[Source]:
+    src = _build(request.param, folder, packed, expected)
+    yield src
+    src.close()
+
+
+def _describes(kind_src: Source, index: int) -> None:
+    text = kind_src.describe(index)
+    assert RELPATHS[index] in text
+    inner = kind_src.source if isinstance(kind_src, MemoryCache) else kind_src
+    if isinstance(inner, LMDBSource):
+        assert f"key {index:010d}" in text
+        assert str(inner.path) in text
+
+
+# -- the contract ---------------------------------------------------------------------
+
+
+def test_len_read_labels_classes(source: Source, expected: list[bytes]) -> None:
+    assert len(source) == N
+    assert source.classes == CLASSES
+    for i in range(N):
+        rec = source.read(i)
+        assert isinstance(rec, Record)
+        assert rec.data == expected[i]
+        assert rec.label == LABELS[i]
+    # again, so a cache answers from RAM now
+    assert [source.read(i).data for i in range(N)] == expected
+
+
+def test_read_many_keeps_order_and_duplicates(source: Source, expected: list[bytes]) -> None:
+    order = [5, 0, 11, 5, 3, 3, 7, 1, 10, 2, 9, 4, 6, 8]
+    recs = source.read_many(order)
+    assert [r.data for r in recs] == [expected[i] for i in order]
+    assert [r.label for r in recs] == [LABELS[i] for i in order]
+    assert source.read_many([]) == []
+
+
+def test_describe_names_the_file(source: Source) -> None:
+    for i in (0, 7, N - 1):
+        _describes(source, i)
+
+
+def test_index_out_of_range(source: Source) -> None:
+    with pytest.raises(SourceIndexError, match=rf"index {N} out of range"):
+        source.read(N)
+    with pytest.raises(SourceIndexError, match="index -1 out of range"):
+        source.read(-1)
+    with pytest.raises(SourceIndexError, match=rf"index {N + 3} out of range"):
+        source.read_many([0, N + 3])
+
+
+def test_close_is_idempotent_and_reopens(source: Source, expected: list[bytes]) -> None:
+    with source as s:
+        assert s is source
+        assert s.read_many(list(range(N)))[4].data == expected[4]
+    source.close()
+    source.close()
+    assert source.read(2).data == expected[2]  # reopens lazily
+
+
+def test_counters_count_records_and_bytes(source: Source, expected: list[bytes]) -> None:
+    source.counters.reset()
+    source.read_many([1, 2, 3])
+    source.read(4)
+    snap = source.counters.snapshot()
+    assert snap["reads"] == 4
+    assert snap["calls"] == 2
+    assert snap["bytes"] == sum(len(expected[i]) for i in (1, 2, 3, 4))
+    assert snap["time_s"] >= 0.0
+
+
+def test_hint_accepts_any_indices(source: Source, expected: list[bytes]) -> None:
+    source.hint(range(N))
+    source.hint([N + 5, -1])  # out of range: ignored, a hint is advisory
+    assert source.read_many([0, 1])[1].data == expected[1]
+
+
+def test_pickle_round_trip(source: Source, expected: list[bytes]) -> None:
+    source.read_many([0, 1, 2])  # open handles (and a thread pool) first
+    clone = pickle.loads(pickle.dumps(source))
+    try:
+        assert len(clone) == N
+        assert [r.data for r in clone.read_many(list(range(N)))] == expected
+        _describes(clone, 3)
+    finally:
+        clone.close()
+
+
+def _child_hashes(src: Source, indices: list[int]) -> list[str]:
+    try:
+        one = [hashlib.sha256(src.read(i).data).hexdigest() for i in indices]
+        many = [hashlib.sha256(r.data).hexdigest() for r in src.read_many(indices)]
+        assert one == many
+        return many
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_reads_in_child_process(source: Source, expected: list[bytes], method: str) -> None:
+    source.read_many(list(range(N)))  # parent has open handles and threads at fork time
+    indices = [11, 0, 5, 6, 3]
+    ctx = multiprocessing.get_context(method)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as ex:
+        got = ex.submit(_child_hashes, source, indices).result(timeout=120)
+    assert got == [hashlib.sha256(expected[i]).hexdigest() for i in indices]
+    assert source.read(6).data == expected[6]  # the parent is unaffected
+
+
+def _read_in_forked_child(src: Source, conn) -> None:
+    conn.send(hashlib.sha256(src.read(3).data).hexdigest())
+    conn.close()
+
+
+def test_fork_while_another_thread_holds_the_locks(source: Source, expected: list[bytes]) -> None:
+    source.read(0)
+    source._pid = -1  # make the child take the open path (and so the open lock)
+    ctx = multiprocessing.get_context("fork")
+    parent_conn, child_conn = ctx.Pipe()
+    with source._open_lock, source.counters._lock:
+        proc = ctx.Process(target=_read_in_forked_child, args=(source, child_conn))
+        proc.start()
+    try:
+        assert parent_conn.poll(30), "child deadlocked on a lock held at fork time"
+        assert parent_conn.recv() == hashlib.sha256(expected[3]).hexdigest()
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    assert proc.exitcode == 0
+    source._pid = None
+    assert source.read(3).data == expected[3]
+
+
+def test_sixteen_reader_threads(source: Source, expected: list[bytes]) -> None:
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(16, timeout=30)
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            barrier.wait()
+            for _ in range(20):
+                batch = [rng.randrange(N) for _ in range(rng.randint(1, 8))]
+                got = source.read_many(batch)
+                assert [r.data for r in got] == [expected[i] for i in batch]
+                i = rng.randrange(N)
+                assert source.read(i).data == expected[i]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=reader, args=(k,), name=f"fastfeed-test-{k}") for k in range(16)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert source.counters.snapshot()["calls"] == 16 * 40
+
+
+# -- FileSource -----------------------------------------------------------------------
+
+
+def test_from_folder_matches_torchvision_layout(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    for rel in ["b/2.jpg", "b/1.PNG", "b/sub/0.jpeg", "a/z.webp", "a/notes.txt", "c/x.JPG"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"x" + rel.encode())
+    (root / "loose.jpg").write_bytes(b"not in a class folder")
+    src = FileSource.from_folder(root)
+    assert src.classes == ["a", "b", "c"]
+    assert src.class_to_idx == {"a": 0, "b": 1, "c": 2}
+    rel = [os.path.relpath(p, root) for p in src.paths]
+    assert rel == ["a/z.webp", "b/1.PNG", "b/2.jpg", "b/sub/0.jpeg", "c/x.JPG"]
+    assert src.labels == [0, 1, 1, 1, 2]
+    assert src.relpath(3) == "b/sub/0.jpeg"
+    only_txt = FileSource.from_folder(root, extensions=(".txt",), allow_empty=True)
+    assert only_txt.paths == [str(root / "a" / "notes.txt")]
+
+
+def test_from_folder_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(SourceNotFoundError, match=str(missing)):
+        FileSource.from_folder(missing)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EmptySourceError, match=f"no class folders found in {empty}"):
+        FileSource.from_folder(empty)
+    (empty / "cats").mkdir()
+    (empty / "dogs").mkdir()
+    (empty / "dogs" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(EmptySourceError, match="classes cats in"):
+        FileSource.from_folder(empty)
+    assert FileSource.from_folder(empty, allow_empty=True).labels == [1]
+    with pytest.raises(EmptySourceError, match="empty list"):
+        FileSource([])
+    with pytest.raises(ConfigError, match="2 paths but 1 labels"):
+        FileSource(["a", "b"], [0])
+
+
+def test_from_list_and_glob(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    for name in ("a.bin", "b.bin", "c.dat"):
+        (tmp_path / "d" / name).write_bytes(name.encode())
+    listing = tmp_path / "list.txt"
+    listing.write_text("# comment\nd/b.bin\t1\n\n" + f"{tmp_path / 'd' / 'a.bin'}\t0\n")
+    src = FileSource.from_list(listing)
+    assert [r.data for r in src.read_many([0, 1])] == [b"b.bin", b"a.bin"]
+    assert src.labels == [1, 0]
+    assert src.relpath(0) == os.path.join("d", "b.bin")
+    unlabeled = tmp_path / "plain.txt"
+    unlabeled.write_text("d/c.dat\n")
+    assert FileSource.from_list(unlabeled).read(0) == Record(b"c.dat", None)
+    bad = tmp_path / "bad.txt"
+    bad.write_text("d/a.bin\tcat\n")
+    with pytest.raises(ConfigError, match=r"bad.txt:1: label 'cat'"):
+        FileSource.from_list(bad)
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("d/a.bin\t0\nd/b.bin\n")
+    with pytest.raises(ConfigError, match="some lines have a label"):
+        FileSource.from_list(mixed)
+    with pytest.raises(SourceNotFoundError, match=r"missing\.txt"):
+        FileSource.from_list(tmp_path / "missing.txt")
+    globbed = FileSource.from_glob(str(tmp_path / "d" / "*.bin"))
+    assert [os.path.basename(p) for p in globbed.paths] == ["a.bin", "b.bin"]
+    assert globbed.labels is None
+    with pytest.raises(EmptySourceError, match=r"\*.png"):
+        FileSource.from_glob(str(tmp_path / "*.png"))
+
+
+@pytest.fixture
+def three_files(tmp_path: Path) -> Iterator[FileSource]:
+    paths = []
+    for k in range(3):
+        p = tmp_path / f"f{k}.bin"
+        p.write_bytes(bytes([k + 1]) * (1000 * (k + 1)))
+        paths.append(p)
+    src = FileSource(paths, [0, 1, 2], num_threads=4)
+    yield src
+    src.close()
+
+
+def test_zero_byte_file_is_an_error(three_files: FileSource) -> None:
+    Path(three_files.paths[1]).write_bytes(b"")
+    with pytest.raises(RecordReadError, match=rf"record 1: {three_files.paths[1]} is empty"):
+        three_files.read(1)
+    with pytest.raises(RecordReadError, match=rf"{three_files.paths[1]} is empty") as info:
+        three_files.read_many([0, 1, 2])
+    assert info.value.path == three_files.paths[1]
+    assert info.value.index == 1
+
+
+def test_deleted_after_indexing(three_files: FileSource) -> None:
+    os.unlink(three_files.paths[2])
+    with pytest.raises(RecordReadError, match=rf"{three_files.paths[2]} does not exist") as info:
+        three_files.read_many([0, 1, 2])
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_permission_denied(three_files: FileSource, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Root ignores file modes, so inject the error the kernel would give a normal user.
+    real_open = os.open
+    denied = three_files.paths[0]
+
+    def fake_open(path, flags, *args, **kwargs):
+        if os.fspath(path) == denied:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(files_mod.os, "open", fake_open)
+    with pytest.raises(RecordReadError, match=f"permission denied for {denied}"):
+        three_files.read(0)
+    assert three_files.read(1).data == b"\x02" * 2000
+
+
+def test_file_read_pool_threads_are_named_and_joined(three_files: FileSource) -> None:
+    three_files.read_many([0, 1, 2, 0, 1, 2])
+    names = {t.name for t in threading.enumerate()}
+    assert {"fastfeed-read-0", "fastfeed-read-1"} <= names
+    three_files.close()
+    assert not any(t.name.startswith("fastfeed-read-") for t in threading.enumerate())
+
+
+def test_file_hint_fadvises_willneed(
+    three_files: FileSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(files_mod.os, "posix_fadvise", lambda fd, o, n, a: calls.append((o, n, a)))
+    three_files.hint([2, 0, 7])
+    assert calls == [(0, 0, os.POSIX_FADV_WILLNEED)] * 2
+
+
+# -- LMDBSource -----------------------------------------------------------------------
+
+
+def test_lmdb_missing_path_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.lmdb"
+    with pytest.raises(SourceNotFoundError, match=str(missing)):
+        LMDBSource(missing)
+    assert not missing.exists()
+
+
+def test_lmdb_not_an_lmdb(tmp_path: Path, folder: Path) -> None:
+    with pytest.raises(CorruptSourceError, match=f"{folder} is not an LMDB"):
+        LMDBSource(folder)
+    empty_dir = tmp_path / "e.lmdb"
+    empty_dir.mkdir()
+    (empty_dir / "data.mdb").write_bytes(b"")
+    with pytest.raises(CorruptSourceError, match=rf"{empty_dir}/data.mdb is not an LMDB"):
+        LMDBSource(empty_dir)
+    rnd = tmp_path / "r.lmdb"
+    rnd.mkdir()
+    (rnd / "data.mdb").write_bytes(random.Random(0).randbytes(64 * 1024))
+    with pytest.raises(CorruptSourceError, match=str(rnd)):
+        LMDBSource(rnd)
+    jpg = folder / RELPATHS[0]
+    with pytest.raises(CorruptSourceError, match=str(jpg)):
+        LMDBSource(jpg)
+
+
+def test_lmdb_truncated_data_file(tmp_path: Path, packed: Path) -> None:
+    cut = tmp_path / "cut.lmdb"
+    cut.mkdir()
+    data = (packed / "data.mdb").read_bytes()
+    assert len(data) > 4 * 4096
+    (cut / "data.mdb").write_bytes(data[: 3 * 4096])
+    with pytest.raises(CorruptSourceError, match=rf"{cut}/data.mdb is truncated"):
+        LMDBSource(cut)
+
+
+def test_lmdb_single_file_form(packed: Path, expected: list[bytes]) -> None:
+    with LMDBSource(packed / "data.mdb", readahead=False, max_readers=8) as src:
+        assert src.read(4).data == expected[4]
+        assert src.origins == RELPATHS
+        assert src.class_to_idx == {c: i for i, c in enumerate(CLASSES)}
+
+
+def test_lmdb_foreign_database(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.lmdb"
+    with lmdb.open(str(path), map_size=1 << 20) as env, env.begin(write=True) as txn:
+        for key in (b"b", b"a", b"c"):
+            txn.put(key, b"value-" + key)
+    with LMDBSource(path) as src:
+        assert len(src) == 3
+        assert [r.data for r in src.read_many([0, 1, 2])] == [b"value-a", b"value-b", b"value-c"]
+        assert src.read(1).label is None
+        assert src.describe(2) == f"{path} key c"
+
+
+def test_lmdb_missing_and_empty_records(tmp_path: Path) -> None:
+    path = tmp_path / "holes.lmdb"
+    meta = b'{"format_version": 1, "count": 3, "classes": null}'
+    with lmdb.open(str(path), map_size=1 << 20) as env, env.begin(write=True) as txn:
+        txn.put(lmdb_mod.META_KEY, meta)
+        txn.put(lmdb_mod.record_key(0), b"ok")
+        txn.put(lmdb_mod.record_key(1), b"")
+    with LMDBSource(path) as src:
+        assert src.read(0).data == b"ok"
+        with pytest.raises(RecordReadError, match=rf"{path} key 0000000001 is empty"):
+            src.read(1)
+        with pytest.raises(RecordReadError, match=rf"{path} key 0000000002 is missing"):
+            src.read_many([0, 2])
+
+
+def test_lmdb_bad_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "v9.lmdb"
+    with lmdb.open(str(path), map_size=1 << 20) as env, env.begin(write=True) as txn:
+        txn.put(lmdb_mod.META_KEY, b'{"format_version": 9, "count": 1}')
+    with pytest.raises(CorruptSourceError, match=f"{path} has fastfeed format version 9"):
+        LMDBSource(path)
+
+
+def test_lmdb_hint_madvises_the_value_pages(
+    packed: Path, expected: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if lmdb_mod._madvise is None:
+        pytest.skip("no madvise on this platform")
+    real = lmdb_mod._madvise
+    calls: list[tuple[int, int, int]] = []
+
+    def record(addr: int, length: int, advice: int) -> int:
+        rc = real(addr, length, advice)
+        calls.append((addr, length, rc))
+        return rc
+
+    monkeypatch.setattr(lmdb_mod, "_madvise", record)
+    with LMDBSource(packed) as src:
+        src.hint([3, 9, N + 1])
+        assert len(calls) == 2
+        for (addr, length, rc), i in zip(calls, (3, 9), strict=True):
+            assert rc == 0
+            assert addr % lmdb_mod._PAGE_BYTES == 0
+            assert len(expected[i]) <= length < len(expected[i]) + lmdb_mod._PAGE_BYTES
+        assert src.read(9).data == expected[9]
+
+
+# -- MemoryCache ----------------------------------------------------------------------
+
+
+def _uniform(n: int, size: int = 1000) -> ListSource:
+    return ListSource([bytes([i % 256]) * size for i in range(n)], [i % 3 for i in range(n)])
+
+
+@pytest.mark.parametrize("capacity", [7000, 7999])
+def test_static_hit_rate_is_capacity_over_dataset(capacity: int) -> None:
+    cache = MemoryCache(_uniform(20), capacity=capacity, policy="static")
+    rng = random.Random(1)
+    for _ in range(3):
+        order = list(range(20))
+        rng.shuffle(order)
+        cache.reset_stats()
+        for k in range(0, 20, 6):
+            cache.read_many(order[k : k + 6])
+    stats = cache.cache_stats()
+    assert stats["hit_rate"] == pytest.approx(7 / 20)
+    assert (stats["hits"], stats["misses"]) == (7, 13)
+    assert (stats["entries"], stats["bytes_cached"], stats["evictions"]) == (7, 7000, 0)
+
+
+def test_static_never_evicts_first_comers() -> None:
+    cache = MemoryCache(_uniform(10), capacity="3000", policy="static")
+    cache.read_many([4, 8, 1])
+    cache.read_many([0, 2, 3, 5])
+    assert cache.cached_indices() == [1, 4, 8]
+    assert cache.read(8).data == b"\x08" * 1000
+
+
+def test_lru_evicts_least_recently_used() -> None:
+    src = _uniform(10)
+    cache = MemoryCache(src, capacity=3000, policy="lru")
+    cache.read_many([0, 1, 2])
+    cache.read(0)  # 1 is now the least recently used
+    cache.read(3)
+    assert cache.cached_indices() == [2, 0, 3]
+    cache.read_many([2, 4])
+    assert cache.cached_indices() == [3, 2, 4]
+    stats = cache.cache_stats()
+    assert (stats["hits"], stats["misses"], stats["evictions"]) == (2, 5, 2)
+    assert stats["bytes_cached"] == 3000
+    src.counters.reset()
+    assert cache.read_many([2, 3, 4])[0].data == b"\x02" * 1000
+    assert src.counters.snapshot()["reads"] == 0  # all hits
+
+
+def test_preload_fills_until_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    for policy in ("static", "lru"):
+        src = _uniform(10)
+        cache = MemoryCache(src, capacity="4.5KB", policy=policy)
+        assert cache.capacity_bytes == 4500
+        assert cache.preload(progress=False, batch=3) == 4
+        assert cache.cached_indices() == [0, 1, 2, 3]
+        assert cache.preload(progress=False) == 0
+        src.counters.reset()
+        cache.read_many([0, 3])
+        assert src.counters.snapshot()["reads"] == 0
+
+
+class _HintRecorder(ListSource):
+    def __init__(self, n: int) -> None:
+        super().__init__([b"x" * 10] * n)
+        self.hints: list[list[int]] = []
+
+    def hint(self, indices) -> None:
+        self.hints.append(list(indices))
+
+
+@pytest.mark.parametrize("policy", ["static", "lru"])
+def test_cache_hints_only_misses(policy: str) -> None:
+    src = _HintRecorder(6)
+    cache = MemoryCache(src, capacity=100, policy=policy)
+    cache.read_many([1, 4])
+    cache.hint([0, 1, 2, 4, 99])
+    assert src.hints == [[0, 2]]
+    cache.hint([1, 4])
+    assert src.hints == [[0, 2]]
+
+
+def test_cache_pickle_sends_no_data_and_config_errors() -> None:
+    cache = MemoryCache(_uniform(5), capacity="1KiB")
+    assert cache.capacity_bytes == 1024
+    cache.read(0)
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone.cache_stats()["entries"] == 0
+    assert clone.read(0).data == b"\x00" * 1000
+    with pytest.raises(ConfigError, match="policy"):
+        MemoryCache(_uniform(2), capacity=10, policy="fifo")
+    with pytest.raises(ConfigError, match="cannot parse size '8 parsecs'"):
+        MemoryCache(_uniform(2), capacity="8 parsecs")
+    with pytest.raises(ConfigError, match="wraps a Source"):
+        MemoryCache([b"x"], capacity=10)  # type: ignore[arg-type]
+
+
+def test_lru_under_sixteen_threads_stays_in_budget() -> None:
+    src = _uniform(50, size=100)
+    cache = MemoryCache(src, capacity=1000, policy="lru")
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(200):
+                batch = [rng.randrange(50) for _ in range(4)]
+                assert [r.data[0] for r in cache.read_many(batch)] == batch
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=work, args=(k,), name=f"fastfeed-test-{k}") for k in range(16)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    stats = cache.cache_stats()
+    assert stats["bytes_cached"] == 100 * stats["entries"] <= 1000
+    assert len(cache.cached_indices()) == stats["entries"]
+    assert stats["hits"] + stats["misses"] == 16 * 200 * 4
+
+
+# -- sizes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "nbytes"),
+    [("8GiB", 8 << 30), ("512MB", 512_000_000), ("1.5G", 3 << 29), (" 64 k ", 65536), (10, 10)],
+)
+def test_parse_size(text: str | int, nbytes: int) -> None:
+    assert parse_size(text) == nbytes
+
+
+def test_parse_size_rejects_and_format() -> None:
+    for bad in ("-1GB", "GB", "1XB", True, -5, None):
+        with pytest.raises(ConfigError):
+            parse_size(bad)  # type: ignore[arg-type]
+    assert format_size(1536) == "1.5 KiB"
+    assert format_size(512) == "512 B"
