@@ -34,6 +34,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -68,6 +69,14 @@ from fastfeed.sources.lmdb import (
 __all__ = ["PackReport", "is_lmdb", "open_source", "pack"]
 
 _MIN_MAP_BYTES = 64 << 20
+
+
+class _Bar(tqdm):
+    """tqdm without its monitor thread (an unnamed thread that would outlive the bar)."""
+
+    monitor_interval = 0
+
+
 _BATCH_RECORDS = 64
 
 
@@ -222,7 +231,7 @@ def pack(
         overwrite: Replace an existing ``out``.
         on_error: ``"raise"`` (stop with :class:`PackError`) or ``"skip"`` (leave the
             record out and list it in the report).
-        progress: Show a tqdm bar and print the summary to stderr.
+        progress: Show a tqdm bar, then the summary, on stderr.
         map_bytes: Initial LMDB map size; grows automatically (default: from the input).
 
     Returns:
@@ -304,7 +313,7 @@ def pack(
             source.close()
     report.seconds = time.perf_counter() - t0
     if progress:
-        tqdm.write(report.summary())
+        tqdm.write(report.summary(), file=sys.stderr)
     return report
 
 
@@ -322,7 +331,7 @@ def _write_records(
     n = len(source)
     labels: list[int] = []
     origins: list[str] = []
-    with tqdm(total=n, unit="rec", desc="pack", disable=not progress, leave=False) as bar:
+    with _Bar(total=n, unit="rec", desc="pack", disable=not progress, leave=False) as bar:
         for start in range(0, n, _BATCH_RECORDS):
             indices = list(range(start, min(n, start + _BATCH_RECORDS)))
             try:

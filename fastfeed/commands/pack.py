@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 HELP = "pack an image folder, file list or LMDB into one LMDB"
 
@@ -29,14 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable/corrupt records and list them"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Pack ``args.src`` into ``args.out``; print the summary; return the exit code."""
+    """Pack ``args.src`` into ``args.out`` (bar and summary on stderr); return the exit code."""
     from fastfeed.pack import pack
 
-    report = pack(
+    pack(
         args.src,
         args.out,
         max_side=args.max_side,
@@ -46,6 +45,4 @@ def run(args: argparse.Namespace) -> int:
         on_error="skip" if args.skip_bad else "raise",
         progress=not args.quiet,
     )
-    if args.quiet:
-        print(report.summary(), file=sys.stderr)
     return 0

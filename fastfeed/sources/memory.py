@@ -34,6 +34,12 @@ __all__ = ["MemoryCache"]
 _POLICIES = ("static", "lru")
 
 
+class _Bar(tqdm):
+    """tqdm without its monitor thread (an unnamed thread that would outlive the bar)."""
+
+    monitor_interval = 0
+
+
 class MemoryCache(Source):
     """A RAM cache of raw records in front of another source.
 
@@ -213,7 +219,7 @@ class MemoryCache(Source):
         """
         self._ensure_open()
         added = 0
-        with tqdm(total=self._n, unit="rec", desc="preload", disable=not progress) as bar:
+        with _Bar(total=self._n, unit="rec", desc="preload", disable=not progress) as bar:
             for start in range(0, self._n, batch):
                 todo = [i for i in range(start, min(self._n, start + batch)) if not self.cached(i)]
                 bar.update(min(self._n, start + batch) - start - len(todo))
