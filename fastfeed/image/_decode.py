@@ -90,7 +90,8 @@ class EncodedImage:
             raise
         except Exception as exc:  # Pillow plugins raise many types on corrupt headers
             raise DecodeError(
-                f"cannot read image header ({view.nbytes} bytes): {type(exc).__name__}: {exc}"
+                f"truncated or corrupt image header ({view.nbytes} bytes): "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         width, height = img.size
         limit = _pixel_limit(max_pixels)
