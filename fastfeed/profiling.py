@@ -5,12 +5,23 @@ sample, so the cost stays far below 1% of a batch), queues report put-wait vs ge
 (which side is slow), and the consumer reports how long each step waited for its batch.
 Everything is kept as cumulative counters plus bounded reservoirs (for percentiles)
 and a bounded ring of timeline events (for Chrome traces).
+
+The analysis of these numbers (verdict, summary, JSON) lives in :mod:`fastfeed.report`,
+the Chrome trace export in :mod:`fastfeed.trace`, the plots in :mod:`fastfeed.plot`.
+
+Stage spans also appear in ``torch.profiler`` traces as ``fastfeed/<stage>`` ranges while
+a torch profiler is running. Worker threads are not the thread that started the profiler,
+so torch records their ranges only with
+``experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True)``.
+The check costs one module-attribute read per span while no profiler runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -18,9 +29,72 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastfeed._procio import ProcIO, cpu_times, read_proc_io
+
 __all__ = ["QueueStats", "Recorder", "StageStats", "TraceEvent"]
 
 _RESERVOIR = 2048
+_STEP_LOG = 20_000  # per-step (wait, step) pairs kept for plots, count
+
+
+_tls = threading.local()
+
+
+class _SchedFd:
+    """This thread's open ``/proc/thread-self/schedstat`` (closed when the thread ends)."""
+
+    __slots__ = ("fd", "pid")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        try:
+            self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self.fd = -1
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+
+def _run_delay_s() -> float:
+    """This thread's cumulative run-queue wait (runnable, but no core free), seconds; -1 if unknown.
+
+    Tells "waiting for a CPU" (cores oversubscribed) apart from "blocked" (IO, the
+    GIL, locks), which ``thread_time`` alone cannot. One ``pread`` of an already open
+    file, ~1.5 us.
+    """
+    holder: _SchedFd | None = getattr(_tls, "sched", None)
+    if holder is None or holder.pid != os.getpid():  # new thread, or a forked child
+        holder = _tls.sched = _SchedFd()
+    if holder.fd < 0:
+        return -1.0
+    try:
+        return int(os.pread(holder.fd, 96, 0).split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return -1.0
+
+
+def _torch_profiler_active() -> bool:
+    """Whether a torch profiler is running in this process (cheap; False without torch).
+
+    ``torch.autograd._profiler_enabled()`` is thread-local and reads False in worker
+    threads even while a profiler records every thread; torch's own process-global
+    flag ``torch.autograd.profiler._is_profiler_enabled`` is the one to read.
+    """
+    mod = sys.modules.get("torch.autograd.profiler")
+    return mod is not None and bool(getattr(mod, "_is_profiler_enabled", False))
+
+
+@contextlib.contextmanager
+def _torch_range(stage: str) -> Iterator[None]:
+    import torch.profiler  # already imported: a profiler is running
+
+    with torch.profiler.record_function(f"fastfeed/{stage}"):
+        yield
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -64,7 +138,10 @@ class StageStats:
         failures: Spans that raised.
         busy_s: Wall time inside the stage, summed over threads, seconds.
         cpu_s: Thread CPU time inside the stage, seconds. ``cpu_s / busy_s`` well below
-            1 while busy means waiting: on IO, or on the GIL.
+            1 while busy means waiting: on IO, on the GIL, or for a free core.
+        runq_s: Time the stage's threads were runnable but had no core (Linux
+            schedstat), seconds; ``busy_s - cpu_s - runq_s`` is time blocked (IO, GIL).
+        runq_known: Whether ``runq_s`` was measured (schedstat readable) for every span.
         bytes: Bytes the stage handled.
     """
 
@@ -73,6 +150,8 @@ class StageStats:
     failures: int = 0
     busy_s: float = 0.0
     cpu_s: float = 0.0
+    runq_s: float = 0.0
+    runq_known: bool = True
     bytes: int = 0
     durations: _Reservoir = field(default_factory=_Reservoir, repr=False)
 
@@ -83,6 +162,10 @@ class StageStats:
             "failures": self.failures,
             "busy_s": self.busy_s,
             "cpu_s": self.cpu_s,
+            "runq_s": self.runq_s if self.runq_known else None,
+            "blocked_s": (
+                max(0.0, self.busy_s - self.cpu_s - self.runq_s) if self.runq_known else None
+            ),
             "bytes": self.bytes,
             "cpu_per_wall": self.cpu_s / self.busy_s if self.busy_s > 0 else 0.0,
         }
@@ -129,9 +212,25 @@ class TraceEvent(tuple):
 class Recorder:
     """Collects stage spans, queue waits and consumer steps from every pipeline stage.
 
+    Besides the per-stage and per-queue figures it notes, at creation and at
+    :meth:`reset`, the process CPU time, ``/proc/self/io`` and the machine-wide CPU
+    counters, so a snapshot can tell host saturation and page-cache hits apart.
+
     Args:
-        enabled: When False every hook returns at once (no timing at all).
+        enabled: When False every hook returns at once (no timing at all). May be
+            flipped at any time (``recorder.enabled = False``).
         max_events: Timeline events kept for traces (the oldest are dropped), count.
+
+    Attributes:
+        steps: Consumer steps counted (batches after the first of each epoch).
+        wait_s: Time the consumer waited for batches, all batches, seconds.
+        step_wait_s: The part of ``wait_s`` inside counted steps, seconds (excludes the
+            wait for each epoch's first batch, which is start-up, not steady state).
+        step_s: Time between consecutive batch hand-overs, summed, seconds.
+        first_batches: Batches handed over without a previous one (epoch starts).
+        step_log: ``(end_s, wait_s, step_s)`` of the latest steps (``perf_counter``
+            times), for plots.
+        extra: Free-form figures merged into :meth:`snapshot`.
     """
 
     def __init__(self, enabled: bool = True, max_events: int = 200_000) -> None:
@@ -141,40 +240,63 @@ class Recorder:
         self.queues: dict[str, QueueStats] = {}
         self.events: deque[TraceEvent] = deque(maxlen=max_events)
         self.counters: deque[tuple[str, float, float]] = deque(maxlen=max_events)
+        self.extra: dict[str, Any] = {}
+        self._zero()
+
+    def _zero(self) -> None:
+        """Start every figure from zero, now (caller holds the lock or owns the object)."""
         self.steps = 0
         self.wait_s = 0.0
+        self.step_wait_s = 0.0
         self.step_s = 0.0
+        self.first_batches = 0
         self.step_waits = _Reservoir()
         self.step_times = _Reservoir()
+        self.step_log: deque[tuple[float, float, float]] = deque(maxlen=_STEP_LOG)
         self.started_at = time.perf_counter()
-        self.extra: dict[str, Any] = {}
+        self.started_wall = time.time()
+        self.started_cpu_s = time.process_time()
+        self.started_io: ProcIO | None = read_proc_io()
+        self.started_machine = cpu_times()
 
     # -- stage spans ----------------------------------------------------------------
 
     @contextlib.contextmanager
     def span(self, stage: str, items: int = 1, nbytes: int = 0) -> Iterator[None]:
-        """Time the enclosed block as one span of ``stage`` (wall and thread CPU time)."""
+        """Time the enclosed block as one span of ``stage`` (wall and thread CPU time).
+
+        Args:
+            stage: ``"read"``, ``"transform"``, ``"collate"``, ``"copy"`` or any name.
+            items: Samples in the span (spans are per batch, not per sample).
+            nbytes: Bytes the span handled (for MB/s).
+        """
         if not self.enabled:
             yield
             return
-        t0 = time.perf_counter()
-        c0 = time.thread_time()
-        failed = False
-        try:
-            yield
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            self.add(
-                stage,
-                t0,
-                time.perf_counter(),
-                time.thread_time() - c0,
-                items=items,
-                nbytes=nbytes,
-                failed=failed,
-            )
+        ranged = contextlib.ExitStack()
+        if _torch_profiler_active():
+            ranged.enter_context(_torch_range(stage))
+        with ranged:
+            q0 = _run_delay_s()
+            t0 = time.perf_counter()
+            c0 = time.thread_time()
+            failed = False
+            try:
+                yield
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                self.add(
+                    stage,
+                    t0,
+                    time.perf_counter(),
+                    time.thread_time() - c0,
+                    items=items,
+                    nbytes=nbytes,
+                    failed=failed,
+                    runq_s=_run_delay_s() - q0 if q0 >= 0 else None,
+                )
 
     def add(
         self,
@@ -186,8 +308,21 @@ class Recorder:
         items: int = 1,
         nbytes: int = 0,
         failed: bool = False,
+        runq_s: float | None = None,
     ) -> None:
-        """Record one span measured by the caller (``perf_counter`` times, seconds)."""
+        """Record one span measured by the caller (``perf_counter`` times, seconds).
+
+        Args:
+            stage: Stage name.
+            start_s: ``time.perf_counter()`` at the start, seconds.
+            end_s: ``time.perf_counter()`` at the end, seconds.
+            cpu_s: Thread CPU time spent, seconds.
+            items: Samples in the span.
+            nbytes: Bytes handled.
+            failed: The span raised.
+            runq_s: Run-queue wait during the span (see :class:`StageStats`), seconds;
+                None when not measured.
+        """
         if not self.enabled:
             return
         wall = end_s - start_s
@@ -201,9 +336,18 @@ class Recorder:
             st.failures += failed
             st.busy_s += wall
             st.cpu_s += cpu_s
+            if runq_s is None:
+                st.runq_known = False
+            else:
+                st.runq_s += runq_s
             st.bytes += nbytes
             st.durations.add(wall)
-            self.events.append(TraceEvent((stage, name, start_s, end_s, {"items": items})))
+            args: dict[str, Any] = {"items": items}
+            if nbytes:
+                args["bytes"] = nbytes
+            if failed:
+                args["failed"] = True
+            self.events.append(TraceEvent((stage, name, start_s, end_s, args)))
 
     # -- queues -----------------------------------------------------------------------
 
@@ -232,7 +376,7 @@ class Recorder:
     # -- consumer ---------------------------------------------------------------------
 
     def consumer_step(self, wait_s: float, step_s: float | None) -> None:
-        """Report one batch handed to the training loop.
+        """Report one batch handed to the training loop (call right after the hand-over).
 
         Args:
             wait_s: How long the training loop was blocked waiting for it, seconds.
@@ -241,37 +385,84 @@ class Recorder:
         """
         if not self.enabled:
             return
+        now = time.perf_counter()
+        name = threading.current_thread().name
         with self._lock:
             self.wait_s += wait_s
             self.step_waits.add(wait_s)
             if step_s is not None:
                 self.steps += 1
                 self.step_s += step_s
+                self.step_wait_s += wait_s
                 self.step_times.add(step_s)
+                self.step_log.append((now, wait_s, step_s))
+            else:
+                self.first_batches += 1
+            if wait_s > 0:
+                self.events.append(TraceEvent(("wait", name, now - wait_s, now, {})))
 
     # -- reading ----------------------------------------------------------------------
 
     @property
     def stall_fraction(self) -> float:
-        """Fraction of step time the training loop spent waiting for input (0..1)."""
+        """Fraction of step time the training loop spent waiting for input (0..1).
+
+        Steady state: the waits for each epoch's first batch (start-up) are left out;
+        they are in ``wait_s`` and in the snapshot's ``startup_wait_s``.
+        """
         with self._lock:
-            return self.wait_s / self.step_s if self.step_s > 0 else 0.0
+            return self.step_wait_s / self.step_s if self.step_s > 0 else 0.0
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-serializable copy of everything recorded so far."""
+        """A JSON-serializable copy of everything recorded so far.
+
+        Besides the stage, queue and consumer figures it holds ``process_cpu_s`` (CPU
+        time of the whole process since the start or last reset), ``cpu_count``,
+        ``machine_busy`` (share of all cores busy machine-wide, any process; None if
+        unknown) and ``io`` (``/proc/self/io`` deltas: ``rchar``, ``read_bytes``, or None).
+        """
+        now_io = read_proc_io()
+        now_machine = cpu_times()
         with self._lock:
+            io = None
+            if now_io is not None and self.started_io is not None:
+                d = now_io - self.started_io
+                io = {"rchar": d.rchar, "read_bytes": d.read_bytes, "syscr": d.syscr}
+            machine = None
+            if now_machine is not None and self.started_machine is not None:
+                total = now_machine[1] - self.started_machine[1]
+                if total > 0:
+                    machine = (now_machine[0] - self.started_machine[0]) / total
             return {
                 "elapsed_s": time.perf_counter() - self.started_at,
+                "started_unix_s": self.started_wall,
+                "process_cpu_s": time.process_time() - self.started_cpu_s,
+                "cpu_count": os.cpu_count() or 1,
+                "machine_busy": machine,
+                "io": io,
                 "steps": self.steps,
+                "first_batches": self.first_batches,
                 "wait_s": self.wait_s,
+                "step_wait_s": self.step_wait_s,
+                "startup_wait_s": self.wait_s - self.step_wait_s,
                 "step_s": self.step_s,
-                "stall_fraction": self.wait_s / self.step_s if self.step_s > 0 else 0.0,
+                "stall_fraction": self.step_wait_s / self.step_s if self.step_s > 0 else 0.0,
                 "step_wait": self.step_waits.percentiles(),
                 "step_time": self.step_times.percentiles(),
                 "stages": {k: v.to_dict() for k, v in self.stages.items()},
                 "queues": {k: v.to_dict() for k, v in self.queues.items()},
                 **self.extra,
             }
+
+    def timeline(self) -> tuple[list[TraceEvent], list[tuple[str, float, float]]]:
+        """Copies of the kept timeline events and queue-depth samples (for traces)."""
+        with self._lock:
+            return list(self.events), list(self.counters)
+
+    def steps_log(self) -> list[tuple[float, float, float]]:
+        """Copy of the latest ``(end_s, wait_s, step_s)`` consumer steps."""
+        with self._lock:
+            return list(self.step_log)
 
     def reset(self) -> None:
         """Forget everything recorded (e.g. after warm-up)."""
@@ -280,8 +471,4 @@ class Recorder:
             self.queues.clear()
             self.events.clear()
             self.counters.clear()
-            self.steps = 0
-            self.wait_s = self.step_s = 0.0
-            self.step_waits = _Reservoir()
-            self.step_times = _Reservoir()
-            self.started_at = time.perf_counter()
+            self._zero()
