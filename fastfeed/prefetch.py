@@ -38,6 +38,15 @@ _POLL_S = 0.05  # how often blocked threads look at the stop event, seconds
 _JOIN_S = 2.0  # close() waits at most this long for workers, seconds
 
 
+class _IteratorFailed:
+    """Stands in for the task that the task iterator failed to produce."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
 class _Shared(Generic[T, R]):
     """State shared by the workers and the consumer.
 
@@ -81,6 +90,11 @@ class _Shared(Generic[T, R]):
             except StopIteration:
                 self.exhausted = True
                 return None
+            except BaseException as exc:
+                # The iterator itself failed: deliver the error at this position (the
+                # worker does not call fn on it), and take nothing more.
+                self.exhausted = True
+                task = _IteratorFailed(exc)  # type: ignore[assignment]
             seq = next(self.seq)
             self.dispatched += 1
             # Registered before task_lock is released: a consumer must never see the
@@ -110,6 +124,8 @@ class _Shared(Generic[T, R]):
                     return
                 seq, task = item
                 try:
+                    if isinstance(task, _IteratorFailed):
+                        raise task.exc
                     result: R | ExceptionBox = self.fn(task)
                 except BaseException as exc:  # travels to the consumer, re-raised there
                     result = ExceptionBox(exc)
@@ -126,12 +142,16 @@ class _Shared(Generic[T, R]):
                 self.live_workers -= 1
                 self.cond.notify_all()
 
-    def shutdown(self) -> list[threading.Thread]:
-        """Stop the workers and join them; returns threads still alive after the grace."""
+    def shutdown(self, join_s: float = _JOIN_S) -> list[threading.Thread]:
+        """Stop the workers and join them; returns threads still alive after ``join_s``."""
         self.stop.set()
         with self.cond:
             self.cond.notify_all()
-        alive = join_all(self.threads, _JOIN_S)
+        # Wake workers blocked on a full pipeline now rather than at their next poll; the
+        # pipeline is finished, so over-releasing the (unbounded) semaphore is harmless.
+        for _ in self.threads:
+            self.slots.release()
+        alive = join_all(self.threads, join_s)
         self.threads = alive
         return alive
 
@@ -227,6 +247,8 @@ class Prefetcher(Generic[T, R]):
             raise StopIteration
         seq, task = got
         try:
+            if isinstance(task, _IteratorFailed):
+                raise task.exc
             return task, sh.fn(task)
         except BaseException as exc:
             return task, ExceptionBox(exc)
@@ -269,7 +291,7 @@ class Prefetcher(Generic[T, R]):
         return item
 
     def _timeout_error(self) -> LoaderTimeoutError:
-        tasks = list(self._shared.in_flight.values())
+        tasks = [t for t in self._shared.in_flight.values() if not isinstance(t, _IteratorFailed)]
         shown = "; ".join(self.describe(t) for t in tasks[:4])
         more = f" and {len(tasks) - 4} more" if len(tasks) > 4 else ""
         return LoaderTimeoutError(
@@ -289,15 +311,20 @@ class Prefetcher(Generic[T, R]):
         """The worker threads (empty once closed and joined)."""
         return list(self._shared.threads)
 
-    def close(self) -> None:
-        """Stop the workers and join them within 2 s. Idempotent.
+    def close(self, join_s: float | None = None) -> None:
+        """Stop the workers and join them within 2 s (or ``join_s``). Idempotent.
 
         A worker blocked inside ``fn`` (a read that never returns) cannot be interrupted;
         it is a daemon thread, so it never keeps the interpreter alive, and it exits as
-        soon as ``fn`` returns.
+        soon as ``fn`` returns. ``join_s=0`` stops without waiting (after a timeout,
+        where a worker is known to be stuck).
         """
         self._closed = True
-        self._finalizer()
+        if join_s is None or not self._finalizer.alive:
+            self._finalizer()
+        else:
+            self._finalizer.detach()
+            self._shared.shutdown(join_s)
 
     def __enter__(self) -> Prefetcher[T, R]:
         return self
