@@ -1,51 +1,214 @@
-"""Collate samples into batches: straight into a batch buffer, or generically.
+"""Collate samples into batches: straight into ring buffers, or generically.
 
 Two paths, one object (:class:`Collator`), used by both :class:`fastfeed.Loader` and
 :class:`fastfeed.DataLoader`:
 
 - **Fixed shape**: :meth:`Collator.new_batch` returns an uninitialised ``(n, *shape)``
-  buffer and the workers write each sample into its row (no per-sample tensor, no
-  ``torch.stack``). :meth:`Collator.release` tells the collator the consumer is done
-  with a buffer, so a ring implementation can reuse it.
-- **Generic**: :meth:`Collator.collate` runs the user's ``collate_fn`` (torch's
-  ``default_collate`` by default) on ragged or nested samples.
+  buffer from a :class:`~fastfeed.buffers.PinnedRing` slot and the workers write each
+  sample into its row: no per-sample tensor, no ``torch.stack``, and no second copy to
+  pin (the slot is already page-locked when ``pin_memory=True``).
+- **Generic**: :meth:`Collator.collate` runs the user's ``collate_fn`` on ragged or nested
+  samples. With the default (torch's ``default_collate`` semantics) every tensor leaf
+  whose samples share shape and dtype is stacked straight into a ring slot with
+  ``torch.stack(..., out=slot)``: one copy where torch's DataLoader makes two (stack,
+  then ``pin_memory``). Leaves that cannot go into a slot (ragged tensors raise exactly
+  as in torch; Python numbers become small tensors) and the output of a custom
+  ``collate_fn`` are pinned afterwards when ``pin_memory=True``.
+
+:meth:`Collator.release` tells the ring the consumer moved past a batch; see
+:mod:`fastfeed.buffers` for when a slot is actually rewritten (never while anything
+still references it).
 """
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import default_collate
 
+from fastfeed.buffers import PinnedRing, map_tensors, tensor_leaves
+from fastfeed.errors import ConfigError
+
+try:  # the building blocks of default_collate (public since torch 2.0, module private)
+    from torch.utils.data._utils.collate import collate as _torch_collate
+    from torch.utils.data._utils.collate import collate_tensor_fn as _torch_collate_tensor
+    from torch.utils.data._utils.collate import default_collate_fn_map as _torch_collate_map
+except ImportError:  # pragma: no cover - very old or very new torch: plain default_collate
+    _torch_collate = None
+    _torch_collate_tensor = None
+    _torch_collate_map = {}
+
 __all__ = ["Collator"]
+
+PIN_WARNING = (
+    "pin_memory=True but CUDA is not available: fastfeed uses ordinary (pageable) memory "
+    "for batch buffers instead"
+)
+
+
+class _Once:
+    """A flag that lets exactly one caller through (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.done = False
+
+    def claim(self) -> bool:
+        with self._lock:
+            if self.done:
+                return False
+            self.done = True
+            return True
+
+
+# One warning per process: a training script builds a loader per epoch or per split, and
+# the same sentence repeated on every one of them would bury everything else.
+_pin_warning = _Once()
 
 
 class Collator:
-    """Builds batches for the loader's worker threads.
+    """Builds batches for the loader's worker threads, in reusable (pinned) buffers.
 
     Args:
-        collate_fn: Generic collate for samples that are not written into a buffer;
-            torch's ``default_collate`` when None.
+        collate_fn: Generic collate for samples that are not written into a buffer; torch's
+            ``default_collate`` semantics when None (tensor leaves stacked into ring slots).
+        pin_memory: Put batches in page-locked memory so host-to-device copies can be
+            asynchronous. Without CUDA this degrades to ordinary memory with one
+            ``UserWarning`` per process, never an error.
+        slots: Ring buffers kept per buffer shape; at least the prefetch depth + 2 (one
+            batch with the consumer, one being copied). 0 allocates a fresh buffer for
+            every batch (pinned ones come from torch's caching host allocator).
     """
 
-    def __init__(self, collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
+    def __init__(
+        self,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        *,
+        pin_memory: bool = False,
+        slots: int = 4,
+    ) -> None:
+        if slots < 0:
+            raise ConfigError(f"slots must be >= 0 (0 disables the buffer ring), got {slots}")
         self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self._default = self.collate_fn is default_collate and _torch_collate is not None
+        self.pin_memory = bool(pin_memory)
+        if pin_memory and not torch.cuda.is_available() and _pin_warning.claim():
+            warnings.warn(PIN_WARNING, UserWarning, stacklevel=2)
+        #: True when batch buffers really are page-locked.
+        self.pinned = self.pin_memory and torch.cuda.is_available()
+        self.ring = PinnedRing(slots, pin_memory=self.pinned) if slots > 0 else None
+        self._collate_map: dict[Any, Callable[..., Any]] = dict(_torch_collate_map)
+        self._collate_map[torch.Tensor] = self._collate_tensors
+
+    # -- fixed-shape path ----------------------------------------------------------------
 
     def new_batch(self, n: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """An uninitialised ``(n, *shape)`` tensor whose rows the workers fill."""
-        return torch.empty((n, *shape), dtype=dtype)
+        """An uninitialised ``(n, *shape)`` buffer whose rows the workers fill.
 
-    def collate(self, samples: list[Any]) -> Any:
-        """Collate samples with ``collate_fn``."""
-        return self.collate_fn(samples)
+        Args:
+            n: Samples in the batch.
+            shape: Shape of one sample.
+            dtype: Element type.
+        """
+        if self.ring is not None:
+            return self.ring.acquire(n, shape, dtype)
+        return torch.empty((n, *shape), dtype=dtype, pin_memory=self.pinned)
 
     def labels(self, labels: Sequence[int | None]) -> torch.Tensor | None:
-        """Labels as an int64 tensor, or None when the source has none."""
+        """Labels as an int64 tensor (in a ring buffer), or None when the source has none."""
         if not labels or labels[0] is None:
             return None
-        return torch.tensor(labels, dtype=torch.int64)
+        out = self.new_batch(len(labels), (), torch.int64)
+        out.copy_(torch.as_tensor(labels, dtype=torch.int64))
+        return out
 
-    def release(self, batch: Any) -> None:
-        """The consumer has moved past ``batch``; its buffers may be reused."""
+    # -- generic path --------------------------------------------------------------------
+
+    def collate(self, samples: list[Any]) -> Any:
+        """Collate samples with ``collate_fn`` (ring-backed for the default), pinned if asked."""
+        if self._default:
+            batch = _torch_collate(samples, collate_fn_map=self._collate_map)
+        else:
+            batch = self.collate_fn(samples)
+        if self.pinned:
+            batch = map_tensors(batch, _pin_tensor, _pin_other)
+        return batch
+
+    def _collate_tensors(
+        self, batch: Sequence[torch.Tensor], *, collate_fn_map: dict[Any, Any] | None = None
+    ) -> torch.Tensor:
+        """``default_collate``'s tensor rule, stacking into a ring slot when shapes agree."""
+        if _stackable(batch) and torch.utils.data.get_worker_info() is None:
+            elem = batch[0]
+            out = self.new_batch(len(batch), elem.shape, elem.dtype)
+            return torch.stack(list(batch), 0, out=out)
+        # Ragged, mixed, sparse or nested tensors, or a torch worker *process* (where
+        # torch stacks into shared memory itself): torch's own rule, with its own errors.
+        return _torch_collate_tensor(batch, collate_fn_map=collate_fn_map)
+
+    # -- recycling -----------------------------------------------------------------------
+
+    def release(self, batch: Any, *, ready_event: Any = None) -> None:
+        """The consumer has moved past ``batch``; its ring buffers may be reused.
+
+        A buffer is rewritten only once nothing references it any more, so a batch the
+        caller keeps never changes. Tensors that are not ring buffers are ignored, and a
+        second release of the same batch does nothing.
+
+        Args:
+            batch: A batch (nested tensors) built by this collator.
+            ready_event: A CUDA event recorded after the last GPU copy that reads these
+                buffers, by a caller that issued every such copy itself (the device
+                stager). Without it, pinned buffers are handed back to torch's caching
+                host allocator instead of being reused, because the training loop may
+                have issued ``non_blocking`` copies from them that fastfeed cannot see.
+        """
+        if self.ring is None:
+            return
+        for t in tensor_leaves(batch):
+            if t.layout == torch.strided and t.device.type == "cpu":
+                self.ring.release(t, ready_event)
+
+    def stats(self) -> dict[str, Any]:
+        """Ring counters (allocations, reuses, retired, live slots and bytes) and pinning."""
+        out: dict[str, Any] = {"pinned": self.pinned}
+        if self.ring is not None:
+            out.update(self.ring.stats().to_dict())
+        return out
+
+
+def _stackable(batch: Sequence[Any]) -> bool:
+    """True when ``torch.stack(batch, out=slot)`` gives exactly what ``default_collate`` would."""
+    if not batch:
+        return False
+    elem = batch[0]
+    for t in batch:
+        # Plain tensors only: subclasses (tv_tensors, ...) keep torch's path, which keeps
+        # their type; autograd refuses out= with requires_grad inputs.
+        if (
+            type(t) is not torch.Tensor
+            or t.layout != torch.strided
+            or t.is_nested
+            or t.device.type != "cpu"
+            or t.requires_grad
+            or t.dtype != elem.dtype
+            or t.shape != elem.shape
+        ):
+            return False
+    return True
+
+
+def _pin_tensor(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cpu" or t.is_pinned():
+        return t
+    return t.pin_memory()
+
+
+def _pin_other(obj: Any) -> Any:
+    # torch's pin_memory also pins custom batch types that define pin_memory().
+    pin = getattr(obj, "pin_memory", None)
+    return pin() if callable(pin) else obj
