@@ -78,6 +78,21 @@ def _load_madvise() -> Any:
 _madvise = _load_madvise()
 
 
+def _load_mincore() -> Any:
+    if _madvise is None:
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_mincore = _load_mincore()
+
+
 class _EnvEntry:
     """One open environment shared by every LMDBSource of a file in this process."""
 
@@ -176,8 +191,14 @@ class LMDBSource(Source):
         """Reject empty / non-LMDB files before LMDB maps them."""
         data = self.data_path
         try:
-            with open(data, "rb") as f:
-                head = f.read(_PAGE_HEADER_BYTES + 8)
+            fd = os.open(data, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                if hasattr(os, "posix_fadvise"):
+                    # A plain read would pull in the file's first ~128 KiB by readahead.
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                head = os.pread(fd, _PAGE_HEADER_BYTES + 8, 0)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise CorruptSourceError(
                 f"cannot read LMDB data file {data}: {exc.strerror or exc}", path=self.path
@@ -385,6 +406,7 @@ class LMDBSource(Source):
         if env is None:
             return
         n = self._count
+        vec = ctypes.create_string_buffer(64)
         try:
             with env.begin(buffers=True) as txn:
                 for i in indices:
@@ -395,7 +417,18 @@ class LMDBSource(Source):
                         continue
                     addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
                     start = addr - addr % _PAGE_BYTES
-                    _madvise(start, addr + len(buf) - start, _MADV_WILLNEED)
+                    length = addr + len(buf) - start
+                    pages = -(-length // _PAGE_BYTES)
+                    if _mincore is not None:
+                        # WILLNEED on pages already in memory costs as much as the
+                        # read itself; mincore is cheap, so skip values fully resident.
+                        if pages > len(vec):
+                            vec = ctypes.create_string_buffer(pages)
+                        if _mincore(start, length, vec) == 0 and all(
+                            b & 1 for b in vec.raw[:pages]
+                        ):
+                            continue
+                    _madvise(start, length, _MADV_WILLNEED)
         except lmdb.Error:
             pass  # advisory only: the read reports real errors
 

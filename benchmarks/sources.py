@@ -1,0 +1,277 @@
+"""Raw read throughput of FileSource, LMDBSource and MemoryCache, cold and warm.
+
+Generates an ImageNet-like set of JPEGs (50-150 KB each), packs it into an LMDB, then
+reads every record once in a shuffled order through ``read_many`` batches:
+
+* ``ceiling``: a plain 16-thread ``os.open``/``os.pread`` loop over the same files;
+* ``FileSource.read_many`` (its thread pool), ``LMDBSource.read_many`` with
+  ``readahead=True`` and ``False``, each cold (page cache evicted with
+  ``posix_fadvise(POSIX_FADV_DONTNEED)``, checked with ``mincore``) and warm;
+* ``MemoryCache`` hits (preloaded).
+
+Run by hand (not a test)::
+
+    python benchmarks/sources.py --count 2000 --json sources.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import io
+import json
+import mmap
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fastfeed.pack import pack
+from fastfeed.sources import FileSource, LMDBSource, MemoryCache
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+
+
+def _encode_unique(rng: np.random.Generator, n_unique: int) -> list[bytes]:
+    """JPEGs of 50-150 KB: a gradient plus noise at ImageNet-like sizes."""
+    out: list[bytes] = []
+    while len(out) < n_unique:
+        w, h = int(rng.integers(420, 560)), int(rng.integers(320, 420))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        img = rng.uniform(0, 255, 3) + xx[..., None] * rng.uniform(-0.5, 0.5, 3)
+        img = img + yy[..., None] * rng.uniform(-0.5, 0.5, 3)
+        img = img + rng.normal(0, float(rng.uniform(8, 30)), (h, w, 3))
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        if 50_000 <= len(buf.getvalue()) <= 150_000:
+            out.append(buf.getvalue())
+    return out
+
+
+def make_dataset(root: Path, count: int, seed: int = 0) -> None:
+    """``count`` files under ``root/class_xx`` (200 distinct images reused under new names)."""
+    rng = np.random.default_rng(seed)
+    unique = _encode_unique(rng, min(200, count))
+    for i in range(count):
+        d = root / f"class_{i % 10:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"img_{i:06d}.jpg").write_bytes(unique[i % len(unique)])
+
+
+def _evict(paths: list[str]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_fraction(paths: list[str]) -> float:
+    """Fraction of the files' pages in the page cache (``mincore``)."""
+    page = mmap.PAGESIZE
+    resident = total = 0
+    for p in paths:
+        size = os.path.getsize(p)
+        if size == 0:
+            continue
+        with open(p, "rb") as f:
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+            try:
+                n = (size + page - 1) // page
+                vec = (ctypes.c_ubyte * n)()
+                addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+                if _LIBC.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                    raise OSError(ctypes.get_errno(), "mincore failed")
+                resident += sum(b & 1 for b in vec)
+                total += n
+                del addr
+            finally:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
+    return resident / total if total else 0.0
+
+
+def _pread_ceiling(paths: list[str], order: list[int], threads: int) -> int:
+    nbytes = [0] * threads
+    it = iter(order)
+    lock = threading.Lock()
+
+    def work(k: int) -> None:
+        total = 0
+        while True:
+            with lock:
+                i = next(it, None)
+            if i is None:
+                break
+            fd = os.open(paths[i], os.O_RDONLY)
+            try:
+                total += len(os.pread(fd, os.fstat(fd).st_size, 0))
+            finally:
+                os.close(fd)
+        nbytes[k] = total
+
+    ts = [
+        threading.Thread(target=work, args=(k,), name=f"fastfeed-bench-{k}") for k in range(threads)
+    ]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(nbytes)
+
+
+def _batches(order: list[int], size: int) -> list[list[int]]:
+    return [order[k : k + size] for k in range(0, len(order), size)]
+
+
+def _time(fn: Callable[[], int]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    nbytes = fn()
+    return time.perf_counter() - t0, nbytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--count", type=int, default=2000, help="number of JPEGs (default 2000)")
+    ap.add_argument("--batch", type=int, default=256, help="records per read_many")
+    ap.add_argument("--threads", type=int, default=16, help="ceiling / FileSource threads")
+    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args(argv)
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="fastfeed-bench-"))
+    root, lmdb_path = work / "imgs", work / "train.lmdb"
+    t0 = time.perf_counter()
+    make_dataset(root, args.count)
+    gen_s = time.perf_counter() - t0
+    pack(root, lmdb_path, progress=False, overwrite=True)
+    os.sync()  # dirty pages cannot be evicted
+    files = FileSource.from_folder(root, num_threads=args.threads)
+    paths = files.paths
+    data_mdb = [str(lmdb_path / "data.mdb")]
+    sizes = files.record_sizes()
+    order = list(range(len(files)))
+    random.Random(0).shuffle(order)
+    batches = _batches(order, args.batch)
+
+    _evict(paths + data_mdb)
+    evict_check = {"files": resident_fraction(paths), "data.mdb": resident_fraction(data_mdb)}
+    results: list[dict] = []
+
+    def run(name: str, state: str, fn: Callable[[], int], evict: list[str]) -> None:
+        resident = None
+        if state == "cold":
+            _evict(evict)
+            resident = resident_fraction(evict)
+        dt, nbytes = _time(fn)
+        results.append(
+            {
+                "source": name,
+                "state": state,
+                "seconds": dt,
+                "bytes": nbytes,
+                "MB_per_s": nbytes / dt / 1e6,
+                "records_per_s": len(order) / dt,
+                "resident_before": resident,
+            }
+        )
+
+    def read_all(src) -> Callable[[], int]:
+        return lambda: sum(len(r.data) for b in batches for r in src.read_many(b))
+
+    def hinted(src) -> Callable[[], int]:
+        def go() -> int:
+            total = 0
+            for k, b in enumerate(batches):
+                if k == 0:
+                    src.hint(b)
+                if k + 1 < len(batches):
+                    src.hint(batches[k + 1])  # what a loader does: hint the next batch
+                total += sum(len(r.data) for r in src.read_many(b))
+            return total
+
+        return go
+
+    def fresh_lmdb(readahead: bool, with_hint: bool) -> Callable[[], int]:
+        # A new source per run: pages mapped by an open environment cannot be evicted.
+        def go() -> int:
+            with LMDBSource(lmdb_path, readahead=readahead) as src:
+                return (hinted(src) if with_hint else read_all(src))()
+
+        return go
+
+    for state in ("cold", "warm"):
+        run(
+            "ceiling: 16-thread pread",
+            state,
+            lambda: _pread_ceiling(paths, order, args.threads),
+            paths,
+        )
+        run("FileSource.read_many", state, read_all(files), paths)
+        run("FileSource.read_many+hint", state, hinted(files), paths)
+        run("LMDBSource(readahead=True)", state, fresh_lmdb(True, False), data_mdb)
+        run("LMDBSource(readahead=True)+hint", state, fresh_lmdb(True, True), data_mdb)
+        run("LMDBSource(readahead=False)", state, fresh_lmdb(False, False), data_mdb)
+        run("LMDBSource(readahead=False)+hint", state, fresh_lmdb(False, True), data_mdb)
+    cache = MemoryCache(files, capacity=sum(sizes) + 1, policy="static")
+    cache.preload(progress=False)
+    run("MemoryCache hits (static)", "warm", read_all(cache), [])
+    cache_lru = MemoryCache(files, capacity=sum(sizes) + 1, policy="lru")
+    cache_lru.preload(progress=False)
+    run("MemoryCache hits (lru)", "warm", read_all(cache_lru), [])
+    files.close()
+
+    ceiling = {r["state"]: r["MB_per_s"] for r in results if r["source"].startswith("ceiling")}
+    for r in results:
+        r["vs_ceiling"] = r["MB_per_s"] / ceiling[r["state"]]
+
+    print(
+        f"{len(order)} JPEGs, mean {np.mean(sizes) / 1e3:.0f} KB "
+        f"(min {min(sizes) / 1e3:.0f}, max {max(sizes) / 1e3:.0f}), generated in {gen_s:.1f} s; "
+        f"batch {args.batch}; resident after eviction: files {evict_check['files']:.1%}, "
+        f"data.mdb {evict_check['data.mdb']:.1%}"
+    )
+    print(f"{'source':36} {'state':5} {'MB/s':>9} {'records/s':>10} {'vs ceiling':>10}")
+    for r in results:
+        print(
+            f"{r['source']:36} {r['state']:5} {r['MB_per_s']:9.0f} "
+            f"{r['records_per_s']:10.0f} {r['vs_ceiling']:10.2f}"
+        )
+    if args.json:
+        import torch
+
+        env = {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+        }
+        payload = {
+            "environment": env,
+            "count": len(order),
+            "mean_record_bytes": float(np.mean(sizes)),
+            "batch": args.batch,
+            "resident_after_eviction": evict_check,
+            "results": results,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    if args.dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
