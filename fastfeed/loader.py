@@ -713,7 +713,8 @@ class Loader:
 
     def _make_collator(self) -> Collator:
         """The collator the workers build batches with (the one place to build it)."""
-        return Collator(self.collate_fn)
+        # Ring slots: every batch in flight, plus one with the consumer and one being copied.
+        return Collator(self.collate_fn, pin_memory=self.pin_memory, slots=self.prefetch + 2)
 
     def _reports_consumer(self) -> bool:
         """Whether the prefetcher reports the training loop's waits (no stager after it)."""
@@ -737,6 +738,9 @@ class Loader:
             data = b.data.to(dev, non_blocking=non_blocking) if torch.is_tensor(b.data) else b.data
             labels = b.labels.to(dev, non_blocking=non_blocking) if b.labels is not None else None
             rec.add("copy", t0, time.perf_counter(), time.thread_time() - c0, items=len(b.indices))
+            # No ready event: the ring hands pinned buffers back to torch's caching host
+            # allocator instead of rewriting them under a pending non_blocking copy.
+            self.collator.release(b)
             yield Batch(data, labels, b.indices)
 
     # -- epochs and state -------------------------------------------------------------------
@@ -806,10 +810,13 @@ class Loader:
         # closing it stops the workers (finally below, or the prefetcher's finalizer).
         results = run.results()
         staged = self._stage(results)
+        release = self.collator.release if staged is results else None
         try:
             for batch in staged:
                 run.commit()
                 yield batch
+                if release is not None:
+                    release(batch)  # the consumer came back: it moved past this batch
             run.finish()
         except LoaderTimeoutError:
             run.close(join_s=0.0)  # a worker is stuck: do not wait for it (daemon thread)
