@@ -606,8 +606,11 @@ def _is_worker_error(exc: BaseException) -> bool:
 class _ProcessIter:
     """Wraps torch's multiprocessing iterator: typed errors and consumer-wait figures."""
 
-    def __init__(self, inner: Iterator[Any], timeout: float, recorder: Recorder) -> None:
+    def __init__(
+        self, inner: Iterator[Any], timeout: float, recorder: Recorder, persistent: bool
+    ) -> None:
         self._inner = inner
+        self._persistent = persistent
         self._timeout = timeout
         self._recorder = recorder
         self._last_handoff: float | None = None
@@ -618,6 +621,16 @@ class _ProcessIter:
 
     def __len__(self) -> int:
         return len(self._inner)  # type: ignore[arg-type]
+
+    def _supersede(self) -> None:
+        """A newer ``iter(loader)`` or ``close()``: stop this epoch's worker processes.
+
+        torch's persistent iterator is shared by every epoch; the loader shuts it down.
+        """
+        if not self._persistent:
+            shutdown = getattr(self._inner, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def __next__(self) -> Any:
         t0 = time.perf_counter()
@@ -783,7 +796,8 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         self.recorder = Recorder(enabled=profile)
         self._pin = self._resolve_pin()
         self._pool: _Pool | None = None  # the persistent pool (persistent_workers only)
-        self._current: weakref.ReferenceType[_ThreadIter] | None = None
+        # The latest iterator, so a new iter(loader) or close() can stop its workers.
+        self._current: weakref.ReferenceType[_ThreadIter | _ProcessIter] | None = None
 
     # -- configuration --------------------------------------------------------------
 
@@ -846,12 +860,17 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         return self._stage(self._thread_iter())
 
     def _process_iter(self) -> _ProcessIter:
+        previous = self._current() if self._current is not None else None
+        if previous is not None:
+            previous._supersede()
         with warnings.catch_warnings():
             # Given once at construction already; torch would repeat it every epoch.
             warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
             warnings.filterwarnings("ignore", message="pin_memory_device is deprecated")
             inner = super().__iter__()
-        return _ProcessIter(inner, self.timeout, self.recorder)
+        it = _ProcessIter(inner, self.timeout, self.recorder, bool(self.persistent_workers))
+        self._current = weakref.ref(it)
+        return it
 
     def _thread_iter(self) -> _ThreadIter:
         previous = self._current() if self._current is not None else None
