@@ -6,6 +6,8 @@ pinned buffers → a side-stream device stager, with a profiler watching every b
 
 from __future__ import annotations
 
+from fastfeed import image
+from fastfeed.compat import DataLoader
 from fastfeed.errors import (
     ConfigError,
     CorruptSourceError,
@@ -22,19 +24,28 @@ from fastfeed.errors import (
     SourceNotFoundError,
     TooManyFailuresError,
 )
-from fastfeed.sources.base import Record, Source
+from fastfeed.loader import Batch, Loader
+from fastfeed.pack import PackReport, pack
+from fastfeed.sources import FileSource, LMDBSource, MemoryCache, Record, Source
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch",
     "ConfigError",
     "CorruptSourceError",
+    "DataLoader",
     "DecodeError",
     "EmptySourceError",
     "FastFeedError",
+    "FileSource",
+    "LMDBSource",
+    "Loader",
     "LoaderTimeoutError",
+    "MemoryCache",
     "OutputExistsError",
     "PackError",
+    "PackReport",
     "Record",
     "RecordReadError",
     "SampleError",
@@ -44,4 +55,6 @@ __all__ = [
     "SourceNotFoundError",
     "TooManyFailuresError",
     "__version__",
+    "image",
+    "pack",
 ]

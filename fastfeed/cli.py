@@ -20,7 +20,7 @@ __all__ = ["main"]
 # name -> one-line help; the order is the order shown in --help.
 COMMANDS: dict[str, str] = {
     "demo": "run the whole pipeline on generated data and print what it did",
-    "pack": "pack an image folder, file list or LMDB into one LMDB file",
+    "pack": "pack an image folder, file list or LMDB into one LMDB (a directory holding data.mdb)",
     "inspect": "print count, classes, sizes and sample keys of an LMDB or folder",
     "profile": "measure which stage (IO, CPU, copy, model) bounds a pipeline",
     "bench": "loader throughput on your data against torch's DataLoader",
