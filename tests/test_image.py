@@ -281,6 +281,25 @@ def test_draft_decode_is_used_and_close_to_full_decode(monkeypatch: pytest.Monke
     assert min(mads) > 0.0  # the reduced decode really ran
 
 
+def test_materialized_draft_matches_fused_draft():
+    # A user callable after the crop forces the PIL path; on a drafted decode both paths
+    # resample the same float box with Pillow, so the pixels are identical.
+    data = _jpeg(960, 720, seed=6)
+    fused = ffi.Compose([ffi.RandomResizedCrop(64, scale=(0.5, 1.0))])
+    generic = ffi.Compose([ffi.RandomResizedCrop(64, scale=(0.5, 1.0)), lambda im: im])
+    assert not isinstance(generic, ffi.SlotWriter)
+    for index in range(4):
+        a = _with_key((0, 0, index), lambda: fused(data))
+        b = _with_key((0, 0, index), lambda: generic(data))
+        assert torch.equal(a, b)
+
+
+def test_lab_and_other_modes_convert_or_raise_decode_error():
+    assert ffi.convert_mode(Image.new("LAB", (4, 4)), "L").mode == "L"
+    with pytest.raises(DecodeError, match="cannot convert La image to RGB"):
+        ffi.convert_mode(Image.new("La", (4, 4)), "RGB")
+
+
 def test_draft_factor_keeps_the_output_resolution():
     plan = _plan.Plan.start((1000, 800))
     plan.crop_view(0, 0, 500, 460)

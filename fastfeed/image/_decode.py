@@ -43,7 +43,8 @@ class EncodedImage:
     """An image whose header is parsed and checked but whose pixels are not decoded yet.
 
     Opening reads only the header, so the caller can plan a crop from :attr:`size` and
-    then ask :meth:`decode` for a reduced (JPEG DCT-domain) decode that still covers it.
+    then ask :meth:`decode` (once) for a reduced (JPEG DCT-domain) decode that still
+    covers it.
 
     Args:
         data: Encoded image bytes (``bytes`` or any bytes-like object).
@@ -177,7 +178,12 @@ def convert_mode(img: Image.Image, mode: str) -> Image.Image:
         if img.mode == "P" and "transparency" in img.info:
             # Through RGBA: Pillow warns when palette transparency meets a direct convert.
             img = img.convert("RGBA")
-        return img.convert(mode)
+        try:
+            return img.convert(mode)
+        except ValueError:
+            if mode == "RGB":
+                raise
+            return img.convert("RGB").convert(mode)  # e.g. LAB has no direct path to L
     except (ValueError, OSError) as exc:
         raise DecodeError(f"cannot convert {img.mode} image to {mode}: {exc}") from exc
 
