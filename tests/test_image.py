@@ -498,6 +498,11 @@ def test_transforms_on_pil_return_pil_like_torchvision():
     assert ffi.CenterCrop(16)(img).size == (16, 16)
     assert ffi.RandomHorizontalFlip(p=0.0)(img) is img
     assert ffi.RandomResizedCrop(16)(_jpeg()).shape == (3, 16, 16)
+    # Compose also accepts a decoded image and still returns a tensor.
+    cropped = ffi.Compose([ffi.CenterCrop(16)])(img)
+    assert torch.equal(cropped, ffi.to_tensor_uint8(ffi.CenterCrop(16)(img)))
+    gray = ffi.Compose([ffi.CenterCrop(16)], mode="L")(img)
+    assert torch.equal(gray, ffi.to_tensor_uint8(ffi.CenterCrop(16)(img.convert("L"))))
 
 
 def test_pipeline_pickles():
