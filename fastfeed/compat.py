@@ -799,6 +799,25 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         # The latest iterator, so a new iter(loader) or close() can stop its workers.
         self._current: weakref.ReferenceType[_ThreadIter | _ProcessIter] | None = None
 
+    # -- pickling ---------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Like torch's, the loader pickles (spawn-based launchers do that); its running
+        # state (workers, iterators, figures) does not travel.
+        state = self.__dict__.copy()
+        state["_pool"] = None
+        state["_current"] = None
+        state["_iterator"] = None
+        state["recorder"] = None
+        state["_profile"] = self.recorder.enabled
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        profile = state.pop("_profile", True)
+        # Bypasses torch's __setattr__ guard, which forbids setting e.g. batch_size.
+        self.__dict__.update(state)
+        self.__dict__["recorder"] = Recorder(enabled=profile)
+
     # -- configuration --------------------------------------------------------------
 
     @property

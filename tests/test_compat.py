@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gc
 import math
+import pickle
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -798,3 +801,47 @@ def test_drop_in_training_loop_with_distributed_sampler() -> None:
             if epoch == 1:
                 seen.append(labels)
     assert sorted(seen[0] + seen[1]) == list(range(N))
+
+
+def test_loader_pickles_without_its_running_state() -> None:
+    loader = DataLoader(
+        make_dataset("tensor"), batch_size=7, shuffle=True, num_workers=2,
+        persistent_workers=True, generator=torch.Generator().manual_seed(4),
+    )  # fmt: skip
+    clone = pickle.loads(pickle.dumps(loader))  # generator state travels with it
+    assert clone.batch_size == 7 and clone.worker_type == "thread"
+    assert_same_epochs(list(clone), list(loader))
+    assert loader._pool is not None  # a live persistent pool, which must not travel
+    clone2 = pickle.loads(pickle.dumps(loader))
+    assert clone2._pool is None and clone2.recorder.snapshot()["stages"] == {}
+    assert len(list(clone2)) == 8
+    assert clone.recorder.snapshot()["stages"]["read"]["count"] == 8
+    for each in (clone, clone2, loader):
+        each.close()
+
+
+_EXIT_SCRIPT = """
+import torch, torch.utils.data as tud
+from fastfeed.compat import DataLoader
+
+class Slow(tud.Dataset):
+    def __len__(self): return 40
+    def __getitem__(self, i):
+        import time; time.sleep(0.01)
+        return i
+
+loader = DataLoader(Slow(), batch_size=2, num_workers=3, persistent_workers=True)
+list(loader)
+it = iter(loader)
+next(it)  # workers busy with the epoch's next batches while the interpreter exits
+print("exiting", flush=True)
+"""
+
+
+def test_interpreter_exits_with_persistent_workers_mid_epoch() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "exiting"
+    assert "Traceback" not in proc.stderr
