@@ -26,6 +26,10 @@ How the thread mode keeps torch's semantics:
 
 Differences from torch, each explicit:
 
+- Thread workers share one dataset object (torch gives each worker process a copy):
+  ``__getitem__`` / ``__getitems__`` must be safe to call from several threads at once
+  (open per-thread handles lazily, e.g. in ``threading.local``), or use
+  ``worker_type="process"``.
 - Thread workers share the process: ``torch.utils.data.get_worker_info()`` is None
   in them (torch's ``default_collate`` uses it to switch to shared memory, which
   threads do not need). :func:`get_worker_info` in this module returns a thread-local
@@ -38,7 +42,10 @@ Differences from torch, each explicit:
 - Errors raised by the dataset or ``collate_fn`` arrive as
   :class:`~fastfeed.errors.SampleError` naming the index and stage, the original
   chained, and the error is *also* an instance of the original type (``except
-  KeyError`` keeps working as with torch) whenever that type can be combined.
+  KeyError`` keeps working as with torch) whenever that type can be combined. With
+  ``worker_type="process"`` torch does not report the index: the error names the
+  batch's position in the epoch, stage ``"worker"``, and chains torch's exception,
+  whose message holds the worker's traceback.
 - ``timeout`` raises :class:`DataLoaderTimeoutError`, both a
   :class:`~fastfeed.errors.LoaderTimeoutError` and the ``RuntimeError`` torch raises.
 - Raised as :class:`~fastfeed.errors.ConfigError` (a ValueError) at construction,
