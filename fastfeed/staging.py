@@ -311,6 +311,10 @@ class _StagerState:
         alive = join_all(threads, _JOIN_S)
         with self.cond:
             self.ready.clear()
+        if self.cuda and not alive:
+            # Kernels still queued on the side stream read mean/std, which were allocated
+            # on another stream: let them finish before those can be freed.
+            self.stream.synchronize()
         return alive
 
 

@@ -244,3 +244,28 @@ def test_pinned_batches_held_by_the_user_survive_their_own_async_copies():
         assert labels.tolist() == indices
     for n, s in enumerate(gpu_sums):
         assert s.item() == int(_expected(shape, list(range(n * 4, n * 4 + 4))).sum())
+
+    # Without kept batches, pinned memory stops growing once torch's caching host
+    # allocator has enough blocks for the batches in flight (a loss.item() every 10 steps
+    # keeps the CPU from running arbitrarily far ahead of the GPU).
+    host_allocs = []
+    for n in range(600):
+        images = col.new_batch(4, shape, torch.int32)
+        images.fill_(n)
+        x = images.cuda(non_blocking=True)
+        torch.cuda._sleep(100_000)
+        total = x.sum()
+        col.release(images)
+        del images, x
+        if n % 10 == 9:
+            assert total.item() == n * 4 * 3 * 8 * 8
+        if n in (100, 599):
+            host_allocs.append(_host_allocs())
+    if host_allocs[0] is not None:
+        assert host_allocs[1] == host_allocs[0], f"pinned blocks grew: {host_allocs}"
+
+
+def _host_allocs() -> int | None:
+    """cudaHostAlloc calls so far (torch's caching host allocator), None if not reported."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    return stats().get("num_host_alloc") if stats is not None else None
