@@ -31,6 +31,13 @@ from typing import Any
 
 from fastfeed._procio import ProcIO, cpu_times, read_proc_io
 
+try:  # Linux: per-thread rusage (voluntary context switches)
+    import resource
+
+    _RUSAGE_THREAD: int | None = resource.RUSAGE_THREAD
+except (ImportError, AttributeError):  # pragma: no cover - not Linux
+    _RUSAGE_THREAD = None
+
 __all__ = ["QueueStats", "Recorder", "StageStats", "TraceEvent"]
 
 _RESERVOIR = 2048
@@ -76,6 +83,19 @@ def _run_delay_s() -> float:
         return int(os.pread(holder.fd, 96, 0).split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return -1.0
+
+
+def _voluntary_switches() -> int:
+    """This thread's voluntary context switches so far; -1 where unknown.
+
+    A thread switches voluntarily when it blocks: on IO, on a lock, or waiting for the
+    GIL (a waiter wakes every ``sys.getswitchinterval()``, 5 ms). Compute-bound code
+    that releases the GIL (numpy, Pillow) hardly ever does, even on a crowded machine,
+    where it is preempted instead: the rate tells GIL contention from oversubscription.
+    """
+    if _RUSAGE_THREAD is None:
+        return -1
+    return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
 
 
 def _torch_profiler_active() -> bool:
@@ -142,6 +162,8 @@ class StageStats:
         runq_s: Time the stage's threads were runnable but had no core (Linux
             schedstat), seconds; ``busy_s - cpu_s - runq_s`` is time blocked (IO, GIL).
         runq_known: Whether ``runq_s`` was measured (schedstat readable) for every span.
+        switches: Voluntary context switches inside the stage (blocking: IO, locks, the
+            GIL); None if not measured (not Linux).
         bytes: Bytes the stage handled.
     """
 
@@ -152,6 +174,7 @@ class StageStats:
     cpu_s: float = 0.0
     runq_s: float = 0.0
     runq_known: bool = True
+    switches: int | None = 0
     bytes: int = 0
     durations: _Reservoir = field(default_factory=_Reservoir, repr=False)
 
@@ -166,6 +189,7 @@ class StageStats:
             "blocked_s": (
                 max(0.0, self.busy_s - self.cpu_s - self.runq_s) if self.runq_known else None
             ),
+            "switches": self.switches,
             "bytes": self.bytes,
             "cpu_per_wall": self.cpu_s / self.busy_s if self.busy_s > 0 else 0.0,
         }
@@ -278,6 +302,7 @@ class Recorder:
             ranged.enter_context(_torch_range(stage))
         with ranged:
             q0 = _run_delay_s()
+            v0 = _voluntary_switches()
             t0 = time.perf_counter()
             c0 = time.thread_time()
             failed = False
@@ -296,6 +321,7 @@ class Recorder:
                     nbytes=nbytes,
                     failed=failed,
                     runq_s=_run_delay_s() - q0 if q0 >= 0 else None,
+                    switches=_voluntary_switches() - v0 if v0 >= 0 else None,
                 )
 
     def add(
@@ -309,6 +335,7 @@ class Recorder:
         nbytes: int = 0,
         failed: bool = False,
         runq_s: float | None = None,
+        switches: int | None = None,
     ) -> None:
         """Record one span measured by the caller (``perf_counter`` times, seconds).
 
@@ -322,6 +349,7 @@ class Recorder:
             failed: The span raised.
             runq_s: Run-queue wait during the span (see :class:`StageStats`), seconds;
                 None when not measured.
+            switches: Voluntary context switches during the span; None when not measured.
         """
         if not self.enabled:
             return
@@ -340,6 +368,10 @@ class Recorder:
                 st.runq_known = False
             else:
                 st.runq_s += runq_s
+            if switches is None or st.switches is None:
+                st.switches = None
+            else:
+                st.switches += switches
             st.bytes += nbytes
             st.durations.add(wall)
             args: dict[str, Any] = {"items": items}

@@ -62,6 +62,7 @@ COMPUTE_BOUND_BELOW = 0.05  # stall fraction under which the model, not input, s
 INPUT_BOUND_FROM = 0.20  # stall fraction from which input sets the pace
 _HOST_BUSY = 0.85  # share of all cores busy that counts as saturated
 _RUNQ_SATURATED = 0.25  # share of busy time spent runnable-but-not-running: oversubscribed
+_GIL_SWITCHES_PER_S = 30.0  # voluntary switches per busy second in transform: blocking
 _BLOCKED_GIL = 0.20  # share of transform busy time blocked (not running, not runnable)
 _WORKER_STAGES_EXCLUDED = frozenset({"copy", "wait"})
 _CPU_STAGES_EXCLUDED = frozenset({"read", "copy", "wait"})
@@ -163,6 +164,7 @@ class StageSummary:
         busy_s: Wall time in the stage summed over threads, seconds.
         cpu_s: Thread CPU time in the stage, seconds.
         runq_s: Time runnable but without a core, seconds (None if not measured).
+        switches: Voluntary context switches (blocking) in the stage (None if not measured).
         bytes: Bytes handled.
         p50_s: Median span duration, seconds (p90_s, p99_s alike).
         per_item_s: ``busy_s / items``, seconds per sample.
@@ -182,6 +184,7 @@ class StageSummary:
     busy_s: float
     cpu_s: float
     runq_s: float | None
+    switches: int | None
     bytes: int
     p50_s: float
     p90_s: float
@@ -558,6 +561,7 @@ class LoaderStats:
                 busy_s=busy,
                 cpu_s=cpu,
                 runq_s=None if runq is None else float(runq),
+                switches=None if st.get("switches") is None else int(st["switches"]),
                 bytes=int(st["bytes"]),
                 p50_s=float(st.get("p50_s", 0.0)),
                 p90_s=float(st.get("p90_s", 0.0)),
@@ -1035,11 +1039,6 @@ def _diagnose(
     runq_known = all(stats.stages[n].runq_s is not None for n in cpu_stage_names)
     cpu_cpu = sum(stats.stages[n].cpu_s for n in cpu_stage_names)
     runq_share = runq_cpu / busy_cpu if busy_cpu > 0 and runq_known else 0.0
-    blocked_share = (
-        max(0.0, busy_cpu - cpu_cpu - (runq_cpu if runq_known else 0.0)) / busy_cpu
-        if busy_cpu > 0
-        else 0.0
-    )
     saturated = stats.host_busy >= _HOST_BUSY or runq_share >= _RUNQ_SATURATED
     actions: list[Action] = []
 
@@ -1108,15 +1107,14 @@ def _diagnose(
         # GIL signature: several threads, much of their busy time blocked (not running,
         # not waiting for a core), and together they use no more than about one core.
         # Checked before saturation: on a busy machine GIL waiters also queue for cores.
-        cores_used = cpu_cpu / stats.elapsed_s
-        gil_like = w.threads >= 2 and blocked_share >= _BLOCKED_GIL and cores_used <= 1.25
+        cpu_per_wall = cpu_cpu / busy_cpu if busy_cpu > 0 else 1.0
+        gil_like = _gil_like(stats, w)
         if gil_like:
             bottleneck = Bottleneck.GIL
             sentence = (
                 f"{sentence_head}; decode/transform dominates ({_ms(transform_pb)} per batch) "
-                f"and its {w.threads} threads are blocked {_pct(blocked_share)} of the time "
-                f"(CPU/wall {cpu_cpu / max(busy_cpu, 1e-12):.2f}) while only "
-                f"{_pct(stats.host_busy)} of the cores are used: GIL contention"
+                f"and its {w.threads} threads keep blocking (CPU/wall {cpu_per_wall:.2f}, "
+                f"{_pct(stats.host_busy)} of the cores used by this process): GIL contention"
             )
             cpu_pb = cpu_cpu / max(1, max(s.count for s in stats.stages.values()))
             par = max(1, min(w.threads, stats.cpu_count))
@@ -1197,6 +1195,24 @@ def _diagnose(
     return Verdict(bound, bottleneck, stall, sentence, tuple(actions))
 
 
+def _gil_like(stats: LoaderStats, w: _Work) -> bool:
+    """Whether the decode/transform threads show the GIL-contention signature."""
+    names = [n for n in stats.stages if n not in _CPU_STAGES_EXCLUDED]
+    busy = sum(stats.stages[n].busy_s for n in names)
+    if w.threads < 2 or busy <= 0:
+        return False
+    cpu = sum(stats.stages[n].cpu_s for n in names)
+    switches = [stats.stages[n].switches for n in names]
+    if all(x is not None for x in switches):
+        # Blocking switches per busy second: GIL waiters wake every 5 ms (~100+/s);
+        # numpy/Pillow work stays near 0 even when the machine is crowded.
+        rate = sum(x or 0 for x in switches) / busy
+        return rate >= _GIL_SWITCHES_PER_S and cpu / busy < 0.7
+    runq = sum(stats.stages[n].runq_s or 0.0 for n in names)
+    blocked = max(0.0, busy - cpu - runq) / busy
+    return blocked >= _BLOCKED_GIL and cpu / stats.elapsed_s <= 1.25
+
+
 def _compute_bound(stats: LoaderStats, w: _Work) -> Verdict:
     sentence = (
         f"compute-bound: only {_pct(stats.stall_fraction)} of step time waiting for data "
@@ -1214,6 +1230,14 @@ def _compute_bound(stats: LoaderStats, w: _Work) -> Verdict:
                     f"(workers need {_ms(w.worker)} per batch, the model {_ms(w.compute)})",
                 )
             )
+    if _gil_like(stats, w):
+        actions.append(
+            Action(
+                "use process workers, or a transform that releases the GIL",
+                f"the {w.threads} worker threads contend for the GIL, which also slows the "
+                "training loop's own Python code",
+            )
+        )
     actions.append(
         Action(
             "speed up the model step (mixed precision, torch.compile, larger batch)",
