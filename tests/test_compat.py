@@ -277,6 +277,32 @@ def test_persistent_workers_draw_one_base_seed_like_torch() -> None:
     ours.close()
 
 
+class EagerRandomBatches(tud.Sampler[list[int]]):
+    """Draws its permutation inside __iter__ itself (not lazily) from a shared generator."""
+
+    def __init__(self, g: torch.Generator) -> None:
+        self.g = g
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(N, generator=self.g).tolist()
+        return iter([order[i : i + 6] for i in range(0, N, 6)])
+
+    def __len__(self) -> int:
+        return math.ceil(N / 6)
+
+
+@pytest.mark.parametrize("nw", [0, 3])
+def test_eager_sampler_and_base_seed_draw_in_torchs_order(nw: int) -> None:
+    """torch calls iter(batch_sampler) before drawing the base seed from the same generator."""
+
+    def run(cls: type, **kw: Any) -> list[list[int]]:
+        g = torch.Generator().manual_seed(8)
+        loader = cls(make_dataset("tensor"), batch_sampler=EagerRandomBatches(g), generator=g, **kw)
+        return [[b[1].tolist() for b in loader] for _ in range(2)]
+
+    assert run(DataLoader, num_workers=nw) == run(tud.DataLoader)
+
+
 def test_in_order_false_yields_every_batch_once() -> None:
     kw = _loader_kwargs("tensor", "shuffle", 3, False)
     theirs = list(tud.DataLoader(**kw))
