@@ -184,6 +184,9 @@ def test_read_ahead_hints_cover_every_batch() -> None:
     first = [b.indices for b in loader]
     # Every batch but the first is hinted before it is read, exactly once.
     assert sorted(src.hinted) == sorted(i for b in first[1:] for i in b)
+    src.hinted.clear()
+    assert len(list(Loader(src, batch_size=10, num_threads=2, read_ahead=False))) == 10
+    assert src.hinted == []
 
 
 # -- determinism --------------------------------------------------------------------------
