@@ -46,8 +46,8 @@ Differences from torch, each explicit:
   ``worker_type="process"`` torch does not report the index: the error names the
   batch's position in the epoch, stage ``"worker"``, and chains torch's exception,
   whose message holds the worker's traceback.
-- ``timeout`` raises :class:`DataLoaderTimeoutError`, both a
-  :class:`~fastfeed.errors.LoaderTimeoutError` and the ``RuntimeError`` torch raises.
+- ``timeout`` raises :class:`~fastfeed.errors.LoaderTimeoutError`, which is both a
+  ``TimeoutError`` and the ``RuntimeError`` torch raises.
 - Raised as :class:`~fastfeed.errors.ConfigError` (a ValueError) at construction,
   where torch fails later or cannot apply: ``timeout > 0`` with ``num_workers=0``
   (torch asserts on ``iter()``), ``prefetch_factor=0`` with workers (torch asserts
@@ -86,22 +86,13 @@ from fastfeed.errors import ConfigError, LoaderTimeoutError, SampleError
 from fastfeed.prefetch import Prefetcher
 from fastfeed.profiling import Recorder
 
-__all__ = ["DataLoader", "DataLoaderTimeoutError", "get_worker_info"]
+__all__ = ["DataLoader", "get_worker_info"]
 
 _T_co = TypeVar("_T_co", covariant=True)
 
 _POLL_S = 0.05  # how often a worker waiting for indices looks at the closed flag, seconds
 _WORKER_TYPES = ("thread", "process")
 _SHOWN_INDICES = 8  # indices shown in error messages before "..."
-
-
-class DataLoaderTimeoutError(LoaderTimeoutError, RuntimeError):
-    """``DataLoader(timeout=...)`` passed without a batch.
-
-    A :class:`~fastfeed.errors.LoaderTimeoutError` (so a ``TimeoutError``) and also the
-    ``RuntimeError`` torch's DataLoader raises, so existing ``except RuntimeError``
-    handlers keep working.
-    """
 
 
 # -- worker info ----------------------------------------------------------------------
@@ -572,7 +563,7 @@ class _ThreadIter:
             try:
                 task, result = next(self._pool.prefetcher)
             except LoaderTimeoutError as exc:
-                raise DataLoaderTimeoutError(
+                raise LoaderTimeoutError(
                     f"DataLoader timed out after {self._timeout} seconds: {exc}",
                     in_flight=exc.in_flight,
                 ) from exc
@@ -647,7 +638,7 @@ class _ProcessIter:
             raise
         except RuntimeError as exc:
             if str(exc).startswith("DataLoader timed out"):
-                raise DataLoaderTimeoutError(str(exc)) from exc
+                raise LoaderTimeoutError(str(exc)) from exc
             if _is_worker_error(exc):
                 raise self._worker_error(exc) from exc
             raise
@@ -712,7 +703,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             one: a single warning, ordinary memory).
         drop_last: Drop the last incomplete batch.
         timeout: Longest wait for one batch, seconds (0: no limit); needs workers.
-            Raises :class:`DataLoaderTimeoutError`.
+            Raises :class:`LoaderTimeoutError`.
         worker_init_fn: Called with the worker id at the start of each worker.
         multiprocessing_context: Start method for ``worker_type="process"`` (fork,
             spawn, forkserver or a context); ConfigError with thread workers.

@@ -16,7 +16,7 @@ about data names *where* it happened: the index, the path or key, and the stage:
     ├── DecodeError                         bytes that are not a valid image / array
     ├── SampleError                         a sample failed inside the loader (index, key, stage)
     ├── TooManyFailuresError                on_error="skip" passed max_failures
-    └── LoaderTimeoutError (TimeoutError)   no batch arrived within ``timeout``
+    └── LoaderTimeoutError (TimeoutError, RuntimeError)   no batch arrived within ``timeout``
 
 The original exception is always chained (``raise ... from exc``).
 """
@@ -132,9 +132,15 @@ class SampleError(FastFeedError):
         return (_rebuild_sample_error, (self.index, self.where, self.stage, self.cause_repr))
 
 
+def _sample_message(index: int | None, where: str, stage: str, cause_repr: str) -> str:
+    # index None: a failure of a whole batch (a batched fetch or collate), named by ``where``.
+    what = where if index is None else f"sample {index} ({where})"
+    return f"{what} failed in stage '{stage}': {cause_repr}"
+
+
 def _rebuild_sample_error(index, where, stage, cause_repr):
     err = SampleError.__new__(SampleError)
-    FastFeedError.__init__(err, f"sample {index} ({where}) failed in stage '{stage}': {cause_repr}")
+    FastFeedError.__init__(err, _sample_message(index, where, stage, cause_repr))
     err.index, err.where, err.stage, err.cause_repr = index, where, stage, cause_repr
     return err
 
@@ -143,8 +149,11 @@ class TooManyFailuresError(FastFeedError):
     """With ``on_error="skip"``, more samples failed than ``max_failures`` allows."""
 
 
-class LoaderTimeoutError(FastFeedError, TimeoutError):
+class LoaderTimeoutError(FastFeedError, TimeoutError, RuntimeError):
     """No batch arrived within the loader's ``timeout``.
+
+    Also a ``RuntimeError``, what torch's DataLoader raises on timeout, so existing
+    ``except RuntimeError`` handlers keep working with the drop-in DataLoader.
 
     Attributes:
         in_flight: The dataset indices still being worked on when the timeout fired.

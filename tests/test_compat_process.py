@@ -15,7 +15,7 @@ import torch
 import torch.utils.data as tud
 
 import fastfeed.compat as compat
-from fastfeed.compat import DataLoader, DataLoaderTimeoutError
+from fastfeed.compat import DataLoader
 from fastfeed.errors import ConfigError, LoaderTimeoutError, SampleError
 
 N = 30
@@ -155,7 +155,7 @@ def test_process_timeout_is_a_loader_timeout_error() -> None:
         multiprocessing_context="fork",
     )
     it = iter(loader)
-    with pytest.raises(DataLoaderTimeoutError) as info:
+    with pytest.raises(LoaderTimeoutError) as info:
         next(it)
     assert isinstance(info.value, LoaderTimeoutError) and isinstance(info.value, RuntimeError)
     assert "timed out after 0.2 seconds" in str(info.value)
