@@ -1,0 +1,268 @@
+"""Consumer-side hooks: measure how long a training loop waits on ANY data loader.
+
+The first question before switching loaders is whether the current one holds training
+back. :func:`watch` wraps an existing iterable (a ``torch.utils.data.DataLoader``,
+fastfeed's own loaders, a generator) without changing what it yields::
+
+    from fastfeed.hooks import watch
+
+    loader = watch(torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=4))
+    for epoch in range(epochs):
+        for images, labels in loader:          # same batches, same order
+            ...                                # the training step
+        print(loader.stats().summary())        # "input-bound: 41% of step time waiting ..."
+
+It times, on the consumer's side only, each ``next()`` (the *wait*: the loop is blocked
+on the loader) and the time between two hand-overs (the *step*: wait + the loop's own
+work), and reports both to a :class:`~fastfeed.profiling.Recorder` exactly as fastfeed's
+loaders do. :meth:`Watched.stats` turns that into a
+:class:`~fastfeed.report.LoaderStats`: stall fraction, step and wait percentiles,
+samples/s and the verdict (compute-bound below 5% stall, partially input-bound below
+20%, input-bound from 20%). Which *stage* of an opaque loader is slow cannot be seen
+from outside; fastfeed's own loaders record their stages and name it.
+
+The wait for each epoch's first batch (worker start-up, prefetch fill) is start-up cost,
+reported as ``startup_wait_s`` and kept out of the steady-state stall fraction.
+
+:func:`loader_stats` gives the same :class:`~fastfeed.report.LoaderStats` for any loader
+fastfeed knows: a :class:`Watched`, a :class:`fastfeed.Loader`, a
+:class:`fastfeed.DataLoader`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from fastfeed.profiling import Recorder
+from fastfeed.report import (
+    COMPUTE_BOUND_BELOW,
+    INPUT_BOUND_FROM,
+    Action,
+    Bottleneck,
+    Bound,
+    LoaderStats,
+    Verdict,
+)
+
+__all__ = ["Watched", "loader_stats", "watch"]
+
+_T = TypeVar("_T")
+
+
+def _batch_len(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first tensor (1 when unknown)."""
+    if torch.is_tensor(batch):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, Mapping):
+        for value in batch.values():
+            return _batch_len(value)
+        return 1
+    if isinstance(batch, (list, tuple)) and batch:
+        first = batch[0]
+        if torch.is_tensor(first) or isinstance(first, (Mapping, list, tuple)):
+            return _batch_len(first)
+        return len(batch)
+    return 1
+
+
+class Watched(Generic[_T]):
+    """An iterable that yields exactly what ``loader`` yields and times the hand-overs.
+
+    Create with :func:`watch`. Each ``iter()`` starts one pass over ``loader`` (an epoch).
+
+    Attributes:
+        loader: The wrapped iterable.
+        recorder: Where the waits and steps are reported.
+        batches: Batches handed to the training loop so far.
+        samples: Samples in them (leading dimension of each batch's first tensor).
+    """
+
+    def __init__(
+        self, loader: Iterable[_T], recorder: Recorder, num_threads: int | None = None
+    ) -> None:
+        self.loader = loader
+        self.recorder = recorder
+        self.num_threads = num_threads
+        self.batches = 0
+        self.samples = 0
+
+    def __iter__(self) -> Iterator[_T]:
+        rec = self.recorder
+        # The first wait includes iter(): starting worker processes is start-up cost too.
+        start = time.perf_counter()
+        it = iter(self.loader)
+        previous: float | None = None  # when the previous batch was handed over
+        while True:
+            t0 = start if previous is None else time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            t1 = time.perf_counter()
+            rec.consumer_step(t1 - t0, None if previous is None else t1 - previous)
+            previous = t1
+            self.batches += 1
+            self.samples += _batch_len(batch)
+            yield batch
+
+    def __len__(self) -> int:
+        """``len(loader)`` (TypeError when the wrapped iterable has no length)."""
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def reset(self) -> None:
+        """Forget everything measured so far (e.g. after a warm-up epoch)."""
+        self.recorder.reset()
+        self.batches = 0
+        self.samples = 0
+
+    def stats(self, *, gather: bool | None = None) -> LoaderStats:
+        """What was measured, with a verdict (see the module docstring).
+
+        Args:
+            gather: Gather every rank's figures under ``torch.distributed`` (a collective:
+                every rank must call it). None: when a process group of more than one
+                rank is initialized.
+        """
+        stats = _collect(self.recorder, num_threads=self.num_threads, gather=gather)
+        # An opaque loader reports no stages, from which LoaderStats estimates samples.
+        if stats.samples == 0 and self.samples:
+            stats.samples = self.samples
+            stats.samples_per_s = self.samples / stats.elapsed_s
+        return stats
+
+    def __repr__(self) -> str:
+        return f"watch({self.loader!r})"
+
+
+def watch(
+    loader: Iterable[_T], *, recorder: Recorder | None = None, num_threads: int | None = None
+) -> Watched[_T]:
+    """Wrap ``loader`` so the training loop's waits on it are measured.
+
+    Args:
+        loader: Any iterable of batches, typically a ``torch.utils.data.DataLoader``.
+        recorder: Report into this recorder (default: a new one).
+        num_threads: The loader's parallelism, for the report (default:
+            ``loader.num_workers`` when it has one).
+
+    Returns:
+        A :class:`Watched` iterable yielding the same batches.
+    """
+    if num_threads is None:
+        workers = getattr(loader, "num_workers", None)
+        num_threads = workers if isinstance(workers, int) else None
+    return Watched(loader, recorder if recorder is not None else Recorder(), num_threads)
+
+
+def loader_stats(loader: Any, *, gather: bool | None = None) -> LoaderStats:
+    """The :class:`~fastfeed.report.LoaderStats` of a fastfeed loader or a :class:`Watched`.
+
+    Uses ``loader.stats()`` when the loader has one; otherwise collects from
+    ``loader.recorder`` with the loader's source, threads, skipped samples and device.
+
+    Args:
+        loader: A :class:`Watched`, :class:`fastfeed.Loader` or :class:`fastfeed.DataLoader`.
+        gather: See :meth:`Watched.stats` (a collective under torch.distributed).
+
+    Raises:
+        TypeError: ``loader`` records nothing fastfeed can read (wrap it with :func:`watch`).
+    """
+    if isinstance(loader, Watched):
+        return loader.stats(gather=gather)
+    own = getattr(loader, "stats", None)
+    if callable(own):
+        return own() if gather is None else own(gather=gather)
+    recorder = getattr(loader, "recorder", None)
+    if not isinstance(recorder, Recorder):
+        raise TypeError(
+            f"{type(loader).__name__} records no fastfeed stats; wrap it with "
+            "fastfeed.hooks.watch(loader) to measure the training loop's waits"
+        )
+    threads = getattr(loader, "num_threads", None)
+    if threads is None:
+        threads = getattr(loader, "num_workers", None)
+    skipped = [s.index for s in getattr(loader, "skipped", ())]
+    return _collect(
+        recorder,
+        source=getattr(loader, "source", None),
+        num_threads=threads if isinstance(threads, int) else None,
+        skipped=skipped,
+        device=getattr(loader, "device", None),
+        gather=gather,
+    )
+
+
+def _collect(recorder: Recorder, *, gather: bool | None = None, **kwargs: Any) -> LoaderStats:
+    """``LoaderStats.collect`` that also copes with a recorder holding only consumer steps.
+
+    Workaround: ``report._diagnose`` looks up the "read" stage whenever the stall is at
+    least 5% and no copy stage dominates, and raises KeyError when the recorder saw no
+    stage at all (an opaque loader under :func:`watch`, a process-worker DataLoader).
+    Then the figures are collected without the stall and the verdict is built here from
+    the same thresholds. Remove once report.py handles stage-less recorders.
+    """
+    try:
+        return LoaderStats.collect(recorder, gather=gather, **kwargs)
+    except KeyError:
+        if recorder.snapshot()["stages"]:
+            raise  # not the stage-less case: a real error
+    snap = recorder.snapshot()
+    calm = {**snap, "step_wait_s": 0.0, "stall_fraction": 0.0}
+    stats = LoaderStats.from_snapshot(calm, **kwargs)
+    steps = stats.steps
+    stall = float(snap["stall_fraction"])
+    wait = float(snap["step_wait_s"])
+    step = float(snap["step_s"])
+    stats = dataclasses.replace(
+        stats,
+        stall_fraction=stall,
+        wait_s=wait,
+        compute_per_step_s=(step - wait) / steps if steps else 0.0,
+        verdict=_opaque_verdict(stall, wait, step, steps),
+    )
+    stats._events, stats._counters = recorder.timeline()
+    stats._step_log = recorder.steps_log()
+    stats._t0 = recorder.started_at
+    if gather or (gather is None and _world_size() > 1):
+        stats._gather()
+    return stats
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _opaque_verdict(stall: float, wait_s: float, step_s: float, steps: int) -> Verdict:
+    """The bound from the stall fraction alone: the loader's stages are not visible."""
+    per_step = f"{wait_s / steps * 1e3:.1f} ms of {step_s / steps * 1e3:.1f} ms per step"
+    if stall < COMPUTE_BOUND_BELOW:
+        return Verdict(
+            Bound.COMPUTE,
+            Bottleneck.NONE,
+            stall,
+            f"compute-bound: only {stall:.0%} of step time waiting for data ({per_step}); "
+            "the model step sets the pace",
+        )
+    bound = Bound.PARTIAL if stall < INPUT_BOUND_FROM else Bound.INPUT
+    return Verdict(
+        bound,
+        Bottleneck.NONE,
+        stall,
+        f"{bound.value}: {stall:.0%} of step time waiting for data ({per_step}); "
+        "which stage is slow is not visible from outside this loader",
+        (
+            Action(
+                "switch to fastfeed.DataLoader (same arguments) or fastfeed.Loader",
+                "threads start instantly, and their per-stage timings name the slow stage",
+            ),
+        ),
+    )
