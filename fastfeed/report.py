@@ -1208,8 +1208,12 @@ def _gil_like(stats: LoaderStats, w: _Work) -> bool:
         # numpy/Pillow work stays near 0 even when the machine is crowded.
         rate = sum(x or 0 for x in switches) / busy
         return rate >= _GIL_SWITCHES_PER_S and cpu / busy < 0.7
-    runq = sum(stats.stages[n].runq_s or 0.0 for n in names)
-    blocked = max(0.0, busy - cpu - runq) / busy
+    runqs = [stats.stages[n].runq_s for n in names]
+    if any(x is None for x in runqs):
+        # Without run-queue times, "not on a CPU" mixes blocking with waiting for a
+        # core (a crowded machine): no claim about the GIL.
+        return False
+    blocked = max(0.0, busy - cpu - sum(x or 0.0 for x in runqs)) / busy
     return blocked >= _BLOCKED_GIL and cpu / stats.elapsed_s <= 1.25
 
 
