@@ -1,0 +1,311 @@
+"""``fastfeed bench PATH``: loader throughput on your data against torch's DataLoader.
+
+Both loaders get the same records (a fixed random subset of ``--samples`` of them, in the
+same order), the same transform (fastfeed's fused ``RandomResizedCrop`` + flip, to uint8
+CHW) and the same batch size; fastfeed runs ``--threads`` worker threads, torch
+``num_workers=--threads`` worker processes. The records are read once before either
+run so both read from the page cache: the comparison is of the loaders, not of a cold
+disk. Reported per loader: samples/s, MB/s of record bytes, the ratio to torch, the peak
+resident memory of the process tree (workers included) and the time to the first batch
+(worker start-up included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+HELP = "loader throughput on your data against torch's DataLoader"
+
+_MB = 1e6
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``bench``'s arguments to ``parser``."""
+    parser.add_argument("path", help="ImageFolder root, file list or LMDB")
+    parser.add_argument(
+        "--vs", choices=("torch", "none"), default="torch", help="baseline (default torch)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, metavar="B")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="T",
+        help="fastfeed threads = torch num_workers (default: CPUs)",
+    )
+    parser.add_argument(
+        "--samples", type=int, default=1024, metavar="N", help="records per loader (default 1024)"
+    )
+    parser.add_argument(
+        "--size", type=int, default=224, metavar="S", help="RandomResizedCrop size (default 224)"
+    )
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return 0  # gone between listing and reading, or not Linux
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and all its descendants (``/proc``), bytes."""
+    total, stack, seen = 0, [root], set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += _rss_bytes(pid)
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    stack.extend(int(x) for x in f.read().split())
+            except OSError:
+                continue
+    return total
+
+
+class _PeakRSS:
+    """Samples the process tree's RSS every ``interval_s`` on a named, joined thread."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fastfeed-bench-rss-0", daemon=True)
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, _tree_rss_bytes(pid))
+
+    def __enter__(self) -> _PeakRSS:
+        self.peak_bytes = _tree_rss_bytes(os.getpid())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+        self.peak_bytes = max(self.peak_bytes, _tree_rss_bytes(os.getpid()))
+
+
+def _subset_source(source: Any, indices: Sequence[int]) -> Any:
+    """A :class:`Source` of ``source``'s records at ``indices`` (in that order)."""
+    from fastfeed.sources.base import Record, Source
+
+    class _Subset(Source):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = source
+            self.indices = list(indices)
+
+        def __len__(self) -> int:
+            return len(self.indices)
+
+        def describe(self, index: int) -> str:
+            return self.inner.describe(self.indices[index])
+
+        def _read_one(self, index: int) -> Record:
+            return self.inner.read(self.indices[index])
+
+        def _read_many(self, idx: Sequence[int]) -> list[Record]:
+            return self.inner.read_many([self.indices[i] for i in idx])
+
+        def hint(self, idx: Iterable[int]) -> None:
+            self.inner.hint([self.indices[i] for i in idx])
+
+    return _Subset()
+
+
+class _TorchDataset:
+    """Map-style dataset for torch's DataLoader: (transform(record bytes), label)."""
+
+    def __init__(self, source: Any, transform: Callable[[Any], Any]) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        rec = self.source.read(index)
+        return self.transform(rec.data), -1 if rec.label is None else rec.label
+
+
+def _measure(
+    name: str, batches: Iterable[Any], total: int, nbytes: int, progress: bool
+) -> dict[str, Any]:
+    """Iterate ``batches`` to the end; samples/s, MB/s, peak RSS and first-batch time."""
+    from tqdm import tqdm
+
+    class _Bar(tqdm):  # no monitor thread (it would outlive the bar, unnamed)
+        monitor_interval = 0
+
+    samples = 0
+    first_s = None
+    with (
+        _PeakRSS() as rss,
+        _Bar(total=total, unit="img", desc=name, disable=not progress, leave=False) as bar,
+    ):
+        t0 = time.perf_counter()
+        it = iter(batches)
+        for data, _labels in it:
+            if first_s is None:
+                first_s = time.perf_counter() - t0
+            samples += int(data.shape[0])
+            bar.update(int(data.shape[0]))
+        seconds = time.perf_counter() - t0
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    return {
+        "loader": name,
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds if seconds > 0 else 0.0,
+        "mb_per_s": nbytes / _MB / seconds if seconds > 0 else 0.0,
+        "peak_rss_bytes": rss.peak_bytes,
+        "first_batch_s": first_s if first_s is not None else float("nan"),
+    }
+
+
+def bench(
+    path: str,
+    *,
+    vs: str = "torch",
+    batch_size: int = 64,
+    threads: int | None = None,
+    samples: int = 1024,
+    size: int = 224,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark (what ``fastfeed bench`` prints); returns a JSON-ready dict.
+
+    Raises:
+        ConfigError: A count below 1.
+        SourceNotFoundError, CorruptSourceError, EmptySourceError: ``path`` is unusable.
+        SampleError: A record failed to decode (names the index and path/key).
+    """
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader as TorchDataLoader
+
+    from fastfeed import image
+    from fastfeed.errors import ConfigError
+    from fastfeed.loader import Loader, _default_threads
+    from fastfeed.pack import open_source
+
+    for name, value in (("batch-size", batch_size), ("samples", samples), ("size", size)):
+        if value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
+    threads = _default_threads() if threads is None else threads
+    if threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {threads}")
+    source = open_source(path)
+    try:
+        n = min(samples, len(source))
+        order = np.random.default_rng(0).permutation(len(source))[:n].tolist()
+        subset = _subset_source(source, order)
+        t0 = time.perf_counter()
+        nbytes = sum(len(r.data) for r in subset.read_many(range(n)))  # warm the page cache
+        warm_s = time.perf_counter() - t0
+        transform = image.Compose([image.RandomResizedCrop(size), image.RandomHorizontalFlip()])
+
+        rows = []
+        loader = Loader(subset, transform=transform, batch_size=batch_size, num_threads=threads)
+        try:
+            rows.append(_measure("fastfeed", loader, n, nbytes, progress))
+        finally:
+            loader.close()
+        if vs == "torch":
+            torch_loader = TorchDataLoader(
+                _TorchDataset(subset, transform),  # type: ignore[arg-type]
+                batch_size=batch_size,
+                num_workers=threads,
+            )
+            rows.append(_measure("torch", torch_loader, n, nbytes, progress))
+            base = rows[-1]["samples_per_s"]
+            for r in rows:
+                r["ratio"] = r["samples_per_s"] / base if base > 0 else float("nan")
+        return {
+            "path": os.path.abspath(path),
+            "source": type(source).__name__,
+            "records": len(source),
+            "samples": n,
+            "record_bytes": nbytes,
+            "warm_read_s": warm_s,
+            "batch_size": batch_size,
+            "threads": threads,
+            "size": size,
+            "results": rows,
+            "environment": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "cpu_count": os.cpu_count(),
+                "platform": platform.platform(),
+            },
+        }
+    finally:
+        source.close()
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The results as a text table (one row per loader)."""
+    head = (
+        f"{'loader':<9} {'samples':>7} {'samples/s':>10} {'MB/s':>8} {'ratio':>6} "
+        f"{'peak RSS':>10} {'1st batch':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in result["results"]:
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+        lines.append(
+            f"{r['loader']:<9} {r['samples']:>7} {r['samples_per_s']:>10,.0f} "
+            f"{r['mb_per_s']:>8.1f} {ratio:>6} {r['peak_rss_bytes'] / (1 << 20):>7.0f} MiB "
+            f"{r['first_batch_s'] * 1e3:>7.0f} ms"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Benchmark ``args.path``, print the table (and write JSON); return the exit code."""
+    result = bench(
+        args.path,
+        vs=args.vs,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        samples=args.samples,
+        size=args.size,
+        progress=not args.quiet,
+    )
+    print(
+        f"{result['path']} ({result['source']}): {result['samples']} of {result['records']} "
+        f"records, {result['record_bytes'] / _MB:.1f} MB (read once first: page cache warm), "
+        f"RandomResizedCrop({result['size']}) + flip -> uint8, batch {result['batch_size']}, "
+        f"{result['threads']} threads (fastfeed) / num_workers={result['threads']} (torch)"
+    )
+    print(format_table(result))
+    sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.json}")
+    return 0
