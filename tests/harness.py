@@ -68,6 +68,7 @@ __all__ = [
     "corrupt_bytes",
     "decode_color_index",
     "decode_ledger_record",
+    "hold_live_loaders",
     "ledger_hash",
     "ledger_record",
     "open_fd_count",
@@ -567,6 +568,29 @@ def run_child(
         return child.finish()
     finally:
         child.kill()
+
+
+_KEEP_ALIVE: list[Any] = []
+
+
+def hold_live_loaders() -> None:
+    """Leave a Loader and a DataLoader running mid-epoch, referenced until exit.
+
+    For interpreter-exit tests (a module-level function, so ``spawn`` can pickle it):
+    the process then ends with both iterators live and workers inside slow reads.
+    Prints ``LIVE-LOADERS`` once both delivered a batch.
+    """
+    from fastfeed.compat import DataLoader
+    from fastfeed.loader import Loader
+
+    loader = Loader(LedgerSource(4096, delay_s=0.01), LedgerDecode(), batch_size=8, num_threads=2)
+    it = iter(loader)
+    next(it)
+    compat = DataLoader(LedgerDataset(4096, delay_s=0.01), batch_size=8, num_workers=2)
+    compat_it = iter(compat)
+    next(compat_it)
+    _KEEP_ALIVE.extend([loader, it, compat, compat_it])
+    print("LIVE-LOADERS", flush=True)
 
 
 # --------------------------------------------------------------------------------------
