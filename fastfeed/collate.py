@@ -79,9 +79,11 @@ class Collator:
         pin_memory: Put batches in page-locked memory so host-to-device copies can be
             asynchronous. Without CUDA this degrades to ordinary memory with one
             ``UserWarning`` per process, never an error.
-        slots: Ring buffers kept per buffer shape; at least the prefetch depth + 2 (one
-            batch with the consumer, one being copied). 0 allocates a fresh buffer for
-            every batch (pinned ones come from torch's caching host allocator).
+        slots: Ring buffers kept per buffer shape: every batch that can hold a slot at
+            once, i.e. the prefetch depth + 2 (the device stager keeps two copies in
+            flight). Too few is never wrong, only slower: the ring then allocates and
+            retires slots. 0 allocates a fresh buffer for every batch (pinned ones come
+            from torch's caching host allocator).
     """
 
     def __init__(

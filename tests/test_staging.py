@@ -340,7 +340,9 @@ def test_gpu_batches_are_bit_equal_while_slow_kernels_run_on_the_compute_stream(
 @pytest.mark.cuda
 def test_gpu_held_batches_unchanged_and_no_pinned_growth_over_1000_batches():
     shape = (3, 16, 16)
-    col = Collator(pin_memory=True, slots=8)
+    # depth 4 + 2 copies in flight + 4: each Prefetcher worker still holds its previous
+    # batch while it waits for room (measured: up to 8 slots per shape referenced at once).
+    col = Collator(pin_memory=True, slots=10)
     pf, stager = _gpu_pipeline(col, epochs=1, batches=1000, bs=8, shape=shape)
     held = []
     for n, (images, lab) in enumerate(stager):
@@ -357,10 +359,10 @@ def test_gpu_held_batches_unchanged_and_no_pinned_growth_over_1000_batches():
         assert torch.equal(images.cpu(), ref)
     st = col.stats()
     # Every host slot was allocated once (images + labels); nothing grew afterwards.
-    assert st["allocations"] <= 2 * 8
+    assert st["allocations"] <= 2 * 10
     assert st["allocations"] == after_100["allocations"]
     assert st["live_bytes"] == after_100["live_bytes"]
-    assert st["reuses"] >= 2 * 1000 - 2 * 8
+    assert st["reuses"] >= 2 * 1000 - 2 * 10
     if allocs_100 is not None:
         assert _host_allocs() == allocs_100  # no cudaHostAlloc after the first 100 batches
 
