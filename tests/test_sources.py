@@ -453,6 +453,21 @@ def test_lmdb_bad_metadata(tmp_path: Path) -> None:
         LMDBSource(path)
 
 
+def test_lmdb_hint_is_a_no_op_for_small_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 3 KB records: many share a page, the kernel's read-ahead covers them, and a
+    # per-record madvise would cost more than the read.
+    path = tmp_path / "small.lmdb"
+    pack(ListSource([bytes([k]) * 3000 for k in range(50)]), path, progress=False)
+    calls: list[int] = []
+    monkeypatch.setattr(lmdb_mod, "_madvise", lambda addr, length, advice: calls.append(1))
+    monkeypatch.setattr(lmdb_mod, "_mincore", lambda addr, length, vec: 0)
+    with LMDBSource(path) as src:
+        src.hint(range(50))
+        assert calls == []
+
+
 def test_lmdb_hint_madvises_the_value_pages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -48,6 +48,7 @@ LABELS_KEY = b"__fastfeed__/labels"
 PATHS_KEY = b"__fastfeed__/paths"
 
 _LMDB_MAGIC = 0xBEEFC0DE
+_HINT_MIN_BYTES = 16 * 1024  # hint() only for records at least this large on average
 _PAGE_HEADER_BYTES = 16  # MDB_page header before MDB_meta on 64-bit builds
 _MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", 3)
 _PAGE_BYTES = mmap.PAGESIZE
@@ -171,6 +172,10 @@ class LMDBSource(Source):
         self._count = 0
         self._ensure_open()
         self._load_index()
+        # Mean bytes per record (file size / count): below _HINT_MIN_BYTES the kernel's
+        # own read-ahead brings neighbours in with every page, and a per-record hint
+        # costs more than the read (measured: warm 3 KB records 331k/s -> 68k/s).
+        self._mean_record_bytes = os.path.getsize(self.data_path) / max(1, self._count)
 
     # -- opening --------------------------------------------------------------------
 
@@ -395,11 +400,14 @@ class LMDBSource(Source):
     def hint(self, indices: Iterable[int]) -> None:
         """``madvise(MADV_WILLNEED)`` the pages of the upcoming values (Linux; else no-op).
 
+        A no-op for databases of small records (mean under 16 KiB), where the kernel's
+        read-ahead already brings them in many to a page.
+
         Finding a value's address is a B-tree lookup that does not touch the value's own
         pages (large values live on overflow pages LMDB only points at), so the kernel
         starts reading exactly the upcoming records' bytes in the background.
         """
-        if _madvise is None:
+        if _madvise is None or self._mean_record_bytes < _HINT_MIN_BYTES:
             return
         self._ensure_open()
         env = self._env
