@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import runpy
 import sys
 import time
@@ -223,13 +224,27 @@ def _run_loader(
             if step is not None:
                 step(batch)
         wall = time.perf_counter() - t0
-        stats = LoaderStats.collect(
-            loader.recorder,
-            source=source,
-            num_threads=threads,
-            skipped=[getattr(s, "index", s) for s in loader.skipped],
-            gather=False,
-        )
+        skipped = [getattr(s, "index", s) for s in loader.skipped]
+        if step is None:
+            # No model: the loop only takes batches, so its "steps" say nothing about a
+            # model. Analyze the loader alone (every batch counted, no step figures).
+            rec = loader.recorder
+            snap = rec.snapshot()
+            snap.update(
+                first_batches=snap["steps"] + snap["first_batches"],
+                steps=0,
+                step_s=0.0,
+                step_wait_s=0.0,
+            )
+            events, counters = rec.timeline()
+            stats = LoaderStats.from_snapshot(
+                snap, source=source, num_threads=threads, skipped=skipped, events=events
+            )
+            stats._events, stats._counters, stats._t0 = events, counters, rec.started_at
+        else:
+            stats = LoaderStats.collect(
+                loader.recorder, source=source, num_threads=threads, skipped=skipped, gather=False
+            )
     finally:
         loader.close()
     return stats, wall
@@ -251,8 +266,43 @@ def run(args: argparse.Namespace) -> int:
     transform = make_transform(args.transform)
 
     base = open_source(args.path)
-    import random
+    try:
+        stats, phases = _measure(args, base, threads, step, step_desc, transform)
+    finally:
+        base.close()  # stops a FileSource's read pool
+    _print_report(stats, phases)
+    if args.json:
+        stats.save_json(args.json)
+        _progress(f"wrote {args.json}")
+    if args.trace:
+        stats.save_trace(args.trace)
+        _progress(f"wrote {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    if args.plot:
+        try:
+            stats.plot(args.plot)
+        except ImportError as exc:
+            print(f"fastfeed profile: error: {exc}", file=sys.stderr)
+            return 1
+        _progress(f"wrote {args.plot}")
+    for name in args.assert_not:
+        if stats.verdict.matches(name):
+            print(
+                f"fastfeed profile: assertion failed: verdict is {name}: {stats.verdict.sentence}",
+                file=sys.stderr,
+            )
+            return EXIT_ASSERT
+    return 0
 
+
+def _measure(
+    args: argparse.Namespace,
+    base: Source,
+    threads: int,
+    step: Callable[[Any], None] | None,
+    step_desc: str,
+    transform: Callable[..., Any] | None,
+) -> tuple[LoaderStats, dict[str, Any]]:
+    """Run the five phases on a subset of ``base``; return the stats and phase figures."""
     n = min(args.samples, len(base))
     chosen = sorted(random.Random(args.seed).sample(range(len(base)), n))
     order = chosen[:]
@@ -333,28 +383,7 @@ def run(args: argparse.Namespace) -> int:
         compute_s=compute,
         fractions=[i / 10 for i in range(11)],
     )
-    _print_report(stats, phases)
-    if args.json:
-        stats.save_json(args.json)
-        _progress(f"wrote {args.json}")
-    if args.trace:
-        stats.save_trace(args.trace)
-        _progress(f"wrote {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
-    if args.plot:
-        try:
-            stats.plot(args.plot)
-        except ImportError as exc:
-            print(f"fastfeed profile: error: {exc}", file=sys.stderr)
-            return 1
-        _progress(f"wrote {args.plot}")
-    for name in args.assert_not:
-        if stats.verdict.matches(name):
-            print(
-                f"fastfeed profile: assertion failed: verdict is {name}: {stats.verdict.sentence}",
-                file=sys.stderr,
-            )
-            return EXIT_ASSERT
-    return 0
+    return stats, phases
 
 
 def _one_thread_prep(

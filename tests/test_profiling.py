@@ -1,0 +1,218 @@
+"""Recorder hooks, /proc IO and page-cache helpers, Chrome trace export, torch ranges."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from fastfeed import _procio
+from fastfeed.profiling import Recorder
+from fastfeed.trace import chrome_trace, write_chrome_trace
+
+
+def test_span_records_wall_cpu_failures_and_bytes() -> None:
+    rec = Recorder()
+    with rec.span("read", items=4, nbytes=1000):
+        time.sleep(0.02)
+    with pytest.raises(ValueError, match="boom"), rec.span("read", items=2):
+        raise ValueError("boom")
+    st = rec.snapshot()["stages"]["read"]
+    assert st["count"] == 2 and st["items"] == 6 and st["failures"] == 1
+    assert st["bytes"] == 1000
+    assert st["busy_s"] >= 0.02
+    assert st["cpu_per_wall"] < 0.5  # sleeping costs no CPU
+    assert st["switches"] is None or st["switches"] >= 1  # the sleep blocked
+    names = [e[0] for e in rec.events]
+    assert names == ["read", "read"]
+    assert rec.events[0][4] == {"items": 4, "bytes": 1000}
+    assert rec.events[1][4] == {"items": 2, "failed": True}
+
+
+def test_disabled_recorder_records_nothing() -> None:
+    rec = Recorder(enabled=False)
+    with rec.span("read"):
+        pass
+    rec.consumer_step(0.1, 0.2)
+    rec.queue("batches", depth=1, capacity=2, put_wait_s=0.5)
+    m = rec.add_since("transform", rec.mark())
+    assert len(m) == 4
+    snap = rec.snapshot()
+    assert snap["stages"] == {} and snap["queues"] == {} and snap["steps"] == 0
+    assert list(rec.events) == []
+
+
+def test_consumer_steps_split_startup_from_steady_state() -> None:
+    rec = Recorder()
+    rec.consumer_step(0.5, None)  # first batch of the epoch: start-up
+    rec.consumer_step(0.01, 0.1)
+    rec.consumer_step(0.03, 0.1)
+    snap = rec.snapshot()
+    assert snap["steps"] == 2 and snap["first_batches"] == 1
+    assert snap["startup_wait_s"] == pytest.approx(0.5)
+    assert snap["step_wait_s"] == pytest.approx(0.04)
+    assert rec.stall_fraction == pytest.approx(0.2)
+    assert [round(w, 3) for _, w, _ in rec.steps_log()] == [0.01, 0.03]
+    assert [e[0] for e in rec.events] == ["wait", "wait", "wait"]
+    rec.reset()
+    assert rec.snapshot()["steps"] == 0 and rec.steps_log() == []
+
+
+def test_add_since_chains_back_to_back_stages() -> None:
+    rec = Recorder()
+    m = rec.mark()
+    time.sleep(0.01)
+    m = rec.add_since("read", m, items=8, nbytes=80)
+    sum(range(200_000))
+    rec.add_since("transform", m, items=8)
+    st = rec.snapshot()["stages"]
+    assert st["read"]["items"] == 8 and st["read"]["bytes"] == 80
+    assert st["read"]["busy_s"] >= 0.01
+    assert st["transform"]["cpu_s"] > 0
+    r, t = rec.events
+    assert r[3] == t[2]  # transform starts where read ended
+
+
+def test_snapshot_has_process_cpu_and_io() -> None:
+    rec = Recorder()
+    sum(range(300_000))
+    snap = rec.snapshot()
+    assert snap["process_cpu_s"] > 0
+    assert snap["cpu_count"] == os.cpu_count()
+    if _procio.read_proc_io() is not None:
+        assert set(snap["io"]) == {"rchar", "read_bytes", "syscr"}
+    json.dumps(snap)
+
+
+def test_thread_names_travel_with_spans() -> None:
+    rec = Recorder()
+
+    def work() -> None:
+        with rec.span("transform"):
+            pass
+
+    t = threading.Thread(target=work, name="fastfeed-worker-77")
+    t.start()
+    t.join()
+    assert rec.events[0][1] == "fastfeed-worker-77"
+
+
+# -- /proc/self/io, residency, eviction -------------------------------------------------
+
+
+def test_read_proc_io_counts_our_reads(tmp_path) -> None:
+    before = _procio.read_proc_io()
+    if before is None:
+        pytest.skip("no /proc/self/io here")
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(300_000))
+    with open(p, "rb") as f:
+        f.read()
+    after = _procio.read_proc_io()
+    assert after is not None and (after - before).rchar >= 300_000
+
+
+def test_residency_and_evict(tmp_path) -> None:
+    p = tmp_path / "f.bin"
+    with open(p, "wb") as f:
+        f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    with open(p, "rb") as f:
+        f.read()
+    res = _procio.residency([str(p), str(tmp_path / "missing")])
+    assert res.files == 2 and res.unknown_files == 1
+    assert res.total_bytes == 1 << 20
+    assert res.resident_bytes > 0
+    assert _procio.evict([str(p), str(tmp_path / "missing")]) == 1
+    after = _procio.residency([str(p)])
+    # Clean pages of a file nobody maps are dropped; some filesystems keep them.
+    assert after.resident_bytes <= res.resident_bytes
+    assert _procio.residency([]).fraction == 0.0
+
+
+def test_io_accounting_probe_is_cached() -> None:
+    first = _procio.io_accounting_works()
+    assert first in (True, False, None)
+    assert _procio.io_accounting_works() is first
+
+
+# -- Chrome trace -------------------------------------------------------------------------
+
+
+def test_chrome_trace_has_documented_fields(tmp_path) -> None:
+    rec = Recorder()
+
+    def work() -> None:
+        with rec.span("read", items=4, nbytes=2_000_000):
+            time.sleep(0.005)
+        with rec.span("transform", items=4):
+            pass
+
+    t = threading.Thread(target=work, name="fastfeed-worker-5")
+    t.start()
+    t.join()
+    rec.queue("batches", depth=1, capacity=4)
+    rec.consumer_step(0.004, None)
+    path = tmp_path / "trace.json"
+    write_chrome_trace(path, *rec.timeline(), t0=rec.started_at, pid=3)
+    trace = json.loads(path.read_text())
+    events = trace["traceEvents"]
+    xs = sorted((e for e in events if e["ph"] == "X"), key=lambda e: e["name"])
+    assert [e["name"] for e in xs] == ["read", "transform", "wait"]
+    ts = [e["ts"] for e in events if e["ph"] == "X"]
+    assert ts == sorted(ts)
+    for e in xs:
+        assert e["pid"] == 3 and isinstance(e["tid"], int)
+        assert e["ts"] >= 0 and e["dur"] >= 0
+    assert xs[0]["dur"] >= 5000  # microseconds
+    assert xs[0]["args"] == {"items": 4, "bytes": 2_000_000}
+    names = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert names[xs[0]["tid"]] == "fastfeed-worker-5"
+    assert names[xs[2]["tid"]] == threading.current_thread().name
+    assert xs[0]["tid"] == xs[1]["tid"] != xs[2]["tid"]
+    counters = [e for e in events if e["ph"] == "C"]
+    assert {e["name"] for e in counters} == {"queue batches", "read MB/s"}
+    depth = next(e for e in counters if e["name"] == "queue batches")
+    assert depth["args"] == {"depth": 1.0}
+    mbps = [e["args"]["MB/s"] for e in counters if e["name"] == "read MB/s"]
+    # 2 MB spread over 0.1 s windows: 20 MB/s in total across the windows.
+    assert sum(mbps) == pytest.approx(20.0, rel=1e-3)
+    assert any(e["name"] == "process_name" for e in events if e["ph"] == "M")
+
+
+def test_chrome_trace_of_nothing_is_valid() -> None:
+    trace = chrome_trace([], [])
+    assert [e["ph"] for e in trace["traceEvents"]] == ["M"]
+    json.dumps(trace)
+
+
+# -- torch.profiler ranges --------------------------------------------------------------
+
+
+def test_stage_ranges_show_in_torch_profiler_from_worker_threads() -> None:
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile
+
+    rec = Recorder()
+
+    def work() -> None:
+        with rec.span("read"):
+            sum(range(10_000))
+
+    cfg = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with profile(activities=[ProfilerActivity.CPU], experimental_config=cfg) as prof:
+        t = threading.Thread(target=work, name="fastfeed-worker-9")
+        t.start()
+        t.join()
+        with rec.span("transform"):
+            pass
+    keys = {e.key for e in prof.key_averages()}
+    assert {"fastfeed/read", "fastfeed/transform"} <= keys
+    # Outside a profiler: no torch range, still recorded.
+    with rec.span("collate"):
+        pass
+    assert rec.snapshot()["stages"]["collate"]["count"] == 1
