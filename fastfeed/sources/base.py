@@ -9,6 +9,7 @@ bytes and time so the profiler can read them.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -21,6 +22,8 @@ from typing import Any, NamedTuple
 from fastfeed.errors import SourceIndexError
 
 __all__ = ["Record", "Source", "SourceCounters"]
+
+_data_of = operator.itemgetter(0)  # Record -> data, without a Python-level loop
 
 # Every live source and counter set, so a forked child can replace locks that another
 # thread of the parent may have held at fork time (a held lock would deadlock the child).
@@ -191,7 +194,7 @@ class Source(ABC):
         self._ensure_open()
         t0 = time.perf_counter()
         recs = self._read_many(indices)
-        self.counters.add(len(recs), sum(len(r.data) for r in recs), time.perf_counter() - t0)
+        self.counters.add(len(recs), sum(map(len, map(_data_of, recs))), time.perf_counter() - t0)
         return recs
 
     def close(self) -> None:
