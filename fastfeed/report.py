@@ -487,7 +487,8 @@ class LoaderStats:
             source: The loader's source: its ``counters``, a ``MemoryCache``'s
                 ``cache_stats()`` and the dataset size (``record_sizes()``) are read.
             num_threads: Worker threads; None guesses from the threads seen in the timeline.
-            skipped: Indices skipped by ``on_error="skip"``.
+            skipped: Samples skipped by ``on_error="skip"``: indices, or entries with an
+                ``index`` attribute (``Loader.skipped``).
             device: The target device (``"cuda"``...), or None.
             gather: Gather every rank's figures under torch.distributed. None (default):
                 when a process group is initialized with world size > 1. This is a
@@ -612,7 +613,8 @@ class LoaderStats:
         process_cpu = float(snapshot.get("process_cpu_s", 0.0))
         host_busy = process_cpu / (elapsed * cpu_count)
 
-        skipped_list = [int(i) for i in skipped]
+        # Plain indices, or entries with an ``index`` (the loader's SkippedSample).
+        skipped_list = [int(getattr(i, "index", i)) for i in skipped]
         cache = _cache_summary(source)
         src_counters = None
         if source is not None and getattr(source, "counters", None) is not None:

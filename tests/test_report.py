@@ -292,7 +292,10 @@ def test_memory_cache_stats_and_to_dict_round_trip(tmp_path) -> None:
 
 
 def test_skipped_and_verdict_str() -> None:
-    stats = LoaderStats.from_snapshot(_snapshot(), num_threads=4, skipped=[7, 3, 9])
+    from collections import namedtuple
+
+    entry = namedtuple("entry", "index where")
+    stats = LoaderStats.from_snapshot(_snapshot(), num_threads=4, skipped=[7, entry(3, "a.jpg"), 9])
     assert stats.skipped == 3 and stats.skipped_indices == [7, 3, 9]
     assert "3 samples skipped" in stats.summary()
     assert str(stats.verdict) == stats.verdict.sentence
