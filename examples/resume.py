@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from _data import dataset_path
 from train_classifier import SmallCNN
 
-from fastfeed import image
-from fastfeed.loader import Loader
+from fastfeed import Loader, image
 from fastfeed.pack import open_source
 
 

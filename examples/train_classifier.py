@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         extra = {}
     else:
-        from fastfeed.compat import DataLoader
+        from fastfeed import DataLoader
 
         extra = {"device": device} if device.type == "cuda" else {}
     train_loader = DataLoader(

@@ -24,11 +24,9 @@ from _data import synthetic_data
 from torch.nn.parallel import DistributedDataParallel
 from train_classifier import SmallCNN
 
-from fastfeed import image
+from fastfeed import Loader, MemoryCache, image
 from fastfeed.hooks import loader_stats
-from fastfeed.loader import Loader
 from fastfeed.pack import open_source
-from fastfeed.sources.memory import MemoryCache
 
 
 def parse_args() -> argparse.Namespace:
