@@ -85,6 +85,7 @@ from fastfeed.collate import Collator
 from fastfeed.errors import ConfigError, LoaderTimeoutError, SampleError
 from fastfeed.prefetch import Prefetcher
 from fastfeed.profiling import Recorder
+from fastfeed.report import LoaderStats
 
 __all__ = ["DataLoader", "get_worker_info"]
 
@@ -927,6 +928,17 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             worker_init_fn=self.worker_init_fn,
             base_seed=base_seed,
             num_workers=threads,
+        )
+
+    def stats(self, *, gather: bool = False) -> LoaderStats:
+        """What this loader measured so far, with a verdict: is training input-bound?
+
+        Args:
+            gather: Also gather every rank's figures under torch.distributed and name the
+                slowest rank. A collective call: every rank must make it.
+        """
+        return LoaderStats.collect(
+            self.recorder, num_threads=self.num_workers, device=self.device, gather=gather
         )
 
     def close(self) -> None:

@@ -59,7 +59,8 @@ from fastfeed.errors import (
     TooManyFailuresError,
 )
 from fastfeed.prefetch import Prefetcher
-from fastfeed.profiling import Recorder
+from fastfeed.profiling import Mark, Recorder
+from fastfeed.report import LoaderStats
 from fastfeed.sampling import EpochProgress, EpochSampler
 from fastfeed.sources.base import Record, Source
 
@@ -279,23 +280,25 @@ class _BatchWorker:
             except Exception:  # advisory only: a real problem shows up in the read
                 pass
 
-        t0, c0 = time.perf_counter(), time.thread_time()
+        mark = rec.mark()
         indices, records = self._read(task.indices, failures)
-        t1, c1 = time.perf_counter(), time.thread_time()
         # Plain comprehensions and map(len): for tiny records these per-record steps are
         # a large share of the batch's cost.
         datas = [r.data for r in records]
         labels = [r.label for r in records]
-        rec.add("read", t0, t1, c1 - c0, items=len(task.indices), nbytes=sum(map(len, datas)))
+        mark = rec.add_since("read", mark, items=len(task.indices), nbytes=sum(map(len, datas)))
 
         if self.spec is not None:
-            data, labels_t, kept = self._fill(indices, datas, labels, failures)
+            data, labels_t, kept = self._fill(mark, indices, datas, labels, failures)
         else:
-            data, labels_t, kept = self._generic(task.number, indices, datas, labels, failures)
+            data, labels_t, kept = self._generic(
+                mark, task.number, indices, datas, labels, failures
+            )
         return _BatchResult(task.number, data, labels_t, kept, failures)
 
     def _generic(
         self,
+        mark: Mark,
         number: int,
         indices: list[int],
         datas: list[Any],
@@ -305,7 +308,6 @@ class _BatchWorker:
         """Generic path: transform each sample, then collate (or batch_transform) the list."""
         rec = self.recorder
         seed, epoch, transform = self.seed, self.epoch, self.transform
-        t0, c0 = time.perf_counter(), time.thread_time()
         if transform is None:
             samples, kept, labels = datas, indices, all_labels
         else:
@@ -333,9 +335,8 @@ class _BatchWorker:
             finally:
                 set_sample_key(None)
             labels, kept = _select(labels, kept, kept2), kept2
-        t1, c1 = time.perf_counter(), time.thread_time()
         if transform is not None or self.batch_transform is not None:
-            rec.add("transform", t0, t1, c1 - c0, items=len(datas))
+            mark = rec.add_since("transform", mark, items=len(datas))
         if kept and self.batch_transform is None:
             if transform is None:
                 data = samples  # raw record bytes: a list (documented)
@@ -345,11 +346,12 @@ class _BatchWorker:
                 )
                 labels, kept = _select(labels, kept, kept2), kept2
         labels_t = self.collator.labels(labels) if kept else None
-        rec.add("collate", t1, time.perf_counter(), time.thread_time() - c1, items=len(kept))
+        rec.add_since("collate", mark, items=len(kept))
         return (data if kept else None), labels_t, kept
 
     def _fill(
         self,
+        mark: Mark,
         indices: list[int],
         datas: list[Any],
         all_labels: list[int | None],
@@ -359,9 +361,8 @@ class _BatchWorker:
         assert self.spec is not None and self.transform is not None
         rec = self.recorder
         shape, dtype = self.spec
-        t0, c0 = time.perf_counter(), time.thread_time()
+        # Taking the (ring) buffer counts as transform time: the rows are written there.
         out = self.collator.new_batch(len(datas), shape, dtype) if datas else None
-        t1, c1 = time.perf_counter(), time.thread_time()
         seed, epoch, transform = self.seed, self.epoch, self.transform
         row = 0
         kept: list[int] = []
@@ -381,24 +382,17 @@ class _BatchWorker:
             labels.append(lab)
             row += 1
         set_sample_key(None)
-        t2, c2 = time.perf_counter(), time.thread_time()
-        rec.add("transform", t1, t2, c2 - c1, items=len(datas))
+        mark = rec.add_since("transform", mark, items=len(datas))
         if not kept:
             if out is not None:
                 self.collator.release(out)
-            rec.add("collate", t0, t1, c1 - c0, items=0)
+            rec.add_since("collate", mark, items=0)
             return None, None, []
         assert out is not None
         if row < len(datas):
             out = out[:row]  # a view: skipped samples shrink the batch, never substituted
         labels_t = self.collator.labels(labels)
-        rec.add(
-            "collate",
-            t0,
-            t1 + (time.perf_counter() - t2),
-            (c1 - c0) + (time.thread_time() - c2),
-            items=row,
-        )
+        rec.add_since("collate", mark, items=row)
         return out, labels_t, kept
 
 
@@ -783,6 +777,26 @@ class Loader:
     def __len__(self) -> int:
         """Batches per epoch on this rank (the same on every rank)."""
         return self.sampler.num_batches
+
+    def stats(self, *, gather: bool = False) -> LoaderStats:
+        """What this loader measured so far, with a verdict: is training input-bound?
+
+        Args:
+            gather: Also gather every rank's figures under torch.distributed and name the
+                slowest rank. A collective call: every rank must make it.
+
+        Returns:
+            A :class:`~fastfeed.report.LoaderStats` (``.stall_fraction``, ``.verdict``,
+            ``.summary()``, ``.to_dict()``, ``.save_trace(path)``).
+        """
+        return LoaderStats.collect(
+            self.recorder,
+            source=self.source,
+            num_threads=self.num_threads,
+            skipped=self.skipped,
+            device=self.device,
+            gather=gather,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-serializable resume state; counts batches handed to the consumer."""

@@ -240,6 +240,11 @@ def _mark() -> Mark:
     return Mark((time.perf_counter(), time.thread_time(), _run_delay_s(), _voluntary_switches()))
 
 
+# Returned while recording is off; a span that started before recording was switched on
+# is dropped rather than measured from a bogus start.
+_NO_MARK = Mark((0.0, 0.0, -1.0, -1))
+
+
 class TraceEvent(tuple):
     """``(name, thread_name, start_s, end_s, args)``: one slice of the timeline."""
 
@@ -395,8 +400,8 @@ class Recorder:
             self.events.append(TraceEvent((stage, name, start_s, end_s, args)))
 
     def mark(self) -> Mark:
-        """This thread's clocks now, for :meth:`add_since` (cheap: ~4 us)."""
-        return _mark()
+        """This thread's clocks now, for :meth:`add_since` (~4 us; free when disabled)."""
+        return _mark() if self.enabled else _NO_MARK
 
     def add_since(
         self,
@@ -413,8 +418,10 @@ class Recorder:
         ``with`` blocks: ``m = rec.mark(); ...; m = rec.add_since("read", m, items=n)``.
         Measures the same as :meth:`span` (wall, CPU, run-queue wait, blocking switches).
         """
+        if not self.enabled:
+            return _NO_MARK
         now = _mark()
-        if self.enabled:
+        if since is not _NO_MARK:
             self.add(
                 stage,
                 since[0],

@@ -757,7 +757,7 @@ class LoaderStats:
     def summary(self) -> str:
         """A human paragraph: the verdict with its numbers, the stages, IO, cache, actions."""
         v = self.verdict
-        parts = [v.sentence]
+        parts = [v.sentence if v.sentence.endswith(".") else v.sentence + "."]
         if self.steps:
             parts.append(
                 f"Over {self.steps} steps ({_ms(self.elapsed_s)}), a step took "
@@ -1232,7 +1232,7 @@ def _compute_bound(stats: LoaderStats, w: _Work) -> Verdict:
             actions.append(
                 Action(
                     f"threads could drop from {w.threads} to {need}",
-                    f"frees {w.threads - need} threads' cores for the model "
+                    f"frees {w.threads - need} core(s) for the model "
                     f"(workers need {_ms(w.worker)} per batch, the model {_ms(w.compute)})",
                 )
             )

@@ -686,3 +686,31 @@ def test_defaults() -> None:
     assert loader.source is not None and loader.skipped == [] and loader.recorder.enabled
     assert len(loader) == 10 and (loader.rank, loader.world_size) == (0, 1)
     gc.collect()
+
+
+def test_stats_reports_stages_and_a_verdict() -> None:
+    import json
+    import time as _time
+
+    import numpy as np
+
+    from fastfeed.report import LoaderStats
+
+    with Loader(
+        ledger_source(640),
+        batch_size=64,
+        num_threads=2,
+        batch_transform=lambda ds: np.frombuffer(b"".join(ds), dtype=np.int64),
+    ) as loader:
+        seen = []
+        for data, _labels in loader:
+            seen.extend(data.tolist())
+            _time.sleep(0.002)  # a "model step"
+        stats = loader.stats()
+    assert sorted(seen) == list(range(640))
+    assert isinstance(stats, LoaderStats)
+    d = json.loads(stats.to_json())
+    assert d["stages"]["read"]["items"] == 640
+    assert d["stages"]["transform"]["count"] == 10
+    assert 0.0 <= stats.stall_fraction <= 1.0
+    assert stats.verdict.sentence in stats.summary()
