@@ -23,6 +23,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import statistics
 import sys
@@ -172,7 +173,16 @@ def torch_batches(
     )
     mean = torch.tensor(MEAN, device="cuda").view(1, -1, 1, 1)
     std = torch.tensor(STD, device="cuda").view(1, -1, 1, 1)
-    it = iter(dl)
+    # The workers are forked from a process that uses CUDA. A garbage collection in a
+    # worker that frees an inherited CUDA object (a pinned buffer, an event) kills it
+    # with "CUDA error: initialization error"; freezing the heap before the fork keeps
+    # the workers' collector away from everything inherited.
+    gc.collect()
+    gc.freeze()
+    try:
+        it = iter(dl)
+    finally:
+        gc.unfreeze()
 
     def gen() -> Iterator[Any]:
         for images, labels in it:
@@ -288,11 +298,15 @@ def compare(
             "copy_ms_per_batch": 1000 * copy.get("busy_s", 0.0) / max(1, copy.get("count", 1)),
         }
     )
-    batches, close = torch_batches(ds, args.batch_size, args.warm + args.steps, args.workers)
     try:
-        res = train(batches, step, args.warm, args.steps)
-    finally:
-        close()
+        batches, close = torch_batches(ds, args.batch_size, args.warm + args.steps, args.workers)
+        try:
+            res = train(batches, step, args.warm, args.steps)
+        finally:
+            close()
+    except RuntimeError as exc:  # a worker process died: report it, keep the other rows
+        print(f"torch DataLoader failed in part {label!r}: {exc}", file=sys.stderr)
+        res = {"error": f"{type(exc).__name__}: {exc}"}
     rows.append({"part": label, "loader": "torch", "model_step_ms": 1000 * modeled, **res})
     return rows
 
@@ -335,13 +349,18 @@ def main(argv: list[str] | None = None) -> int:
         lambda n: fastfeed_batches(ds, args.batch_size, n, args.workers, args.depth, Recorder()),
         20,
     )
-    t_torch = load_time(lambda n: torch_batches(ds, args.batch_size, n, args.workers), 20)
+    try:
+        t_torch = load_time(lambda n: torch_batches(ds, args.batch_size, n, args.workers), 20)
+    except RuntimeError as exc:  # a worker process died: size the step from fastfeed alone
+        print(f"torch DataLoader failed while timing loading: {exc}", file=sys.stderr)
+        t_torch = float("nan")
     print(
         f"\nloading alone: fastfeed {1000 * t_ff:.2f} ms/batch, "
         f"torch DataLoader {1000 * t_torch:.2f} ms/batch"
     )
 
-    rows = compare(ds, args, 1.5 * max(t_ff, t_torch), "2 step > load")
+    slowest = t_ff if math.isnan(t_torch) else max(t_ff, t_torch)
+    rows = compare(ds, args, 1.5 * slowest, "2 step > load")
     rows += compare(ds, args, 0.25 * t_ff, "3 step < load")
     cols = [
         "part",
@@ -360,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_ratio_ok": bw["ratio"] >= 0.90,
         "compute_bound_wait_ok": ff2["wait_fraction"] < 0.02,
         "input_bound_stall_reported": rows[2]["recorder_stall_fraction"] > 0.2,
-        "speedup_vs_torch_compute_bound": ff2["steps_per_s"] / rows[1]["steps_per_s"],
+        "speedup_vs_torch_compute_bound": (
+            ff2["steps_per_s"] / rows[1]["steps_per_s"] if "steps_per_s" in rows[1] else None
+        ),
     }
     print("\nverdict:", verdict)
     out = write_json(
@@ -370,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
             "gpu": gpu,
             "cuda": torch.version.cuda,
             "params": vars(args),
-            "load_ms_per_batch": {"fastfeed": 1000 * t_ff, "torch": 1000 * t_torch},
+            "load_ms_per_batch": {
+                "fastfeed": 1000 * t_ff,
+                "torch": None if math.isnan(t_torch) else 1000 * t_torch,
+            },
             "bandwidth": bw,
             "training": rows,
             "verdict": verdict,
