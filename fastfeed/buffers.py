@@ -104,9 +104,9 @@ class PinnedRing:
     the oldest slot still in use is retired if the ring is full.
 
     Args:
-        slots: Buffers kept per ``(row_shape, dtype)``; at least the batches that can be
-            in flight at once (prefetch depth + the one the consumer holds + the one
-            being copied) so the ring never has to retire a slot in steady state.
+        slots: Buffers kept per ``(row_shape, dtype)``; at least the batches that can
+            hold a slot at once (prefetch depth + the device stager's two copies in
+            flight), so the ring never has to retire a slot in steady state.
         pin_memory: Allocate page-locked memory (only honoured when CUDA is available;
             the caller decides whether to warn).
     """
