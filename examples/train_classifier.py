@@ -25,7 +25,7 @@ from _data import ImageDataset, dataset_path, pick_device
 from torch import nn
 
 from fastfeed import image
-from fastfeed.hooks import loader_stats, watch
+from fastfeed.hooks import watch
 
 
 class SmallCNN(nn.Module):
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             loss_sum += loss.item() * labels.numel()
         elapsed = time.perf_counter() - t0
         val_acc = evaluate(model, val_loader, device) if val_loader is not None else None
-        stats = loader_stats(batches)
+        stats = batches.stats()  # fastfeed.DataLoader and watch() both have stats()
         line = (
             f"epoch {epoch + 1}/{args.epochs}  loss {loss_sum / seen:.3f}  "
             f"train acc {correct / seen:.1%}  "

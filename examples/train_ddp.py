@@ -6,7 +6,7 @@
 ``fastfeed.Loader`` reads rank and world size from ``torch.distributed``: each rank gets
 a disjoint shard of every epoch's shuffle (padded like ``DistributedSampler`` so all
 ranks run the same number of steps), and ``set_epoch`` reshuffles. After each epoch every
-rank calls ``loader_stats(loader)`` (a collective: it gathers all ranks' figures) and
+rank calls ``loader.stats(gather=True)`` (a collective: it gathers all ranks' figures) and
 rank 0 prints each rank's stall fraction, the slowest rank and the stragglers: under
 synchronous data parallelism the whole job runs at the pace of the rank starved of data.
 """
@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel
 from train_classifier import SmallCNN
 
 from fastfeed import Loader, MemoryCache, image
-from fastfeed.hooks import loader_stats
 from fastfeed.pack import open_source
 
 
@@ -106,7 +105,7 @@ def main() -> None:
             loss_sum += loss.detach() * labels.numel()
         elapsed = time.perf_counter() - t0
         # Every rank must call this (it gathers across ranks); rank 0 prints it.
-        stats = loader_stats(loader)
+        stats = loader.stats(gather=True)
         shards: list[list[int]] = [[] for _ in range(world)]
         dist.all_gather_object(shards, seen)
         dist.all_reduce(loss_sum)

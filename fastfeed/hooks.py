@@ -120,13 +120,12 @@ class Watched(Generic[_T]):
         self.batches = 0
         self.samples = 0
 
-    def stats(self, *, gather: bool | None = None) -> LoaderStats:
+    def stats(self, *, gather: bool = False) -> LoaderStats:
         """What was measured, with a verdict (see the module docstring).
 
         Args:
-            gather: Gather every rank's figures under ``torch.distributed`` (a collective:
-                every rank must call it). None: when a process group of more than one
-                rank is initialized.
+            gather: Also gather every rank's figures under ``torch.distributed`` and name
+                the slowest rank (a collective: every rank must call it).
         """
         stats = _collect(self.recorder, num_threads=self.num_threads, gather=gather)
         # An opaque loader reports no stages, from which LoaderStats estimates samples.
@@ -159,7 +158,7 @@ def watch(
     return Watched(loader, recorder if recorder is not None else Recorder(), num_threads)
 
 
-def loader_stats(loader: Any, *, gather: bool | None = None) -> LoaderStats:
+def loader_stats(loader: Any, *, gather: bool = False) -> LoaderStats:
     """The :class:`~fastfeed.report.LoaderStats` of a fastfeed loader or a :class:`Watched`.
 
     Uses ``loader.stats()`` when the loader has one; otherwise collects from
@@ -167,7 +166,8 @@ def loader_stats(loader: Any, *, gather: bool | None = None) -> LoaderStats:
 
     Args:
         loader: A :class:`Watched`, :class:`fastfeed.Loader` or :class:`fastfeed.DataLoader`.
-        gather: See :meth:`Watched.stats` (a collective under torch.distributed).
+        gather: Also gather every rank's figures under torch.distributed (a collective:
+            every rank must call it).
 
     Raises:
         TypeError: ``loader`` records nothing fastfeed can read (wrap it with :func:`watch`).
@@ -175,9 +175,13 @@ def loader_stats(loader: Any, *, gather: bool | None = None) -> LoaderStats:
     if isinstance(loader, Watched):
         return loader.stats(gather=gather)
     own = getattr(loader, "stats", None)
-    if callable(own):
-        return own() if gather is None else own(gather=gather)
     recorder = getattr(loader, "recorder", None)
+    if callable(own):
+        try:
+            return own(gather=gather)
+        except KeyError:
+            if not isinstance(recorder, Recorder):
+                raise  # the stage-less report bug is worked around below, nothing else
     if not isinstance(recorder, Recorder):
         raise TypeError(
             f"{type(loader).__name__} records no fastfeed stats; wrap it with "
@@ -197,7 +201,7 @@ def loader_stats(loader: Any, *, gather: bool | None = None) -> LoaderStats:
     )
 
 
-def _collect(recorder: Recorder, *, gather: bool | None = None, **kwargs: Any) -> LoaderStats:
+def _collect(recorder: Recorder, *, gather: bool = False, **kwargs: Any) -> LoaderStats:
     """``LoaderStats.collect`` that also copes with a recorder holding only consumer steps.
 
     Workaround: ``report._diagnose`` looks up the "read" stage whenever the stall is at
@@ -228,7 +232,7 @@ def _collect(recorder: Recorder, *, gather: bool | None = None, **kwargs: Any) -
     stats._events, stats._counters = recorder.timeline()
     stats._step_log = recorder.steps_log()
     stats._t0 = recorder.started_at
-    if gather or (gather is None and _world_size() > 1):
+    if gather and _world_size() > 1:
         stats._gather()
     return stats
 

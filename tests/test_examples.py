@@ -181,6 +181,28 @@ def test_loader_stats_rejects_a_loader_without_a_recorder() -> None:
         loader_stats([1, 2, 3])
 
 
+class _SlowDataset(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        time.sleep(0.03)
+        return torch.zeros(2), i
+
+
+def test_loader_stats_of_a_process_worker_dataloader_that_records_no_stage() -> None:
+    from fastfeed import DataLoader
+
+    loader = DataLoader(_SlowDataset(), batch_size=2, num_workers=1, worker_type="process")
+    try:
+        assert [int(y[0]) for _, y in loader] == [0, 2, 4, 6, 8, 10]
+        stats = loader_stats(loader)  # works around the report bug below
+    finally:
+        loader.close()
+    assert stats.steps == 5 and stats.num_threads == 1
+    assert stats.verdict.bound is Bound.INPUT and stats.stall_fraction > 0.5
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: report._diagnose KeyError 'read' when a recorder has consumer steps but no "

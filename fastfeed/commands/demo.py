@@ -95,7 +95,6 @@ def _demo(root: str, args: argparse.Namespace) -> int:
     from torch import nn
 
     from fastfeed import image
-    from fastfeed.hooks import loader_stats
     from fastfeed.loader import Loader
     from fastfeed.pack import pack
     from fastfeed.sources import FileSource, LMDBSource, MemoryCache
@@ -172,7 +171,7 @@ def _demo(root: str, args: argparse.Namespace) -> int:
     loader.close()
     if shape is not None:
         print(f"batches: {shape[0]} {str(shape[1]).replace('torch.', '')} (N, C, H, W)")
-    stats = loader_stats(loader)
+    stats = loader.stats()
     print()
     print(
         f"Loader: {len(cache)} records from a RAM cache, {loader.num_threads} threads, "
