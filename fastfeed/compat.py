@@ -72,13 +72,12 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import torch
 from torch.utils.data import DataLoader as _TorchDataLoader
 from torch.utils.data import IterableDataset
-from torch.utils.data._utils.pin_memory import pin_memory as _pin_tree
 from torch.utils.data._utils.worker import WorkerInfo
 
 from fastfeed.collate import Collator
@@ -86,6 +85,7 @@ from fastfeed.errors import ConfigError, LoaderTimeoutError, SampleError
 from fastfeed.prefetch import Prefetcher
 from fastfeed.profiling import Recorder
 from fastfeed.report import LoaderStats
+from fastfeed.staging import DeviceStager
 
 __all__ = ["DataLoader", "get_worker_info"]
 
@@ -393,17 +393,6 @@ def _as_int(i: Any) -> int | None:
         return None
 
 
-class _PinningCollator(Collator):
-    """Collates, then copies the batch into page-locked memory (as torch's pin thread)."""
-
-    def __init__(self, collate_fn: Callable[[Any], Any] | None, device: str | None) -> None:
-        super().__init__(collate_fn)
-        self.device = device
-
-    def collate(self, samples: Any) -> Any:
-        return _pin_tree(super().collate(samples), self.device)
-
-
 # -- the worker pool --------------------------------------------------------------------
 
 
@@ -422,6 +411,7 @@ class _Pool:
         worker_init_fn: Callable[[int], None] | None,
         base_seed: int,
         num_workers: int,
+        report_consumer: bool = True,
     ) -> None:
         self.fetch = fetch
         self.feed = _Feed()
@@ -454,6 +444,7 @@ class _Pool:
             recorder=recorder,
             thread_init=thread_init if num_threads > 0 else None,
             role="dataloader",
+            report_consumer=report_consumer,
         )
         # Close the feed first: a worker waiting in it for indices then exits at once.
         self._finalizer = weakref.finalize(self, _close_pool, self.feed, self.prefetcher)
@@ -660,29 +651,6 @@ class _ProcessIter:
         return _sample_error(None, where, "worker", exc)
 
 
-def _to_device(data: Any, device: torch.device, non_blocking: bool) -> Any:
-    if isinstance(data, torch.Tensor):
-        return data.to(device, non_blocking=non_blocking)
-    if isinstance(data, Mapping):
-        try:
-            return type(data)({k: _to_device(v, device, non_blocking) for k, v in data.items()})
-        except TypeError:
-            return {k: _to_device(v, device, non_blocking) for k, v in data.items()}
-    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
-        return type(data)(*(_to_device(v, device, non_blocking) for v in data))
-    if isinstance(data, (list, tuple)):
-        return type(data)(_to_device(v, device, non_blocking) for v in data)
-    return data
-
-
-def _moved(batches: Iterator[Any], device: torch.device, non_blocking: bool) -> Iterator[Any]:
-    for batch in batches:
-        yield _to_device(batch, device, non_blocking)
-
-
-# -- the DataLoader ---------------------------------------------------------------------
-
-
 class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
     """:class:`torch.utils.data.DataLoader` with thread workers; a drop-in replacement.
 
@@ -855,20 +823,29 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         return acc.type
 
     def _make_collator(self) -> Collator:
-        """The collator of a new worker pool (the one place a pinned ring plugs in)."""
-        if self._pin is not None:
-            return _PinningCollator(self.collate_fn, self._pin)
-        return Collator(self.collate_fn)
+        """The collator of a new worker pool: a pinned ring when pinning is possible.
+
+        Fixed-shape leaves are stacked straight into reusable page-locked slots (one copy,
+        where torch's pin-memory thread makes a second); slots a user still holds are
+        never rewritten.
+        """
+        if self._pin is None:
+            return Collator(self.collate_fn)
+        in_flight = (self.prefetch_factor or 1) * max(self.num_workers, 1)
+        # Slots: every batch in flight, plus one with the consumer and one being copied.
+        return Collator(self.collate_fn, pin_memory=True, slots=in_flight + 2)
 
     def _stage(self, batches: Iterator[Any]) -> Iterator[Any]:
-        """Route batches to :attr:`device` (the one place the device stager plugs in).
+        """Route batches to :attr:`device` through the device stager; identity without it.
 
-        Until the stager is wired in this is a synchronous ``.to(device)`` per tensor
-        (``non_blocking`` when the batch is pinned); identity without ``device``.
+        The stager copies each batch on its own CUDA stream ahead of the training loop and
+        makes the loop's stream wait on the copy's event.
         """
         if self.device is None:
             return batches
-        return _moved(batches, self.device, non_blocking=self._pin is not None)
+        return DeviceStager(
+            batches, self.device, recorder=self.recorder, timeout_s=self.timeout or None
+        )
 
     # -- iteration ----------------------------------------------------------------------
 
@@ -928,6 +905,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             worker_init_fn=self.worker_init_fn,
             base_seed=base_seed,
             num_workers=threads,
+            report_consumer=self.device is None,  # else the device stager reports them
         )
 
     def stats(self, *, gather: bool = False) -> LoaderStats:

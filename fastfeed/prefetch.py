@@ -137,6 +137,9 @@ class _Shared(Generic[T, R]):
                 self.recorder.queue(
                     "batches", depth=depth, capacity=self.depth, put_wait_s=put_wait
                 )
+                # Hold no reference to the handed-over batch while waiting for room: a
+                # pinned-ring slot is reused only once nothing outside the ring holds it.
+                del task, result, item
         finally:
             with self.cond:
                 self.live_workers -= 1

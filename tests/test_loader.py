@@ -689,11 +689,6 @@ def test_defaults() -> None:
 
 
 def test_stats_reports_stages_and_a_verdict() -> None:
-    import json
-    import time as _time
-
-    import numpy as np
-
     from fastfeed.report import LoaderStats
 
     with Loader(
@@ -705,7 +700,7 @@ def test_stats_reports_stages_and_a_verdict() -> None:
         seen = []
         for data, _labels in loader:
             seen.extend(data.tolist())
-            _time.sleep(0.002)  # a "model step"
+            time.sleep(0.002)  # a "model step"
         stats = loader.stats()
     assert sorted(seen) == list(range(640))
     assert isinstance(stats, LoaderStats)
@@ -714,3 +709,45 @@ def test_stats_reports_stages_and_a_verdict() -> None:
     assert d["stages"]["transform"]["count"] == 10
     assert 0.0 <= stats.stall_fraction <= 1.0
     assert stats.verdict.sentence in stats.summary()
+
+
+def test_device_cpu_runs_the_stager_and_finishes_batches() -> None:
+    from imagedata import encode_jpeg, random_image
+
+    from fastfeed.image import Compose, RandomHorizontalFlip, Resize
+
+    rng = np.random.default_rng(0)
+    payloads = [encode_jpeg(random_image(rng, 40, 30)) for _ in range(12)]
+    src = ListSource(payloads, list(range(12)))
+    transform = Compose([Resize((16, 16)), RandomHorizontalFlip()])
+    mean, std = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
+    with Loader(src, transform=transform, batch_size=5, num_threads=2) as plain:
+        host = [(b.data.clone(), b.labels.clone()) for b in plain]
+    with Loader(
+        src,
+        transform=transform,
+        batch_size=5,
+        num_threads=2,
+        device="cpu",
+        mean=mean,
+        std=std,
+        channels_last=True,
+    ) as staged:
+        out = list(staged)
+        stats = staged.stats()
+    assert [len(b.indices) for b in out] == [5, 5, 2]
+    for (x, y), b in zip(host, out, strict=True):
+        ref = (
+            x.double() - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+        ) / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+        assert b.data.dtype == torch.float32
+        assert b.data.is_contiguous(memory_format=torch.channels_last)
+        assert np.allclose(b.data.double().numpy(), ref.numpy(), atol=1e-5)
+        assert torch.equal(b.labels, y)
+    # The stager, not the prefetcher, reports the training loop's waits: one per batch.
+    assert stats.to_dict()["stages"]["copy"]["count"] == 3
+
+
+def test_finishing_options_need_a_device() -> None:
+    with pytest.raises(ConfigError, match="give device="):
+        Loader(ledger_source(4), mean=(0.5,), std=(0.2,))
