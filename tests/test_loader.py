@@ -751,3 +751,35 @@ def test_device_cpu_runs_the_stager_and_finishes_batches() -> None:
 def test_finishing_options_need_a_device() -> None:
     with pytest.raises(ConfigError, match="give device="):
         Loader(ledger_source(4), mean=(0.5,), std=(0.2,))
+
+
+@pytest.mark.cuda
+def test_cuda_loader_batches_equal_cpu_reference_while_the_gpu_is_busy() -> None:
+    from imagedata import encode_jpeg, random_image
+
+    from fastfeed.image import Compose, RandomHorizontalFlip, RandomResizedCrop
+
+    rng = np.random.default_rng(1)
+    payloads = [encode_jpeg(random_image(rng, 64, 48)) for _ in range(40)]
+    src = ListSource(payloads, list(range(40)))
+    transform = Compose([RandomResizedCrop(32), RandomHorizontalFlip()])
+    kwargs = dict(transform=transform, batch_size=8, shuffle=True, num_threads=2)
+    with Loader(src, **kwargs) as cpu_loader:
+        ref = {}
+        for epoch in range(3):
+            cpu_loader.set_epoch(epoch)
+            ref[epoch] = [(b.data.clone(), b.labels.clone()) for b in cpu_loader]
+    held = []
+    with Loader(src, device="cuda", **kwargs) as gpu_loader:
+        assert gpu_loader.pin_memory
+        for epoch in range(3):
+            gpu_loader.set_epoch(epoch)
+            for k, (x, y) in enumerate(gpu_loader):
+                torch.cuda._sleep(2_000_000)  # a slow "model" on the compute stream
+                assert x.is_cuda and y.is_cuda
+                assert torch.equal(x.cpu(), ref[epoch][k][0])
+                assert torch.equal(y.cpu(), ref[epoch][k][1])
+                held.append((epoch, k, x))
+    torch.cuda.synchronize()
+    for epoch, k, x in held:  # kept references never change under later batches
+        assert torch.equal(x.cpu(), ref[epoch][k][0])
