@@ -64,14 +64,16 @@ def _rss_part(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         shuffle=True,
         num_threads=args.threads,
+        profile=args.profile,
     )
     samples: list[tuple[int, float]] = []  # (samples delivered, RSS MiB)
     delivered, next_sample = 0, 0
     problems: list[str] = []
+    ledger = Ledger(range(n))  # one preallocated ledger, reset per epoch: flat memory
     t0 = time.perf_counter()
     for epoch in range(args.rss_epochs):
         loader.set_epoch(epoch)
-        ledger = Ledger(range(n))
+        ledger.reset()
         for batch in loader:
             ledger.add(batch)
             delivered += len(batch.indices)
@@ -94,6 +96,7 @@ def _rss_part(args: argparse.Namespace) -> dict[str, Any]:
         "ok": ok,
         "samples": delivered,
         "epochs": args.rss_epochs,
+        "profile": args.profile,
         "seconds": elapsed,
         "samples_per_s": delivered / elapsed,
         "rss_start_mib": samples[0][1],
@@ -251,7 +254,7 @@ def _chaos_part(args: argparse.Namespace) -> dict[str, Any]:
         "skipped": len(skipped),
         "skipped_by_stage": stages,
         "stalled_and_delivered": stalls_delivered,
-        "delivered": sum(ledger.counts.values()),
+        "delivered": ledger.total,
         "problems": problems[:20],
     }
 
@@ -263,7 +266,8 @@ def _summary(res: dict[str, Any]) -> str:
     part = res["part"]
     if part == "rss":
         return (
-            f"{res['samples']:,} samples / {res['epochs']} epochs, RSS {res['rss_warm_mib']:.0f} "
+            f"{res['samples']:,} samples / {res['epochs']} epochs, profile={res['profile']}, "
+            f"RSS {res['rss_warm_mib']:.0f} "
             f"-> {res['rss_end_mib']:.0f} MiB after warm-up "
             f"({100 * res['rss_growth_after_warmup']:+.2f} %, peak "
             f"{100 * res['rss_peak_growth_after_warmup']:+.2f} %)"
@@ -300,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rss-every", type=int, default=10_000, help="RSS sample interval")
     p.add_argument("--rss-warmup", type=float, default=0.1, help="warm-up fraction of the run")
     p.add_argument("--rss-growth-limit", type=float, default=0.02)
+    p.add_argument(
+        "--no-profile",
+        dest="profile",
+        action="store_false",
+        help="rss part: Loader(profile=False) (the recorder's trace rings fill over ~30k "
+        "batches and grow RSS until then)",
+    )
     p.add_argument("--cycles-count", dest="cycles", type=int, default=1000)
     p.add_argument("--epochs-count", dest="epochs", type=int, default=100)
     p.add_argument("--epoch-samples", type=int, default=2000)

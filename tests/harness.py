@@ -203,21 +203,42 @@ class Ledger:
     """Checks that a run delivered every expected index exactly once, with intact content.
 
     Feed it every batch with :meth:`add` (fastfeed ``Batch`` objects, or ``(data, labels)``
-    pairs whose ``data`` rows are ``[index, hash]``), then call :meth:`check`.
+    pairs whose ``data`` rows are ``[index, hash]``), then call :meth:`check`. Counts live
+    in a preallocated array, so a ledger's memory does not grow while a run fills it (the
+    soak run measures RSS with one alive).
 
     Args:
-        expected: The indices the run must cover (delivered or skipped).
+        expected: The indices the run must cover (delivered or skipped); non-negative.
         salt: The salt of the ledger records.
         check_labels: Also require ``label == index % 10``.
     """
 
     def __init__(self, expected: Iterable[int], *, salt: int = 0, check_labels: bool = True):
-        self.expected = set(expected)
+        exp = np.fromiter(expected, dtype=np.int64)
+        if exp.size and exp.min() < 0:
+            raise ValueError("Ledger expects non-negative indices")
+        self.size = int(exp.max()) + 1 if exp.size else 0
+        self._expected = np.zeros(self.size, dtype=bool)
+        self._expected[exp] = True
+        self._counts = np.zeros(self.size, dtype=np.int32)
+        self._outside: Counter[int] = Counter()  # delivered indices beyond 0..size-1
         self.salt = salt
         self.check_labels = check_labels
-        self.counts: Counter[int] = Counter()
         self.errors: list[str] = []
         self.batches = 0
+
+    def reset(self) -> None:
+        """Forget everything delivered (reuse for the next epoch, same expected set)."""
+        self._counts[:] = 0
+        self._outside.clear()
+        self.errors.clear()
+        self.batches = 0
+
+    def _count(self, index: int) -> None:
+        if 0 <= index < self.size:
+            self._counts[index] += 1
+        else:
+            self._outside[index] += 1
 
     def add(self, batch: Any) -> None:
         """Record one batch; content mismatches are collected for :meth:`check`."""
@@ -236,37 +257,47 @@ class Ledger:
                 self.errors.append(f"batch {self.batches} row {j}: bad hash for {index}")
             if self.check_labels and label_list is not None and label_list[j] != index % 10:
                 self.errors.append(f"batch {self.batches} row {j}: label {label_list[j]}")
-            self.counts[index] += 1
+            self._count(index)
         self.batches += 1
 
     def add_indices(self, indices: Iterable[int]) -> None:
         """Record delivered indices without content (e.g. image batches checked elsewhere)."""
-        self.counts.update(int(i) for i in indices)
+        for i in indices:
+            self._count(int(i))
         self.batches += 1
 
     @property
     def delivered(self) -> set[int]:
         """Indices delivered at least once."""
-        return set(self.counts)
+        return set(np.flatnonzero(self._counts).tolist()) | set(self._outside)
+
+    @property
+    def total(self) -> int:
+        """Samples delivered, duplicates included."""
+        return int(self._counts.sum()) + sum(self._outside.values())
 
     def problems(self, skipped: Iterable[int] = (), injected: Iterable[int] = ()) -> list[str]:
         """Everything wrong with the run so far (empty when exact)."""
         skipped_list = [int(i) for i in skipped]
         skipped_set, injected_set = set(skipped_list), set(injected)
         out = list(self.errors[:10])
-        dup = sorted(i for i, c in self.counts.items() if c > 1)
+        dup = np.flatnonzero(self._counts > 1).tolist()
+        dup += sorted(i for i, c in self._outside.items() if c > 1)
         if dup:
             out.append(f"{len(dup)} delivered more than once: {dup[:10]}")
         if len(skipped_list) != len(skipped_set):
             twice = sorted(i for i, c in Counter(skipped_list).items() if c > 1)
             out.append(f"skipped listed more than once: {twice[:10]}")
-        both = sorted(skipped_set & self.delivered)
+        delivered = self.delivered
+        both = sorted(skipped_set & delivered)
         if both:
             out.append(f"{len(both)} both delivered and skipped: {both[:10]}")
-        missing = sorted(self.expected - self.delivered - skipped_set)
+        missing = set(np.flatnonzero(self._expected & (self._counts == 0)).tolist())
+        missing = sorted(missing - skipped_set)
         if missing:
             out.append(f"{len(missing)} neither delivered nor skipped: {missing[:10]}")
-        extra = sorted(self.delivered - self.expected)
+        extra = np.flatnonzero(~self._expected & (self._counts > 0)).tolist()
+        extra += sorted(self._outside)
         if extra:
             out.append(f"{len(extra)} delivered but not expected: {extra[:10]}")
         if skipped_set != injected_set:

@@ -22,9 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from harness import (
+    FaultySource,
+    InjectedError,
     Ledger,
     LedgerDecode,
+    LedgerSource,
+    chaos_plan,
     color_jpeg,
     decode_color_index,
     ledger_record,
@@ -42,6 +47,8 @@ from fastfeed.errors import (
 )
 from fastfeed.loader import Loader
 from fastfeed.sources import FileSource, LMDBSource
+
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 N = 12  # images per dataset
 BAD = 5  # index of the planted bad record (second batch)
@@ -357,3 +364,60 @@ def test_lmdb_max_readers_below_thread_count(ledger_lmdb: Path) -> None:
         src.close()
     ledger.check()
     assert ledger.batches == 25
+
+
+# -- the harness catches what it must (so the checks above can fail) ---------------------
+
+
+def _rows(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    decode = LedgerDecode()
+    data = torch.stack([decode(LedgerSource(64).read(i).data) for i in indices])
+    return data, torch.tensor([i % 10 for i in indices])
+
+
+def test_ledger_reports_duplicates_missing_corrupt_and_wrong_skips() -> None:
+    ledger = Ledger(range(6))
+    ledger.add(_rows([0, 1, 2]))
+    ledger.add(_rows([2, 3]))  # 2 twice; 4 and 5 never
+    data, labels = _rows([7])  # not expected
+    data[0, 1] += 1  # and its hash is wrong
+    ledger.add((data, labels))
+    found = " | ".join(ledger.problems(skipped=[5], injected=[4]))
+    assert "1 delivered more than once: [2]" in found
+    assert "1 neither delivered nor skipped: [4]" in found
+    assert "1 delivered but not expected: [7]" in found
+    assert "bad hash for 7" in found
+    assert "skipped-only [5], injected-only [4]" in found
+    with pytest.raises(AssertionError, match="ledger not exact"):
+        ledger.check()
+    ledger.reset()
+    ledger.add(_rows([0, 1, 2, 3, 4]))
+    ledger.check(skipped=[5], injected=[5])
+    assert (ledger.total, ledger.delivered) == (5, {0, 1, 2, 3, 4})
+
+
+def test_faulty_source_fires_exactly_the_plan() -> None:
+    plan = chaos_plan(2000, 0.05, seed=3)
+    assert plan == chaos_plan(2000, 0.05, seed=3)  # reproducible
+    assert 50 < sum(map(len, plan.values())) < 150
+    src = FaultySource(
+        LedgerSource(2000),
+        raise_at=plan["raise"],
+        stall_at=plan["stall"],
+        corrupt_at=plan["corrupt"],
+        stall_s=0.0,
+    )
+    bad_read, bad_decode = set(), set()
+    for i in range(2000):
+        try:
+            rec = src.read(i)
+        except InjectedError as exc:
+            assert f"ledger[{i}]" in str(exc)
+            bad_read.add(i)
+            continue
+        try:
+            LedgerDecode()(rec.data)
+        except DecodeError:
+            bad_decode.add(i)
+    assert (bad_read, bad_decode) == (plan["raise"], plan["corrupt"])
+    assert src.fired == plan
