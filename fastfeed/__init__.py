@@ -24,9 +24,12 @@ from fastfeed.errors import (
     SourceNotFoundError,
     TooManyFailuresError,
 )
+from fastfeed.hooks import watch
 from fastfeed.loader import Batch, Loader
 from fastfeed.pack import PackReport, pack
+from fastfeed.report import LoaderStats
 from fastfeed.sources import FileSource, LMDBSource, MemoryCache, Record, Source
+from fastfeed.staging import DeviceStager
 
 __version__ = "0.1.0"
 
@@ -36,11 +39,13 @@ __all__ = [
     "CorruptSourceError",
     "DataLoader",
     "DecodeError",
+    "DeviceStager",
     "EmptySourceError",
     "FastFeedError",
     "FileSource",
     "LMDBSource",
     "Loader",
+    "LoaderStats",
     "LoaderTimeoutError",
     "MemoryCache",
     "OutputExistsError",
@@ -57,4 +62,5 @@ __all__ = [
     "__version__",
     "image",
     "pack",
+    "watch",
 ]

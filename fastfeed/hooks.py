@@ -24,14 +24,11 @@ from outside; fastfeed's own loaders record their stages and name it.
 The wait for each epoch's first batch (worker start-up, prefetch fill) is start-up cost,
 reported as ``startup_wait_s`` and kept out of the steady-state stall fraction.
 
-:func:`loader_stats` gives the same :class:`~fastfeed.report.LoaderStats` for any loader
-fastfeed knows: a :class:`Watched`, a :class:`fastfeed.Loader`, a
-:class:`fastfeed.DataLoader`.
+fastfeed's own loaders have the same ``stats()`` method, with per-stage figures too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
@@ -39,17 +36,9 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from fastfeed.profiling import Recorder
-from fastfeed.report import (
-    COMPUTE_BOUND_BELOW,
-    INPUT_BOUND_FROM,
-    Action,
-    Bottleneck,
-    Bound,
-    LoaderStats,
-    Verdict,
-)
+from fastfeed.report import LoaderStats
 
-__all__ = ["Watched", "loader_stats", "watch"]
+__all__ = ["Watched", "watch"]
 
 _T = TypeVar("_T")
 
@@ -127,7 +116,7 @@ class Watched(Generic[_T]):
             gather: Also gather every rank's figures under ``torch.distributed`` and name
                 the slowest rank (a collective: every rank must call it).
         """
-        stats = _collect(self.recorder, num_threads=self.num_threads, gather=gather)
+        stats = LoaderStats.collect(self.recorder, num_threads=self.num_threads, gather=gather)
         # An opaque loader reports no stages, from which LoaderStats estimates samples.
         if stats.samples == 0 and self.samples:
             stats.samples = self.samples
@@ -156,117 +145,3 @@ def watch(
         workers = getattr(loader, "num_workers", None)
         num_threads = workers if isinstance(workers, int) else None
     return Watched(loader, recorder if recorder is not None else Recorder(), num_threads)
-
-
-def loader_stats(loader: Any, *, gather: bool = False) -> LoaderStats:
-    """The :class:`~fastfeed.report.LoaderStats` of a fastfeed loader or a :class:`Watched`.
-
-    Uses ``loader.stats()`` when the loader has one; otherwise collects from
-    ``loader.recorder`` with the loader's source, threads, skipped samples and device.
-
-    Args:
-        loader: A :class:`Watched`, :class:`fastfeed.Loader` or :class:`fastfeed.DataLoader`.
-        gather: Also gather every rank's figures under torch.distributed (a collective:
-            every rank must call it).
-
-    Raises:
-        TypeError: ``loader`` records nothing fastfeed can read (wrap it with :func:`watch`).
-    """
-    if isinstance(loader, Watched):
-        return loader.stats(gather=gather)
-    own = getattr(loader, "stats", None)
-    recorder = getattr(loader, "recorder", None)
-    if callable(own):
-        try:
-            return own(gather=gather)
-        except KeyError:
-            if not isinstance(recorder, Recorder):
-                raise  # the stage-less report bug is worked around below, nothing else
-    if not isinstance(recorder, Recorder):
-        raise TypeError(
-            f"{type(loader).__name__} records no fastfeed stats; wrap it with "
-            "fastfeed.hooks.watch(loader) to measure the training loop's waits"
-        )
-    threads = getattr(loader, "num_threads", None)
-    if threads is None:
-        threads = getattr(loader, "num_workers", None)
-    skipped = [s.index for s in getattr(loader, "skipped", ())]
-    return _collect(
-        recorder,
-        source=getattr(loader, "source", None),
-        num_threads=threads if isinstance(threads, int) else None,
-        skipped=skipped,
-        device=getattr(loader, "device", None),
-        gather=gather,
-    )
-
-
-def _collect(recorder: Recorder, *, gather: bool = False, **kwargs: Any) -> LoaderStats:
-    """``LoaderStats.collect`` that also copes with a recorder holding only consumer steps.
-
-    Workaround: ``report._diagnose`` looks up the "read" stage whenever the stall is at
-    least 5% and no copy stage dominates, and raises KeyError when the recorder saw no
-    stage at all (an opaque loader under :func:`watch`, a process-worker DataLoader).
-    Then the figures are collected without the stall and the verdict is built here from
-    the same thresholds. Remove once report.py handles stage-less recorders.
-    """
-    try:
-        return LoaderStats.collect(recorder, gather=gather, **kwargs)
-    except KeyError:
-        if recorder.snapshot()["stages"]:
-            raise  # not the stage-less case: a real error
-    snap = recorder.snapshot()
-    calm = {**snap, "step_wait_s": 0.0, "stall_fraction": 0.0}
-    stats = LoaderStats.from_snapshot(calm, **kwargs)
-    steps = stats.steps
-    stall = float(snap["stall_fraction"])
-    wait = float(snap["step_wait_s"])
-    step = float(snap["step_s"])
-    stats = dataclasses.replace(
-        stats,
-        stall_fraction=stall,
-        wait_s=wait,
-        compute_per_step_s=(step - wait) / steps if steps else 0.0,
-        verdict=_opaque_verdict(stall, wait, step, steps),
-    )
-    stats._events, stats._counters = recorder.timeline()
-    stats._step_log = recorder.steps_log()
-    stats._t0 = recorder.started_at
-    if gather and _world_size() > 1:
-        stats._gather()
-    return stats
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _opaque_verdict(stall: float, wait_s: float, step_s: float, steps: int) -> Verdict:
-    """The bound from the stall fraction alone: the loader's stages are not visible."""
-    per_step = f"{wait_s / steps * 1e3:.1f} ms of {step_s / steps * 1e3:.1f} ms per step"
-    if stall < COMPUTE_BOUND_BELOW:
-        return Verdict(
-            Bound.COMPUTE,
-            Bottleneck.NONE,
-            stall,
-            f"compute-bound: only {stall:.0%} of step time waiting for data ({per_step}); "
-            "the model step sets the pace",
-        )
-    bound = Bound.PARTIAL if stall < INPUT_BOUND_FROM else Bound.INPUT
-    return Verdict(
-        bound,
-        Bottleneck.NONE,
-        stall,
-        f"{bound.value}: {stall:.0%} of step time waiting for data ({per_step}); "
-        "which stage is slow is not visible from outside this loader",
-        (
-            Action(
-                "switch to fastfeed.DataLoader (same arguments) or fastfeed.Loader",
-                "threads start instantly, and their per-stage timings name the slow stage",
-            ),
-        ),
-    )

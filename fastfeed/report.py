@@ -1035,6 +1035,24 @@ def _diagnose(
             f"{_ms(w.step)} per step)"
         )
 
+    if w.worker <= 0 and w.copy <= 0:
+        # Waits were measured (e.g. fastfeed.hooks.watch around another loader) but no
+        # stage reported its time: the stall is real, its cause unmeasured.
+        return Verdict(
+            bound,
+            Bottleneck.NONE,
+            stall,
+            f"{sentence_head}; no pipeline stage reported its time, so which one is slow "
+            "is not measured here",
+            (
+                Action(
+                    "run `fastfeed profile` on the data, or switch to fastfeed.DataLoader, "
+                    "to time each stage (read, decode/transform, collate, copy)",
+                    "names the slow stage and the next step, with numbers",
+                ),
+            ),
+        )
+
     cpu_stage_names = [n for n in stats.stages if n not in _CPU_STAGES_EXCLUDED]
     busy_cpu = sum(stats.stages[n].busy_s for n in cpu_stage_names)
     runq_cpu = sum(stats.stages[n].runq_s or 0.0 for n in cpu_stage_names)
