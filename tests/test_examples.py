@@ -68,7 +68,8 @@ _EPOCH = re.compile(
 @pytest.mark.parametrize("cmd,name", [(CMD_TRAIN, "fastfeed"), (CMD_TRAIN_TORCH, "torch")])
 def test_train_classifier_fast(cmd: str, name: str) -> None:
     out = run_command(cmd)
-    assert f"{name} DataLoader: 48 images, 4 classes, batch 16, 2 workers, device cpu" in out
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto
+    assert f"{name} DataLoader: 48 images, 4 classes, batch 16, 2 workers, device {device}" in out
     epochs = _EPOCH.findall(out)
     assert [e[0] for e in epochs] == ["1", "2"], out
     for _, loss, train_acc, val_acc, stall, _bound in epochs:
