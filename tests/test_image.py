@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import io
 import math
 import pickle
@@ -19,7 +21,7 @@ from PIL import Image, ImageFile, ImageOps
 import fastfeed.image as ffi
 from fastfeed import _rng
 from fastfeed.errors import ConfigError, DecodeError
-from fastfeed.image import _plan
+from fastfeed.image import _decode, _plan
 
 
 def _pixels(width: int, height: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -292,6 +294,49 @@ def test_materialized_draft_matches_fused_draft():
         a = _with_key((0, 0, index), lambda: fused(data))
         b = _with_key((0, 0, index), lambda: generic(data))
         assert torch.equal(a, b)
+
+
+def test_pixel_view_is_zero_copy_and_outlives_the_image():
+    rgb = Image.fromarray(_pixels(40, 30))
+    view = _decode.pixel_view(rgb)
+    assert view is not None and view.shape == (30, 40, 4)
+    assert np.array_equal(view[:, :, :3], np.asarray(rgb))
+    rgb.putpixel((3, 2), (1, 2, 3))  # the view sees Pillow's memory, not a copy
+    assert view[2, 3, :3].tolist() == [1, 2, 3]
+    expected = view[:, :, :3].copy()
+    del rgb
+    gc.collect()
+    junk = [Image.new("RGB", (40, 30), (9, 9, 9)) for _ in range(50)]  # reuse freed memory
+    assert np.array_equal(view[:, :, :3], expected) and len(junk) == 50
+    gray = Image.fromarray(_pixels(40, 30)[:, :, 0])
+    gray_view = _decode.pixel_view(gray)
+    assert gray_view is not None and gray_view.shape == (30, 40, 1)
+    assert np.array_equal(gray_view[:, :, 0], np.asarray(gray))
+    assert _decode.pixel_view(rgb_a := Image.new("RGBA", (4, 4))) is None and rgb_a.mode == "RGBA"
+    hwc = _decode.hwc_array(gray)
+    assert hwc.shape == (30, 40, 1) and not hwc.flags.writeable
+
+
+def test_fused_path_without_pixel_view_gives_identical_pixels(monkeypatch: pytest.MonkeyPatch):
+    # Pillow without Arrow export, or a very large image (rows in several blocks):
+    # the box is converted through a copy instead, with the same result.
+    data = _jpeg(90, 70)
+    pipelines = [
+        _train(32),
+        ffi.Compose([ffi.Resize(40), ffi.CenterCrop(32)]),
+        _train(32, mode="L"),
+    ]
+    keys = [(5, 0, i) for i in range(4)]
+
+    def run_all() -> list[torch.Tensor]:
+        return [_with_key(k, functools.partial(p, data)) for p in pipelines for k in keys]
+
+    direct = run_all()
+    monkeypatch.setattr(_decode, "pixel_view", lambda img: None)
+    monkeypatch.setattr(_plan, "pixel_view", lambda img: None)
+    copied = run_all()
+    assert len(direct) == 12
+    assert all(torch.equal(a, b) for a, b in zip(direct, copied, strict=True))
 
 
 def test_lab_and_other_modes_convert_or_raise_decode_error():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastfeed.errors import ConfigError
-from fastfeed.image._decode import hwc_array, write_hwc
+from fastfeed.image._decode import hwc_array, pixel_view, write_hwc
 
 __all__ = ["DRAFT_GAP", "Plan", "draft_factor", "execute_into", "execute_pil", "resampling"]
 
@@ -150,6 +150,32 @@ def _crop_source_box(plan: Plan, factor: float) -> tuple[float, float, float, fl
     return x0 + cx0 * sx, y0 + cy0 * sy, x0 + cx1 * sx, y0 + cy1 * sy
 
 
+def _torch_resize(img: Image.Image, plan: Plan) -> torch.Tensor:
+    """``plan.src_box`` of ``img`` resampled to ``plan.resize_to`` by torch's uint8 kernel.
+
+    Returns:
+        A (1, C, H, W) channels-last uint8 tensor; for RGB, C is 4 (channel 3 is padding).
+    """
+    x0, y0, x1, y1 = plan.src_box
+    pixels = pixel_view(img)
+    if pixels is not None:
+        # Pillow's memory, zero-copy. All 4 bytes of its RGBX pixels go in: a 4-channel
+        # channels-last input is what torch's AVX2 uint8 kernel works on natively, where 3
+        # channels are repacked to 4 and back (measured ~25% slower in total).
+        region = torch.from_numpy(pixels[y0:y1, x0:x1])
+    else:
+        # Only the box is converted to numpy (Pillow crops without the GIL); np.array makes
+        # the writable copy torch.from_numpy wants.
+        region = torch.from_numpy(np.array(hwc_array(img.crop(plan.src_box))))
+    return F.interpolate(
+        region.permute(2, 0, 1).unsqueeze(0),
+        size=(plan.resize_to[1], plan.resize_to[0]),
+        mode=plan.interpolation,
+        align_corners=False,
+        antialias=True,
+    )
+
+
 def execute_into(
     img: Image.Image, factor: float, plan: Plan, out: torch.Tensor, layout: str
 ) -> torch.Tensor:
@@ -170,20 +196,10 @@ def execute_into(
         cx0, cy0, cx1, cy1 = plan.crop
         hwc = hwc_array(img)[y0 + cy0 : y0 + cy1, x0 + cx0 : x0 + cx1]
     elif plan.interpolation in _TORCH_MODES and factor == 1.0:
-        x0, y0, x1, y1 = plan.src_box
-        # A writable copy of just the box (np.asarray of a PIL image is read-only, which
-        # torch.from_numpy warns about); it is also the channels-last input the fast
-        # uint8 kernel wants.
-        region = torch.from_numpy(np.array(hwc_array(img)[y0:y1, x0:x1]))
-        resized = F.interpolate(
-            region.permute(2, 0, 1).unsqueeze(0),
-            size=(plan.resize_to[1], plan.resize_to[0]),
-            mode=plan.interpolation,
-            align_corners=False,
-            antialias=True,
-        )
+        resized = _torch_resize(img, plan)
         cx0, cy0, cx1, cy1 = plan.crop
-        hwc = resized[0].numpy().transpose(1, 2, 0)[cy0:cy1, cx0:cx1]
+        channels = 1 if img.mode == "L" else 3
+        hwc = resized[0].numpy().transpose(1, 2, 0)[cy0:cy1, cx0:cx1, :channels]
     else:
         # Pillow resamples only the crop, from a float source box: exactly the pixels
         # of resize-then-crop, without computing the discarded ones. A drafted image
