@@ -411,6 +411,49 @@ def test_lmdb_truncated_data_file(tmp_path: Path, packed: Path) -> None:
         LMDBSource(cut)
 
 
+_SHRUNK_CHILD = """
+import os, shutil
+import lmdb
+from fastfeed.errors import CorruptSourceError
+from fastfeed.sources import LMDBSource
+env = lmdb.open(PACKED, readonly=True, lock=False)
+print("NEED", (env.info()["last_pgno"] + 1) * env.stat()["psize"])  # what the map needs
+env.close()
+shutil.copytree(PACKED, COPY)
+src = LMDBSource(COPY)
+os.truncate(os.path.join(COPY, "data.mdb"), 3 * 4096)
+src.hint(range(len(src)))  # advisory: must neither fault nor raise
+print("HINT-OK")
+for name, call in [("read_many", lambda: src.read_many(list(range(len(src))))),
+                   ("record_sizes", src.record_sizes)]:
+    try:
+        call()
+        print(name, "READ")
+    except CorruptSourceError as exc:
+        print(name, "ERROR", exc)
+"""
+
+
+def test_lmdb_shrunk_after_open_read_many_hint_and_sizes(tmp_path: Path, packed: Path) -> None:
+    # In a child: without the check the process would die with SIGBUS.
+    from harness import run_child
+
+    copy = tmp_path / "copy.lmdb"
+    code = f"PACKED, COPY = {str(packed)!r}, {str(copy)!r}\n" + _SHRUNK_CHILD
+    res = run_child(code, timeout_s=60)
+    assert res.returncode == 0, f"rc={res.returncode}\n{res.stderr[-2000:]}"
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("NEED ") and lines[1] == "HINT-OK", lines
+    need = int(lines[0].split()[1])
+    assert need > 3 * 4096
+    expected = (
+        f"ERROR LMDB {copy}/data.mdb is truncated: data.mdb shrank from {need} to "
+        f"{3 * 4096} bytes since it was opened"
+    )
+    assert lines[2].startswith(f"read_many {expected}"), lines
+    assert lines[3].startswith(f"record_sizes {expected}"), lines
+
+
 def test_lmdb_single_file_form(packed: Path, expected: list[bytes]) -> None:
     with LMDBSource(packed / "data.mdb", readahead=False, max_readers=8) as src:
         assert src.read(4).data == expected[4]

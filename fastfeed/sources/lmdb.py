@@ -5,7 +5,12 @@ nothing is written next to the data, so read-only media and many processes work)
 process that reads, lazily, and again after a fork. It never creates a database: a missing
 path is :class:`~fastfeed.errors.SourceNotFoundError`. At open it checks that the data file
 holds every page LMDB's metadata says it uses; a truncated ``data.mdb`` would otherwise kill
-the process with SIGBUS on the first read of a missing page.
+the process with SIGBUS on the first read of a missing page. A file truncated *after* open
+is caught by a best-effort check before every read call (one ``fstat`` of the open data
+file, ~1 us per call, not per record): the call raises
+:class:`~fastfeed.errors.CorruptSourceError` instead of faulting. A truncation that races
+with a read already past the check can still fault; nothing short of a SIGBUS handler
+(which Python cannot install safely) closes that window.
 
 A database written by fastfeed carries its labels, class names and original paths (see
 :mod:`fastfeed.pack` for the format). Any other LMDB is readable too: its keys are listed at
@@ -95,13 +100,35 @@ _mincore = _load_mincore()
 
 
 class _EnvEntry:
-    """One open environment shared by every LMDBSource of a file in this process."""
+    """One open environment shared by every LMDBSource of a file in this process.
 
-    __slots__ = ("env", "refs")
+    Attributes:
+        env: The environment.
+        refs: Sources using it.
+        fd: The data file, open read-only, for the cheap size check before each read
+            (``fstat`` of the file that is mapped, even if the path is later replaced).
+        need_bytes: The bytes the map needs, ``(last_pgno + 1) * psize``, at open.
+    """
 
-    def __init__(self, env: lmdb.Environment) -> None:
+    __slots__ = ("env", "fd", "need_bytes", "refs")
+
+    def __init__(self, env: lmdb.Environment, fd: int, need_bytes: int) -> None:
         self.env = env
+        self.fd = fd
+        self.need_bytes = need_bytes
         self.refs = 0
+
+    def close(self) -> None:
+        self.env.close()
+        self.close_fd()
+
+    def close_fd(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 # py-lmdb refuses to open one file twice in a process, so sources of the same file (a
@@ -117,6 +144,8 @@ def _forget_envs_after_fork() -> None:
     # them be torn down here (readonly, lock=False: this only unmaps the child's copy).
     global _ENVS_LOCK
     _ENVS_LOCK = threading.Lock()
+    for entry in _ENVS.values():
+        entry.close_fd()  # the child's copy of the descriptor; the parent's stays open
     _ENVS.clear()
 
 
@@ -165,6 +194,7 @@ class LMDBSource(Source):
         self._subdir, self.data_path = self._locate(self.path)
         self._env: lmdb.Environment | None = None
         self._env_key: tuple[int, int] | None = None
+        self._entry: _EnvEntry | None = None
         self.meta: dict[str, Any] = {}
         self.labels: list[int] | None = None
         self.origins: list[str] | None = None
@@ -231,13 +261,14 @@ class LMDBSource(Source):
         with _ENVS_LOCK:
             entry = _ENVS.get(key)
             if entry is None:
-                entry = _EnvEntry(self._open_env())
+                entry = self._open_entry()
                 _ENVS[key] = entry
             entry.refs += 1
         self._env_key = key
+        self._entry = entry
         self._env = entry.env
 
-    def _open_env(self) -> lmdb.Environment:
+    def _open_entry(self) -> _EnvEntry:
         try:
             env = lmdb.open(
                 self.path,
@@ -253,27 +284,58 @@ class LMDBSource(Source):
         except lmdb.Error as exc:
             msg = f"cannot open LMDB {self.path}: {exc}"
             raise CorruptSourceError(msg, path=self.path) from exc
+        fd = -1
         try:
             psize = env.stat()["psize"]
             last_pgno = env.info()["last_pgno"]
-            file_bytes = os.path.getsize(self.data_path)
+            fd = os.open(self.data_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            file_bytes = os.fstat(fd).st_size
         except (lmdb.Error, OSError) as exc:
             env.close()
+            if fd >= 0:
+                os.close(fd)
             msg = f"cannot read LMDB {self.path}: {exc}"
             raise CorruptSourceError(msg, path=self.path) from exc
         need = (last_pgno + 1) * psize
         if file_bytes < need:
             env.close()
+            os.close(fd)
             raise CorruptSourceError(
                 f"LMDB {self.data_path} is truncated: {file_bytes} bytes on disk but its "
                 f"pages need {need} bytes (last page {last_pgno} x {psize} B)",
                 path=self.path,
             )
-        return env
+        return _EnvEntry(env, fd, need)
+
+    def _check_size(self) -> None:
+        """Raise if the data file shrank below what the map needs since it was opened.
+
+        Best effort: one ``fstat`` (~1 us) per read call, so a file truncated while the
+        source is open gives an error instead of a SIGBUS on the first missing page. A
+        truncation between this check and the read can still fault.
+        """
+        entry = self._entry
+        if entry is None or entry.fd < 0:
+            return
+        try:
+            size = os.fstat(entry.fd).st_size
+        except OSError as exc:
+            raise CorruptSourceError(
+                f"cannot check LMDB data file {self.data_path}: {exc.strerror or exc}",
+                path=self.path,
+            ) from exc
+        if size < entry.need_bytes:
+            raise CorruptSourceError(
+                f"LMDB {self.data_path} is truncated: data.mdb shrank from "
+                f"{entry.need_bytes} to {size} bytes since it was opened; reading it "
+                "would crash the process (SIGBUS). Re-create or restore the database.",
+                path=self.path,
+            )
 
     def _release_env(self) -> None:
         key, self._env_key = self._env_key, None
         self._env = None
+        self._entry = None
         if key is None:
             return
         with _ENVS_LOCK:
@@ -284,7 +346,7 @@ class LMDBSource(Source):
             if entry.refs > 0:
                 return
             del _ENVS[key]
-        entry.env.close()
+        entry.close()
 
     def _load_index(self) -> None:
         env = self._env
@@ -366,6 +428,7 @@ class LMDBSource(Source):
     def _read_one(self, index: int) -> Record:
         env = self._env
         assert env is not None
+        self._check_size()
         try:
             with env.begin(buffers=False) as txn:
                 data = txn.get(self.key(index))
@@ -380,6 +443,7 @@ class LMDBSource(Source):
     def _read_many(self, indices: Sequence[int]) -> list[Record]:
         env = self._env
         assert env is not None
+        self._check_size()  # once per call, not per record
         out: list[Record] = []
         try:
             # One read transaction for the whole call; buffers=False copies every value
@@ -413,6 +477,10 @@ class LMDBSource(Source):
         env = self._env
         if env is None:
             return
+        try:
+            self._check_size()  # touching a truncated map's pages would fault here too
+        except CorruptSourceError:
+            return  # advisory: the read reports it
         n = self._count
         vec = ctypes.create_string_buffer(64)
         try:
@@ -445,6 +513,7 @@ class LMDBSource(Source):
         self._ensure_open()
         env = self._env
         assert env is not None
+        self._check_size()
         with env.begin(buffers=True) as txn:
             get = txn.get
             return [len(get(self.key(i)) or b"") for i in range(self._count)]
@@ -457,9 +526,10 @@ class LMDBSource(Source):
         # registry forgets it too) and let the next read open a fresh one.
         self._env = None
         self._env_key = None
+        self._entry = None
 
     def _unpicklable(self) -> tuple[str, ...]:
-        return ("_env", "_env_key")
+        return ("_env", "_env_key", "_entry")
 
     def __repr__(self) -> str:
         return f"LMDBSource({self.path!r}, records={len(self)})"
