@@ -18,6 +18,7 @@ from fastfeed.errors import (
     OutputExistsError,
     PackError,
     RecordReadError,
+    ResourceLimitError,
     SampleError,
     SourceError,
     SourceIndexError,
@@ -26,8 +27,10 @@ from fastfeed.errors import (
 )
 from fastfeed.hooks import watch
 from fastfeed.loader import Batch, Loader
-from fastfeed.pack import PackReport, pack
+from fastfeed.pack import PackReport
 from fastfeed.report import LoaderStats
+
+# The pack() function stays in fastfeed.pack: exporting it here would shadow the module.
 from fastfeed.sources import FileSource, LMDBSource, MemoryCache, Record, Source
 from fastfeed.staging import DeviceStager
 
@@ -53,6 +56,7 @@ __all__ = [
     "PackReport",
     "Record",
     "RecordReadError",
+    "ResourceLimitError",
     "SampleError",
     "Source",
     "SourceError",
@@ -61,6 +65,5 @@ __all__ = [
     "TooManyFailuresError",
     "__version__",
     "image",
-    "pack",
     "watch",
 ]

@@ -57,8 +57,15 @@ def test_cpu_stager_yields_batches_in_order_with_their_type_and_attributes():
 
 
 def test_stager_thread_is_named_and_joined_at_the_end():
-    stager = DeviceStager(iter([_batch([0])]), "cpu")
+    go = threading.Event()
+
+    def upstream():
+        go.wait(10)  # keep the stager thread alive until its name has been checked
+        yield _batch([0])
+
+    stager = DeviceStager(upstream(), "cpu")
     names = [t.name for t in stager.threads]
+    go.set()
     assert len(names) == 1 and names[0].startswith("fastfeed-stager-")
     assert len(list(stager)) == 1
     assert stager.threads == []  # joined when the end was reached
