@@ -14,7 +14,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fastfeed._procio import PeakRSS, tree_rss_bytes
 from fastfeed.sources.base import Record, Source
 
 __all__ = [
@@ -37,8 +37,6 @@ __all__ = [
     "write_jpeg_folder",
     "write_json",
 ]
-
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 # -- environment ------------------------------------------------------------------------
@@ -273,80 +271,6 @@ class RamSource(Source):
 
 
 # -- memory and page cache --------------------------------------------------------------
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids.extend(int(x) for x in f.read().split())
-        except OSError:
-            continue
-    return kids
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE_BYTES
-    except (OSError, IndexError, ValueError):
-        return 0  # the process exited between listing and reading
-
-
-def tree_rss_bytes(pid: int | None = None) -> int:
-    """Resident memory of a process and all its descendants, bytes (from ``/proc``).
-
-    Shared pages (fork copy-on-write, shared libraries) are counted once per process,
-    the same way ``ps`` and ``psutil`` count them.
-    """
-    root = os.getpid() if pid is None else pid
-    total, stack, seen = 0, [root], set()
-    while stack:
-        p = stack.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += _rss_bytes(p)
-        stack.extend(_children(p))
-    return total
-
-
-class PeakRSS:
-    """Samples :func:`tree_rss_bytes` on a background thread; use as a context manager.
-
-    Attributes:
-        peak_bytes: Highest process-tree RSS seen, bytes.
-        start_bytes: RSS when sampling started, bytes.
-    """
-
-    def __init__(self, interval_s: float = 0.01, pid: int | None = None) -> None:
-        self.interval_s = interval_s
-        self.pid = pid
-        self.peak_bytes = 0
-        self.start_bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(self.pid))
-
-    def __enter__(self) -> PeakRSS:
-        self.start_bytes = self.peak_bytes = tree_rss_bytes(self.pid)
-        self._thread = threading.Thread(target=self._run, name="fastfeed-bench-rss-0", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2.0)
-        self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(self.pid))
 
 
 def drop_page_cache(paths: Iterable[str | os.PathLike[str]]) -> int:

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
+    "PeakRSS",
     "ProcIO",
     "Residency",
     "cpu_times",
@@ -31,6 +32,7 @@ __all__ = [
     "io_accounting_works",
     "read_proc_io",
     "residency",
+    "tree_rss_bytes",
 ]
 
 _PROC_IO = "/proc/self/io"
@@ -275,3 +277,82 @@ def _probe() -> bool | None:
             os.unlink(path)
         except OSError:
             pass
+
+
+# -- process-tree memory ----------------------------------------------------------------
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    return kids
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return 0  # gone between listing and reading, or not Linux
+
+
+def tree_rss_bytes(pid: int | None = None) -> int:
+    """Resident memory of a process and all its descendants, bytes (from ``/proc``).
+
+    Shared pages (fork copy-on-write, shared libraries) are counted once per process,
+    the same way ``ps`` and ``psutil`` count them. 0 where ``/proc`` is missing.
+    """
+    root = os.getpid() if pid is None else pid
+    total, stack, seen = 0, [root], set()
+    while stack:
+        p = stack.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        total += _rss_bytes(p)
+        stack.extend(_children(p))
+    return total
+
+
+class PeakRSS:
+    """Samples :func:`tree_rss_bytes` on a named background thread; a context manager.
+
+    Attributes:
+        peak_bytes: Highest process-tree RSS seen, bytes.
+        start_bytes: RSS when sampling started, bytes.
+    """
+
+    def __init__(self, interval_s: float = 0.01, pid: int | None = None) -> None:
+        self.interval_s = interval_s
+        self.pid = pid
+        self.peak_bytes = 0
+        self.start_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(self.pid))
+
+    def __enter__(self) -> PeakRSS:
+        self.start_bytes = self.peak_bytes = tree_rss_bytes(self.pid)
+        self._thread = threading.Thread(target=self._run, name="fastfeed-rss-0", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(self.pid))

@@ -17,15 +17,15 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from fastfeed._procio import PeakRSS
+
 HELP = "loader throughput on your data against torch's DataLoader"
 
 _MB = 1e6
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,61 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE_BYTES
-    except (OSError, IndexError, ValueError):
-        return 0  # gone between listing and reading, or not Linux
-
-
-def _tree_rss_bytes(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants (``/proc``), bytes."""
-    total, stack, seen = 0, [root], set()
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        total += _rss_bytes(pid)
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    stack.extend(int(x) for x in f.read().split())
-            except OSError:
-                continue
-    return total
-
-
-class _PeakRSS:
-    """Samples the process tree's RSS every ``interval_s`` on a named, joined thread."""
-
-    def __init__(self, interval_s: float = 0.02) -> None:
-        self.interval_s = interval_s
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fastfeed-bench-rss-0", daemon=True)
-
-    def _run(self) -> None:
-        pid = os.getpid()
-        while not self._stop.wait(self.interval_s):
-            self.peak_bytes = max(self.peak_bytes, _tree_rss_bytes(pid))
-
-    def __enter__(self) -> _PeakRSS:
-        self.peak_bytes = _tree_rss_bytes(os.getpid())
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(2.0)
-        self.peak_bytes = max(self.peak_bytes, _tree_rss_bytes(os.getpid()))
 
 
 def _subset_source(source: Any, indices: Sequence[int]) -> Any:
@@ -162,7 +107,7 @@ def _measure(
     samples = 0
     first_s = None
     with (
-        _PeakRSS() as rss,
+        PeakRSS(interval_s=0.02) as rss,
         _Bar(total=total, unit="img", desc=name, disable=not progress, leave=False) as bar,
     ):
         t0 = time.perf_counter()
