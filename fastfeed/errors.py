@@ -10,6 +10,7 @@ about data names *where* it happened: the index, the path or key, and the stage:
     │   ├── EmptySourceError                          a folder / list / DB with no records
     │   ├── CorruptSourceError                        not an LMDB, random bytes, truncated data.mdb
     │   ├── RecordReadError (OSError)                 one record: zero-byte, permission, deleted
+    │   │   └── ResourceLimitError                    too many open files: the record is fine
     │   └── SourceIndexError (IndexError)             index outside 0..len-1
     ├── PackError                           writing an LMDB failed
     │   └── OutputExistsError (FileExistsError)       refusing to overwrite
@@ -35,6 +36,7 @@ __all__ = [
     "OutputExistsError",
     "PackError",
     "RecordReadError",
+    "ResourceLimitError",
     "SampleError",
     "SourceError",
     "SourceIndexError",
@@ -90,6 +92,14 @@ class CorruptSourceError(SourceError):
 
 class RecordReadError(SourceError, OSError):
     """One record could not be read (zero-byte file, permission denied, deleted after indexing)."""
+
+
+class ResourceLimitError(RecordReadError):
+    """A process or system limit stopped a read (``EMFILE`` / ``ENFILE``: too many open files).
+
+    The record itself is fine, so the loaders raise it even with ``on_error="skip"``:
+    skipping would drop good samples for as long as the limit is hit.
+    """
 
 
 class SourceIndexError(SourceError, IndexError):

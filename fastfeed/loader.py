@@ -51,9 +51,11 @@ from fastfeed._rng import set_sample_key
 from fastfeed.collate import Collator
 from fastfeed.errors import (
     ConfigError,
+    CorruptSourceError,
     DecodeError,
     FastFeedError,
     LoaderTimeoutError,
+    ResourceLimitError,
     SampleError,
     TooManyFailuresError,
 )
@@ -204,7 +206,10 @@ class _BatchWorker:
         if isinstance(exc, DecodeError) and stage == "transform":
             stage = "decode"
         where = self._where(index) if index is not None else "batch"
-        if not self.skip or index is None:
+        # Not the sample's fault, so never skipped: an open-file limit (the record is
+        # fine) or a source broken as a whole (every later read fails the same way).
+        unskippable = isinstance(exc, (ResourceLimitError, CorruptSourceError))
+        if not self.skip or index is None or unskippable:
             raise SampleError(index, where, stage, exc) from exc
         failures.append(SkippedSample(index, where, stage, f"{type(exc).__name__}: {exc}"))
 
@@ -584,6 +589,9 @@ class Loader:
             loop. ``"skip"``: failing samples are left out and reported in
             :attr:`skipped`; batches shrink by exactly the skipped samples (never
             padded with neighbours), and a batch whose samples all failed is not yielded.
+            Failures that are not the sample's fault still raise in skip mode:
+            :class:`~fastfeed.errors.ResourceLimitError` (too many open files) and
+            :class:`~fastfeed.errors.CorruptSourceError` (the source broke as a whole).
         max_failures: With ``on_error="skip"``, the most samples that may fail per epoch:
             an int count, or a float fraction of this rank's samples per epoch. More
             raises :class:`TooManyFailuresError`. None: no limit.

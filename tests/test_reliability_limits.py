@@ -95,19 +95,18 @@ def test_ulimit_256_with_10000_files_never_hits_emfile(tiny_files: Path) -> None
     assert result["excess"] == ""  # every fd and thread released after close
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: FileSource reports EMFILE as 'cannot open <path>: Too many open files' "
-    "without naming the process's open-file limit or saying to raise it (ulimit -n)",
-)
-def test_emfile_error_says_to_raise_the_limit(tiny_files: Path) -> None:
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_emfile_error_says_to_raise_the_limit(tiny_files: Path, mode: str) -> None:
     # A limit with no descriptor left (None): the very first open fails with EMFILE.
-    result = _ulimit_run(tiny_files, None)
+    # In skip mode too: the files are fine, so they must not be skipped as bad samples.
+    result = _ulimit_run(tiny_files, None, mode)
     assert "error" in result, result
+    assert result["epochs"] == []
     assert result["excess"] == ""
     error = result["error"]
     assert error.startswith("SampleError: ") and "Too many open files" in error
     assert "ulimit -n" in error or "RLIMIT_NOFILE" in error, error
+    assert "in stage 'read'" in error and "ResourceLimitError" in error, error
 
 
 def _wait_until_stable(read_count: Any, quiet_s: float = 0.3, limit_s: float = 5.0) -> int:

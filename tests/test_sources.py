@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ from fastfeed.errors import (
     CorruptSourceError,
     EmptySourceError,
     RecordReadError,
+    ResourceLimitError,
     SourceIndexError,
     SourceNotFoundError,
 )
@@ -356,6 +358,48 @@ def test_permission_denied(three_files: FileSource, monkeypatch: pytest.MonkeyPa
     assert three_files.read(1).data == b"\x02" * 2000
 
 
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE])
+def test_open_file_limit_is_a_resource_limit_error(
+    three_files: FileSource, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    real_open = os.open
+    limited = three_files.paths[2]
+
+    def fake_open(path, flags, *args, **kwargs):
+        if os.fspath(path) == limited:
+            raise OSError(code, os.strerror(code), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(files_mod.os, "open", fake_open)
+    monkeypatch.setattr(files_mod.resource, "getrlimit", lambda _which: (64, 4096))
+    with pytest.raises(ResourceLimitError) as info:
+        three_files.read_many([0, 1, 2])
+    err = info.value
+    assert isinstance(err, RecordReadError) and isinstance(err, OSError)
+    assert (err.errno, err.path, err.index) == (code, limited, 2)
+    text = str(err)
+    assert text.startswith(f"cannot read record 2: cannot open {limited}: {os.strerror(code)}")
+    if code == errno.EMFILE:
+        assert "open-file limit (RLIMIT_NOFILE = 64, hard limit 4096)" in text
+        assert "`ulimit -n 4096`" in text and "FileSource(num_threads=4)" in text
+    else:
+        assert "system-wide open-file table is full" in text and "fs.file-max" in text
+    assert "raised even with on_error='skip'" in text
+
+
+def test_emfile_at_the_hard_limit_says_root_must_raise_it(
+    three_files: FileSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake_open(path, flags, *args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files", path)
+
+    monkeypatch.setattr(files_mod.os, "open", fake_open)
+    monkeypatch.setattr(files_mod.resource, "getrlimit", lambda _which: (1024, 1024))
+    with pytest.raises(ResourceLimitError, match="RLIMIT_NOFILE = 1024, hard limit 1024") as info:
+        three_files.read(0)
+    assert "higher hard limit" in str(info.value) and "limits.conf" in str(info.value)
+
+
 def test_file_read_pool_threads_are_named_and_joined(three_files: FileSource) -> None:
     three_files.read_many([0, 1, 2, 0, 1, 2])
     names = {t.name for t in threading.enumerate()}
@@ -687,3 +731,40 @@ def test_parse_size_rejects_and_format() -> None:
             parse_size(bad)  # type: ignore[arg-type]
     assert format_size(1536) == "1.5 KiB"
     assert format_size(512) == "512 B"
+
+
+# -- failures that are not the sample's fault are never skipped ---------------------------
+
+
+class _BrokenAt(ListSource):
+    """Reads of ``fail_at`` raise ``error_type`` (a source-level failure)."""
+
+    def __init__(self, n: int, fail_at: int, error_type: type[Exception]) -> None:
+        super().__init__([bytes([i % 256]) * 4 for i in range(n)], fail_at=[fail_at])
+        self.error_type = error_type
+
+    def _read_one(self, index: int) -> Record:
+        if index in self.fail_at:
+            raise self.error_type(f"injected at {self.describe(index)}", path="p", index=index)
+        return super()._read_one(index)
+
+
+@pytest.mark.parametrize(
+    ("error_type", "skipped"),
+    [(RecordReadError, True), (ResourceLimitError, False), (CorruptSourceError, False)],
+)
+def test_skip_mode_skips_bad_records_but_raises_source_level_errors(
+    error_type: type[Exception], skipped: bool
+) -> None:
+    from fastfeed.errors import SampleError
+    from fastfeed.loader import Loader
+
+    src = _BrokenAt(16, 5, error_type)
+    with Loader(src, None, batch_size=4, num_threads=0, on_error="skip") as loader:
+        if skipped:
+            got = [b for batch in loader for b in batch.data]
+            assert len(got) == 15 and [s.index for s in loader.skipped] == [5]
+        else:
+            with pytest.raises(SampleError, match=r"sample 5 \(list\[5\]\) failed in stage 'read'"):
+                list(loader)
+            assert loader.skipped == []

@@ -9,6 +9,7 @@ outstanding reads keep a disk's queue full, which is what cold reads need.
 
 from __future__ import annotations
 
+import errno
 import glob as _glob
 import itertools
 import os
@@ -17,10 +18,16 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+try:  # POSIX: the open-file limit, named in EMFILE errors
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
+
 from fastfeed.errors import (
     ConfigError,
     EmptySourceError,
     RecordReadError,
+    ResourceLimitError,
     SourceError,
     SourceNotFoundError,
 )
@@ -42,6 +49,7 @@ IMG_EXTENSIONS: tuple[str, ...] = (
 )
 
 _T = TypeVar("_T")
+_FD_LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
 _O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
@@ -438,6 +446,8 @@ class FileSource(Source):
                 index=index,
             ) from exc
         except OSError as exc:
+            if exc.errno in _FD_LIMIT_ERRNOS:
+                raise self._fd_limit_error(index, path, exc) from exc
             raise RecordReadError(
                 f"cannot read record {index}: cannot open {path}: {exc.strerror or exc}",
                 path=path,
@@ -469,3 +479,48 @@ class FileSource(Source):
                 f"cannot read record {index}: {path} is empty (0 bytes)", path=path, index=index
             )
         return data
+
+    def _fd_limit_error(self, index: int, path: str, exc: OSError) -> ResourceLimitError:
+        """EMFILE / ENFILE: say which limit was hit and how to raise it; the file is fine."""
+        if exc.errno == errno.EMFILE:
+            limit, raise_it = "RLIMIT_NOFILE", "`ulimit -n 65536`"
+            if resource is not None:
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                limit = f"RLIMIT_NOFILE = {_limit_text(soft)}, hard limit {_limit_text(hard)}"
+                if hard != resource.RLIM_INFINITY and hard <= soft:
+                    # Only root raises a hard limit: limits.conf, LimitNOFILE=, --ulimit.
+                    raise_it = (
+                        "`ulimit -n` with a higher hard limit (root: /etc/security/"
+                        "limits.conf, systemd LimitNOFILE=, docker --ulimit nofile=)"
+                    )
+                else:
+                    target = max(65536, 2 * soft)
+                    if hard != resource.RLIM_INFINITY:
+                        target = min(hard, target)
+                    raise_it = f"`ulimit -n {target}`"
+            why = (
+                f"this process reached its open-file limit ({limit}). Raise it with "
+                f"{raise_it} in the shell that starts training, or lower "
+                f"FileSource(num_threads={self.num_threads}) or the loader's num_threads / "
+                "prefetch to open fewer files at once"
+            )
+        else:
+            why = (
+                "the system-wide open-file table is full (ENFILE; Linux: fs.file-max). "
+                "Close other programs' files, raise the system limit "
+                "(`sysctl fs.file-max`), or lower the loader's num_threads"
+            )
+        err = ResourceLimitError(
+            f"cannot read record {index}: cannot open {path}: {exc.strerror or exc}: {why}. "
+            "The file itself is fine, so this is raised even with on_error='skip'.",
+            path=path,
+            index=index,
+        )
+        err.errno = exc.errno  # for `except OSError as e: e.errno == errno.EMFILE`
+        return err
+
+
+def _limit_text(value: int) -> str:
+    if resource is not None and value == resource.RLIM_INFINITY:
+        return "unlimited"
+    return str(value)
