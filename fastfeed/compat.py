@@ -81,7 +81,7 @@ from torch.utils.data import IterableDataset
 from torch.utils.data._utils.worker import WorkerInfo
 
 from fastfeed.collate import Collator
-from fastfeed.errors import ConfigError, LoaderTimeoutError, SampleError
+from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError, SampleError
 from fastfeed.prefetch import Prefetcher
 from fastfeed.profiling import Recorder
 from fastfeed.report import LoaderStats
@@ -484,7 +484,9 @@ class _ThreadIter:
         self._collator = pool.fetch.collator
         self._last: Any = None
         self._done = False
-        self._superseded = False
+        # Why this iterator stopped early: "superseded" (a later iter(loader)) or
+        # "closed" (DataLoader.close()); None while running or after a normal end.
+        self._stopped: str | None = None
         self._iterable = pool.fetch.iterable
         self._len_called = loader._IterableDataset_len_called
         self._num_workers = loader.num_workers
@@ -520,11 +522,14 @@ class _ThreadIter:
         if self._owns_pool:
             self._pool.close()
 
-    def _supersede(self) -> None:
-        """A newer ``iter(loader)`` took over: stop this one's threads (if its own)."""
+    def _supersede(self, *, closed: bool = False) -> None:
+        """A newer ``iter(loader)`` took over, or the loader was closed (``closed``).
+
+        Stops this iterator's threads if it owns them.
+        """
         if self._done:
             return
-        self._superseded = True
+        self._stopped = "closed" if closed else "superseded"
         self._done = True
         if self._owns_pool:
             self._pool.close()
@@ -536,15 +541,23 @@ class _ThreadIter:
 
     def __next__(self) -> Any:
         if self._done:
-            if self._superseded:
+            if self._stopped == "superseded":
                 raise ConfigError(
                     "this DataLoader iterator was superseded by a later iter(loader), which "
                     "stopped its workers; fastfeed runs one iterator per DataLoader at a time"
                 )
+            if self._stopped == "closed":
+                # Not a silent StopIteration: that would end the epoch early unnoticed.
+                raise FastFeedError(
+                    "this DataLoader was closed (DataLoader.close()) during the epoch; its "
+                    "iterator delivers no more batches: call iter(loader) to start a new one"
+                )
             raise StopIteration
-        if self._pool.gen != self._gen or self._pool.closed:
-            self._superseded = not self._pool.closed
-            self._done = True
+        if self._pool.closed:
+            self._supersede(closed=True)
+            return self.__next__()
+        if self._pool.gen != self._gen:
+            self._supersede()
             return self.__next__()
         self._release_last()
         while True:
@@ -612,7 +625,7 @@ class _ProcessIter:
     def __len__(self) -> int:
         return len(self._inner)  # type: ignore[arg-type]
 
-    def _supersede(self) -> None:
+    def _supersede(self, *, closed: bool = False) -> None:
         """A newer ``iter(loader)`` or ``close()``: stop this epoch's worker processes.
 
         torch's persistent iterator is shared by every epoch; the loader shuts it down.
@@ -926,7 +939,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         """
         previous = self._current() if self._current is not None else None
         if previous is not None:
-            previous._supersede()
+            previous._supersede(closed=True)
         if self._pool is not None:
             self._pool.close()
             self._pool = None

@@ -22,7 +22,7 @@ from torch.utils.data import DistributedSampler, IterableDataset, TensorDataset
 
 import fastfeed.compat as compat
 from fastfeed.compat import DataLoader
-from fastfeed.errors import ConfigError, LoaderTimeoutError, SampleError
+from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError, SampleError
 
 N = 50  # samples per dataset: enough for partial batches at every batch size
 
@@ -757,6 +757,23 @@ def test_new_iter_supersedes_the_old_one() -> None:
     with pytest.raises(ConfigError, match=r"superseded by a later iter\(loader\)"):
         next(old)
     assert [b[1].tolist()[0] for b in new] == [0, 10, 20, 30, 40]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_iterator_of_a_closed_loader_says_closed(persistent: bool) -> None:
+    loader = DataLoader(
+        make_dataset("tensor"), batch_size=10, num_workers=2, persistent_workers=persistent
+    )
+    it = iter(loader)
+    assert next(it)[1].tolist() == list(range(10))
+    loader.close()
+    with pytest.raises(FastFeedError, match=r"this DataLoader was closed") as info:
+        next(it)
+    assert not isinstance(info.value, ConfigError)  # nothing superseded it
+    assert fastfeed_threads() == []
+    # The loader itself still works: a new epoch starts new threads.
+    assert [b[1].tolist()[0] for b in loader] == [0, 10, 20, 30, 40]
+    loader.close()
 
 
 def test_breaking_out_of_the_loop_stops_threads() -> None:

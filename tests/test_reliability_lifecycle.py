@@ -146,21 +146,7 @@ def test_close_while_source_blocks_inside_a_read(impl: str) -> None:
     _assert_settles(baseline)
 
 
-@pytest.mark.parametrize(
-    "impl",
-    [
-        "Loader",
-        pytest.param(
-            "DataLoader",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: after DataLoader.close(), next() on its iterator raises "
-                "ConfigError 'superseded by a later iter(loader)' although nothing superseded "
-                "it: the loader was closed",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_iterator_after_close_ends_or_says_closed(impl: str) -> None:
     loader = _make(impl)
     try:
