@@ -479,6 +479,7 @@ class _ThreadIter:
         self._sampler_done = False
         self._outstanding = 0  # tasks of this epoch put in the feed, result not yet taken
         threads = pool.prefetcher.num_threads
+        self._threaded = threads > 0
         self._ahead = loader.prefetch_factor * loader.num_workers if threads > 0 else 1
         self._timeout = loader.timeout
         self._collator = pool.fetch.collator
@@ -582,6 +583,13 @@ class _ThreadIter:
             if result is _END:
                 self._finish()
                 raise StopIteration
+            if self._threaded:
+                # Refill as the batch is handed over, as torch does (_try_put_index in
+                # _next_data): while the training step runs, prefetch_factor *
+                # num_workers batches are queued, not one fewer. Before a failure is
+                # raised too, like torch. Not with num_workers=0, where torch advances
+                # the sampler only inside next().
+                self._fill()
             if isinstance(result, _Failed):
                 raise result.exc
             self._count_yield()

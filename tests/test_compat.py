@@ -776,6 +776,61 @@ def test_iterator_of_a_closed_loader_says_closed(persistent: bool) -> None:
     loader.close()
 
 
+class CountingBatchSampler:
+    """Batches of ``size`` consecutive indices; counts the batches drawn from it."""
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n, self.size = n, size
+        self.drawn = 0
+
+    def __len__(self) -> int:
+        return -(-self.n // self.size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, self.n, self.size):
+            self.drawn += 1
+            yield list(range(start, min(start + self.size, self.n)))
+
+
+@pytest.mark.parametrize(("nw", "pf"), [(2, 2), (3, 1), (0, None)])
+def test_index_queue_is_refilled_as_each_batch_is_handed_over(nw: int, pf: int | None) -> None:
+    # torch's rule: prefetch_factor * num_workers batches outstanding after each next()
+    # (refilled in _next_data as the batch is handed over); num_workers=0 draws in next().
+    sampler = CountingBatchSampler(N, 2)  # 25 batches
+    loader = DataLoader(
+        make_dataset("tensor"), batch_sampler=sampler, num_workers=nw, prefetch_factor=pf
+    )
+    ahead = pf * nw if nw else 0
+    it = iter(loader)
+    assert sampler.drawn == ahead
+    for k in range(1, 6):
+        assert next(it)[1].tolist() == [2 * k - 2, 2 * k - 1]
+        assert sampler.drawn == ahead + k
+    assert len(list(it)) == 20 and sampler.drawn == 25
+    loader.close()
+
+
+class FailsAt(tud.Dataset):
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> int:
+        if i == 4:
+            raise ValueError("bad sample 4")
+        return i
+
+
+def test_index_queue_is_refilled_before_a_failure_is_raised() -> None:
+    sampler = CountingBatchSampler(N, 2)
+    loader = DataLoader(FailsAt(), batch_sampler=sampler, num_workers=2, prefetch_factor=2)
+    it = iter(loader)
+    assert next(it).tolist() == [0, 1] and next(it).tolist() == [2, 3]
+    with pytest.raises(SampleError, match="bad sample 4"):
+        next(it)
+    assert sampler.drawn == 4 + 3  # like torch: _try_put_index, then reraise
+    loader.close()
+
+
 def test_breaking_out_of_the_loop_stops_threads() -> None:
     loader = DataLoader(make_dataset("tensor"), batch_size=2, num_workers=4)
     for k, _ in enumerate(loader):

@@ -123,22 +123,7 @@ def _wait_until_stable(read_count: Any, quiet_s: float = 0.3, limit_s: float = 5
     return last
 
 
-@pytest.mark.parametrize(
-    "impl",
-    [
-        "Loader",
-        pytest.param(
-            "DataLoader",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: compat DataLoader refills its index queue on the next next() "
-                "call, not when it hands a batch over as torch does: while the training "
-                "step runs, prefetch_factor * num_workers - 1 batches are ahead (torch: "
-                "prefetch_factor * num_workers; measured 32 reads vs torch's 40 here)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("impl", ["Loader", "DataLoader"])
 def test_read_ahead_is_bounded_while_the_consumer_stalls(impl: str) -> None:
     batch, n = 8, 4096
     baseline = ResourceSnapshot()
