@@ -332,11 +332,68 @@ def test_fused_path_without_pixel_view_gives_identical_pixels(monkeypatch: pytes
         return [_with_key(k, functools.partial(p, data)) for p in pipelines for k in keys]
 
     direct = run_all()
+    monkeypatch.setattr(_decode, "_SCRATCH_LIMIT_BYTES", 0)  # no scratch decode either
     monkeypatch.setattr(_decode, "pixel_view", lambda img: None)
     monkeypatch.setattr(_plan, "pixel_view", lambda img: None)
     copied = run_all()
     assert len(direct) == 12
     assert all(torch.equal(a, b) for a, b in zip(direct, copied, strict=True))
+
+
+def test_scratch_decode_reuses_one_buffer_and_matches_decode(monkeypatch: pytest.MonkeyPatch):
+    small, large = _jpeg(60, 40, seed=1), _jpeg(90, 70, seed=2)
+    img, factor, pixels = ffi.EncodedImage(large).decode_scratch()
+    assert factor == 1.0 and pixels is not None and pixels.shape == (70, 90, 4)
+    reference = ffi.decode_image(large)
+    assert np.array_equal(pixels[:, :, :3], np.asarray(reference))
+    assert np.array_equal(np.asarray(img), np.asarray(reference))
+    address = pixels.__array_interface__["data"][0]
+    _, _, again = ffi.EncodedImage(small).decode_scratch()
+    assert again is not None and again.__array_interface__["data"][0] == address
+    assert np.array_equal(again[:, :, :3], np.asarray(ffi.decode_image(small)))
+    gray = ffi.EncodedImage(large, "L").decode_scratch()[2]
+    assert gray is not None and gray.shape == (70, 90, 1)
+    assert np.array_equal(gray[:, :, 0], np.asarray(ffi.decode_image(large, mode="L")))
+    # Where the scratch buffer is not used, the image owns its memory.
+    assert ffi.EncodedImage(_png(60, 40)).decode_scratch()[2] is None
+    assert ffi.EncodedImage(large, exif_transpose=True).decode_scratch()[2] is not None
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    assert ffi.EncodedImage(large).decode_scratch()[2] is None
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+    monkeypatch.setattr(_decode, "_SCRATCH_LIMIT_BYTES", 60 * 40 * 4)
+    assert ffi.EncodedImage(small).decode_scratch()[2] is not None
+    assert ffi.EncodedImage(large).decode_scratch()[2] is None
+
+
+def test_fused_results_do_not_depend_on_what_the_thread_decoded_before(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    # The scratch buffer carries the previous image's pixels: every output must still
+    # equal the one decoded into fresh memory, in any order, at any size.
+    payloads = [_jpeg(w, h, seed=w) for w, h in [(90, 70), (50, 40), (120, 30), (64, 64)]]
+    pipelines = [_train(24), ffi.Compose([ffi.Resize(30), ffi.CenterCrop(24)])]
+
+    def run(pipeline: ffi.Compose, k: int) -> torch.Tensor:
+        return _with_key((9, 0, k), functools.partial(pipeline, payloads[k]))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_decode, "_SCRATCH_LIMIT_BYTES", 0)
+        fresh = [[run(p, k) for k in range(4)] for p in pipelines]
+    for p, expected in zip(pipelines, fresh, strict=True):
+        for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2]):
+            for k in order:
+                assert torch.equal(run(p, k), expected[k]), (order, k)
+
+
+def test_torch_kernel_called_directly_equals_f_interpolate(monkeypatch: pytest.MonkeyPatch):
+    data = _jpeg(90, 70, seed=3)
+    pipelines = [_train(32), ffi.Compose([ffi.RandomResizedCrop(32, interpolation="bicubic")])]
+    keys = [(2, 0, i) for i in range(3)]
+    direct = [_with_key(k, functools.partial(p, data)) for p in pipelines for k in keys]
+    assert set(_plan._AA_KERNELS) == {"bilinear", "bicubic"}
+    monkeypatch.setattr(_plan, "_AA_KERNELS", {})
+    generic = [_with_key(k, functools.partial(p, data)) for p in pipelines for k in keys]
+    assert all(torch.equal(a, b) for a, b in zip(direct, generic, strict=True))
 
 
 def test_lab_and_other_modes_convert_or_raise_decode_error():
@@ -399,6 +456,43 @@ def test_results_identical_with_one_or_four_threads():
     one, four = run(1), run(4)
     assert all(torch.equal(x, y) for x, y in zip(one, four, strict=True))
     assert len({bytes(x.numpy()) for x in one}) == n  # every sample got its own crop
+
+
+def test_sample_rng_is_philox_keyed_by_seed_with_epoch_and_index_in_the_counter():
+    for seed, epoch, index in [(7, 1, 3), (0, 0, 0), (2**64 + 5, 3, -1), (-2, -3, 2**70)]:
+        mask = 2**64 - 1
+        expected = np.random.Generator(
+            np.random.Philox(
+                key=np.array([seed & mask, (seed >> 64) & mask], dtype=np.uint64),
+                counter=np.array([0, 0, index & mask, epoch & mask], dtype=np.uint64),
+            )
+        ).random(6)
+
+        def draws() -> list[float]:
+            first = _rng.sample_rng().random(2).tolist()
+            return first + _rng.sample_rng().random(4).tolist()  # same sample: continues
+
+        assert _with_key((seed, epoch, index), draws) == expected.tolist(), (seed, epoch, index)
+    firsts = {
+        key: _with_key(key, lambda: _rng.sample_rng().random())
+        for key in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (5, 0, 0), (2**64 + 5, 0, 0)]
+    }
+    assert len(set(firsts.values())) == len(firsts)
+    assert _rng.sample_rng().random() != _rng.sample_rng().random()  # no key: unseeded
+
+
+def test_sample_rng_streams_of_neighbouring_indices_look_independent():
+    n = 4000
+    draws = np.array([_with_key((3, 1, i), lambda: _rng.sample_rng().random(2)) for i in range(n)])
+    first, second = draws[:, 0], draws[:, 1]
+    sigma = math.sqrt(1 / 12 / n)
+    assert abs(first.mean() - 0.5) < 5 * sigma
+    assert abs(first.std() - math.sqrt(1 / 12)) < 0.01
+    counts = np.histogram(first, bins=10, range=(0, 1))[0]
+    assert np.all(np.abs(counts - n / 10) < 5 * math.sqrt(n / 10))
+    # Index i vs i + 1, and a sample's first vs second draw: uncorrelated.
+    for a, b in [(first[:-1], first[1:]), (first, second), (first[:-1], second[1:])]:
+        assert abs(np.corrcoef(a, b)[0, 1]) < 5 / math.sqrt(n)
 
 
 # --------------------------------------------------------------------------- errors

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import io
+import threading
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from fastfeed.errors import ConfigError, DecodeError
 
@@ -124,6 +125,33 @@ class EncodedImage:
         Raises:
             DecodeError: Truncated or corrupt pixel data, or a mode that cannot convert.
         """
+        img, factor, _ = self._decode(reduce, scratch=False)
+        return img, factor
+
+    def decode_scratch(self, reduce: int = 1) -> tuple[Image.Image, float, np.ndarray | None]:
+        """:meth:`decode`, but a JPEG decodes into this thread's reusable pixel buffer.
+
+        Why: Pillow allocates and zeroes (calloc) fresh memory for every decode while
+        holding the GIL, and the pixels then need exporting to numpy. Here libjpeg writes
+        straight into a numpy buffer that the thread reuses. Only for a caller that is
+        done with the image before this thread decodes again (the fused path, which
+        copies the result into its output row): the next scratch decode overwrites it.
+
+        Returns:
+            The image, the reduction factor, and a writable-but-never-write uint8 view of
+            its pixels, ``(H, W, 4)`` for RGB (channel 3 is padding) or ``(H, W, 1)`` for
+            L, as :func:`pixel_view` gives; None where the image decoded into its own
+            memory instead (not a JPEG, EXIF-rotated, another mode, larger than
+            ``_SCRATCH_LIMIT_BYTES``, or ``ImageFile.LOAD_TRUNCATED_IMAGES`` set).
+
+        Raises:
+            DecodeError: As :meth:`decode`.
+        """
+        return self._decode(reduce, scratch=True)
+
+    def _decode(
+        self, reduce: int, *, scratch: bool
+    ) -> tuple[Image.Image, float, np.ndarray | None]:
         img = self._img
         factor = 1.0
         if self.format == "JPEG" and (reduce > 1 or self.mode == "L"):
@@ -134,6 +162,21 @@ class EncodedImage:
             drafted = img.draft(self.mode, request)
             if drafted is not None and request is not None:
                 factor = width / drafted[1][2]
+        pixels = core = None
+        if (
+            scratch
+            and self.format == "JPEG"
+            and img.mode == self.mode
+            and self.orientation == 1
+            # A truncated file would leave the previous image's pixels in the buffer.
+            and not ImageFile.LOAD_TRUNCATED_IMAGES
+        ):
+            pixels = _scratch_pixels(img.size, self.mode)
+            if pixels is not None:
+                # Pillow's own decoder target, mapped on our memory (what frombuffer does);
+                # ImageFile.load() only allocates when the image has none yet.
+                core = Image.core.map_buffer(pixels, img.size, "raw", 0, (self.mode, 0, 1))
+                img.im = core
         try:
             # Never with ImageFile.LOAD_TRUNCATED_IMAGES: a cut file must fail here.
             img.load()
@@ -144,9 +187,31 @@ class EncodedImage:
                 f"truncated or corrupt image data ({self.format} {self._img.size[0]}x"
                 f"{self._img.size[1]}, {self.nbytes} bytes): {type(exc).__name__}: {exc}"
             ) from exc
+        if core is not None and img.im is not core:
+            pixels = None  # a Pillow that ignores a preset target: the image has its own
         if self.orientation > 1:
             img = ImageOps.exif_transpose(img)
-        return convert_mode(img, self.mode), factor
+        return convert_mode(img, self.mode), factor, pixels
+
+
+# A decode larger than this gets its own memory instead of the thread's scratch buffer,
+# which lives as long as the thread.
+_SCRATCH_LIMIT_BYTES = 16 << 20
+_scratch = threading.local()
+
+
+def _scratch_pixels(size: tuple[int, int], mode: str) -> np.ndarray | None:
+    """This thread's scratch buffer as an (H, W, 4) RGB / (H, W, 1) L array, or None if too big."""
+    width, height = size
+    channels = 4 if mode == "RGB" else 1  # Pillow stores RGB as 4 bytes per pixel
+    nbytes = width * height * channels
+    if nbytes > _SCRATCH_LIMIT_BYTES or nbytes == 0:
+        return None
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.nbytes < nbytes:
+        # Whole MiB, so images of similar sizes share one allocation.
+        buffer = _scratch.buffer = np.empty(-(-nbytes // (1 << 20)) << 20, dtype=np.uint8)
+    return buffer[:nbytes].reshape(height, width, channels)
 
 
 def _orientation(img: Image.Image) -> int:
@@ -341,7 +406,8 @@ def hwc_array(img: Image.Image) -> np.ndarray:
 
 def check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """Raise :class:`ConfigError` unless ``out`` is a CPU tensor of ``shape`` and ``dtype``."""
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device.type != "cpu":
+    # torch.Size equals a tuple; is_cpu is the cheapest device test (no device object).
+    if out.shape != tuple(shape) or out.dtype != dtype or not out.is_cpu:
         raise ConfigError(
             f"out must be a CPU tensor of shape {tuple(shape)} and dtype {dtype}, got "
             f"shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}"

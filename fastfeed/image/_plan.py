@@ -39,6 +39,16 @@ _PIL_RESAMPLING: dict[str, Image.Resampling] = {
 # torch's antialiased uint8 kernels (AVX2) are ~3x faster than Pillow's resampler and
 # within 1 grey level of it (a=-0.5 cubic, like Pillow); other filters use Pillow.
 _TORCH_MODES = frozenset({"bilinear", "bicubic"})
+# What F.interpolate(..., antialias=True, align_corners=False, size=...) calls for 4-D
+# input, minus its ~10 us of Python argument checks; F.interpolate when torch lacks them.
+_AA_KERNELS = {
+    name: kernel
+    for name, kernel in (
+        ("bilinear", getattr(torch._C._nn, "_upsample_bilinear2d_aa", None)),
+        ("bicubic", getattr(torch._C._nn, "_upsample_bicubic2d_aa", None)),
+    )
+    if kernel is not None
+}
 
 
 def resampling(value: object) -> str:
@@ -150,34 +160,43 @@ def _crop_source_box(plan: Plan, factor: float) -> tuple[float, float, float, fl
     return x0 + cx0 * sx, y0 + cy0 * sy, x0 + cx1 * sx, y0 + cy1 * sy
 
 
-def _torch_resize(img: Image.Image, plan: Plan) -> torch.Tensor:
+def _torch_resize(img: Image.Image, plan: Plan, pixels: np.ndarray | None) -> torch.Tensor:
     """``plan.src_box`` of ``img`` resampled to ``plan.resize_to`` by torch's uint8 kernel.
 
     Returns:
         A (1, C, H, W) channels-last uint8 tensor; for RGB, C is 4 (channel 3 is padding).
     """
     x0, y0, x1, y1 = plan.src_box
-    pixels = pixel_view(img)
+    if pixels is None:
+        pixels = pixel_view(img)
     if pixels is not None:
         # Pillow's memory, zero-copy. All 4 bytes of its RGBX pixels go in: a 4-channel
         # channels-last input is what torch's AVX2 uint8 kernel works on natively, where 3
         # channels are repacked to 4 and back (measured ~25% slower in total).
-        region = torch.from_numpy(pixels[y0:y1, x0:x1])
+        region = pixels[y0:y1, x0:x1]
     else:
         # Only the box is converted to numpy (Pillow crops without the GIL); np.array makes
         # the writable copy torch.from_numpy wants.
-        region = torch.from_numpy(np.array(hwc_array(img.crop(plan.src_box))))
+        region = np.array(hwc_array(img.crop(plan.src_box)))
+    # (1, C, h, w) with channels-last strides, shaped in numpy: a numpy view costs a
+    # fraction of a torch op's Python overhead, which is paid with the GIL held.
+    nchw = torch.from_numpy(region[None].transpose(0, 3, 1, 2))
+    size = [plan.resize_to[1], plan.resize_to[0]]
+    kernel = _AA_KERNELS.get(plan.interpolation)
+    if kernel is not None:
+        return kernel(nchw, size, False, None)
     return F.interpolate(
-        region.permute(2, 0, 1).unsqueeze(0),
-        size=(plan.resize_to[1], plan.resize_to[0]),
-        mode=plan.interpolation,
-        align_corners=False,
-        antialias=True,
+        nchw, size=size, mode=plan.interpolation, align_corners=False, antialias=True
     )
 
 
 def execute_into(
-    img: Image.Image, factor: float, plan: Plan, out: torch.Tensor, layout: str
+    img: Image.Image,
+    factor: float,
+    plan: Plan,
+    out: torch.Tensor,
+    layout: str,
+    pixels: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Run ``plan`` on ``img`` (decoded at 1/factor) and write the result into ``out``.
 
@@ -187,6 +206,8 @@ def execute_into(
         plan: The fused geometry.
         out: uint8 tensor of the plan's output shape in ``layout``.
         layout: ``"CHW"`` or ``"HWC"``.
+        pixels: ``img``'s pixel memory as :func:`~fastfeed.image._decode.pixel_view`
+            gives it, when the caller already has it (a scratch decode).
 
     Returns:
         ``out``.
@@ -194,12 +215,16 @@ def execute_into(
     if not plan.scaled:  # never drafted: draft_factor() is 1 without a resize
         x0, y0 = plan.src_box[0], plan.src_box[1]
         cx0, cy0, cx1, cy1 = plan.crop
-        hwc = hwc_array(img)[y0 + cy0 : y0 + cy1, x0 + cx0 : x0 + cx1]
+        if pixels is not None:
+            pixels = pixels[:, :, :3] if img.mode == "RGB" else pixels
+        else:
+            pixels = hwc_array(img)
+        hwc = pixels[y0 + cy0 : y0 + cy1, x0 + cx0 : x0 + cx1]
     elif plan.interpolation in _TORCH_MODES and factor == 1.0:
-        resized = _torch_resize(img, plan)
+        resized = _torch_resize(img, plan, pixels)
         cx0, cy0, cx1, cy1 = plan.crop
         channels = 1 if img.mode == "L" else 3
-        hwc = resized[0].numpy().transpose(1, 2, 0)[cy0:cy1, cx0:cx1, :channels]
+        hwc = resized.numpy()[0].transpose(1, 2, 0)[cy0:cy1, cx0:cx1, :channels]
     else:
         # Pillow resamples only the crop, from a float source box: exactly the pixels
         # of resize-then-crop, without computing the discarded ones. A drafted image

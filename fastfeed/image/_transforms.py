@@ -114,6 +114,10 @@ class _FixedShape(_Geometric):
         return self._pipeline()(data, out)  # type: ignore[call-arg]
 
 
+# RandomResizedCrop draws: 10 attempts x (area, log-ratio), then (top, left).
+_RRC_DRAWS = 22
+
+
 class RandomResizedCrop(_FixedShape):
     """Crop a random area and aspect ratio, resized to ``size`` (torchvision semantics).
 
@@ -164,15 +168,21 @@ class RandomResizedCrop(_FixedShape):
         width, height = image_size.size if isinstance(image_size, Image.Image) else image_size
         gen = sample_rng() if rng is None else rng
         area = height * width
-        log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-        for _ in range(10):
-            target_area = area * gen.uniform(scale[0], scale[1])
-            aspect_ratio = math.exp(gen.uniform(log_lo, log_hi))
+        scale_lo, scale_span = scale[0], scale[1] - scale[0]
+        log_lo = math.log(ratio[0])
+        log_span = math.log(ratio[1]) - log_lo
+        # One numpy call for all draws (each costs ~1 us with the GIL held): the area and
+        # log-ratio of the 10 i.i.d. attempts, then the two position draws, taken as
+        # floor(u * n) (uniform on 0..n-1 up to 2**-53). Same distribution as drawing in turn.
+        u = gen.random(_RRC_DRAWS).tolist()
+        for k in range(0, 20, 2):
+            target_area = area * (scale_lo + scale_span * u[k])
+            aspect_ratio = math.exp(log_lo + log_span * u[k + 1])
             w = round(math.sqrt(target_area * aspect_ratio))
             h = round(math.sqrt(target_area / aspect_ratio))
             if 0 < w <= width and 0 < h <= height:
-                top = int(gen.integers(0, height - h + 1))
-                left = int(gen.integers(0, width - w + 1))
+                top = min(int(u[20] * (height - h + 1)), height - h)
+                left = min(int(u[21] * (width - w + 1)), width - w)
                 return top, left, h, w
         in_ratio = width / height
         if in_ratio < min(ratio):
@@ -466,7 +476,8 @@ class Compose:
             return channels, height, width
         return height, width, channels
 
-    def _run(self, data: Any, out: torch.Tensor | None) -> Any:
+    def _run(self, data: Any, out: torch.Tensor | None, checked: bool = False) -> Any:
+        """Transform ``data``; ``checked`` says ``out`` already matches :meth:`sample_spec`."""
         if isinstance(data, Image.Image):
             current: Any = convert_mode(data, self.mode)
         else:
@@ -485,14 +496,20 @@ class Compose:
                 if j == i:  # cannot fuse even alone (CenterCrop that pads): PIL path
                     current, i = op(_decoded(current)), i + 1
                     continue
-                img, factor = _decoded_for(current, plan)
                 if j == len(ops):  # the fast path: one resample, one copy into the row
-                    shape = self._plan_shape(plan)
-                    if u8_out is None:
-                        u8_out = torch.empty(shape, dtype=torch.uint8)
+                    pixels = None
+                    if isinstance(current, EncodedImage):
+                        # The image never leaves this branch: decode into scratch memory.
+                        img, factor, pixels = current.decode_scratch(draft_factor(plan))
                     else:
-                        check_out(u8_out, shape, torch.uint8)
-                    return self._finish(execute_into(img, factor, plan, u8_out, self.layout), out)
+                        img, factor = current, 1.0
+                    if u8_out is None:
+                        u8_out = torch.empty(self._plan_shape(plan), dtype=torch.uint8)
+                    elif not checked:
+                        check_out(u8_out, self._plan_shape(plan), torch.uint8)
+                    written = execute_into(img, factor, plan, u8_out, self.layout, pixels)
+                    return self._finish(written, out)
+                img, factor = _decoded_for(current, plan)
                 current, i = execute_pil(img, factor, plan), j
             else:
                 current, i = op(_decoded(current)), i + 1
@@ -553,7 +570,7 @@ class ImagePipeline(Compose):
         """
         if out is not None:
             check_out(out, *self.sample_spec())
-        return self._run(data, out)
+        return self._run(data, out, checked=True)
 
 
 def _decoded(current: Any) -> Any:
