@@ -162,6 +162,10 @@ class EncodedImage:
             drafted = img.draft(self.mode, request)
             if drafted is not None and request is not None:
                 factor = width / drafted[1][2]
+        if self.format == "JPEG":
+            # One read and one libjpeg call for the whole stream, instead of a Python
+            # read/concatenate/decode round per 64 KiB block, each holding the GIL.
+            img.decodermaxblock = max(getattr(img, "decodermaxblock", 0), self.nbytes)
         pixels = core = None
         if (
             scratch
