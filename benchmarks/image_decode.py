@@ -22,16 +22,43 @@ Pipelines, each ending in a (3, 224, 224) uint8 row of a preallocated batch:
 
 Each figure is the best of ``--repeats`` passes (wall ms and this thread's CPU ms per
 image); the CPU figure is less disturbed by other processes sharing the machine.
+
+GIL-held fraction (second table). fastfeed's workers are threads, so a pipeline scales
+with threads only up to ``1 / (fraction of its time that holds the GIL)`` (Amdahl). For
+each pipeline, a child process runs it on one thread for ``--gil-seconds`` on the
+original images, and the fraction is measured by one of two methods:
+
+- ``py-spy`` (used when ``py-spy`` is on PATH; needs ptrace permission): the child runs
+  twice, under ``py-spy record --gil`` (samples only while the worker holds the GIL) and
+  under plain ``py-spy record`` (samples while it runs); fraction = GIL samples / samples
+  of the worker thread. This is the method to trust.
+- ``counter`` (fallback, ``--gil-method counter``): in-process, with
+  ``sys.setswitchinterval(1e-4)``, a second thread counts in a pure-Python loop, which
+  advances only while the worker does not hold the GIL. Its rate beside the pipeline is
+  compared with its rate beside a GIL-free CPU burner (``hashlib.sha256`` of 1 MiB, which
+  releases the GIL), so CPU contention from the burner thread is cancelled out:
+  GIL-held s/image = (1 - rate_pipeline / rate_burner) x window_s / images, divided by the
+  single-thread CPU s/image. It needs two idle cores: on a loaded machine it is noise.
+
+``--gil-method none`` skips the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import math
+import os
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -152,14 +179,186 @@ def measure(
     return best_wall / len(payloads) * 1e3, best_cpu / len(payloads) * 1e3
 
 
+_GIL_PIPELINES = {
+    "naive train (RRC+flip)": lambda: naive_train,
+    "fastfeed train (RRC+flip)": lambda: _fastfeed(
+        ffi.Compose([ffi.RandomResizedCrop(_OUT), ffi.RandomHorizontalFlip()])
+    ),
+    "naive eval (Resize+CenterCrop)": lambda: naive_eval,
+    "fastfeed eval (Resize+CenterCrop)": lambda: _fastfeed(
+        ffi.Compose([ffi.Resize(256), ffi.CenterCrop(_OUT)])
+    ),
+}
+_GIL_IMAGES = 32
+
+
+def _gil_worker_loop(
+    fn: Callable[[bytes, torch.Tensor, random.Random], None],
+    payloads: list[bytes],
+    seconds: float,
+) -> int:
+    """Run ``fn`` over ``payloads`` for ``seconds`` (py-spy finds this frame); return images."""
+    row = torch.empty((3, _OUT, _OUT), dtype=torch.uint8)
+    rnd = random.Random(0)
+    end = time.perf_counter() + seconds
+    count = 0
+    while time.perf_counter() < end:
+        _rng.set_sample_key((0, 0, count))
+        fn(payloads[count % len(payloads)], row, rnd)
+        count += 1
+    _rng.set_sample_key(None)
+    return count
+
+
+def _gil_child(pipeline: str, seconds: float) -> None:
+    """Child process body: the pipeline on one named thread, nothing else running."""
+    torch.set_num_threads(1)
+    payloads = make_jpegs(_GIL_IMAGES, seed=1)
+    fn = _GIL_PIPELINES[pipeline]()
+    _gil_worker_loop(fn, payloads[:4], 0.2)  # warm up imports and allocations
+    worker = threading.Thread(
+        target=_gil_worker_loop, args=(fn, payloads, seconds), name="fastfeed-bench-0"
+    )
+    worker.start()
+    worker.join(timeout=seconds + 60)
+
+
+def _worker_samples(raw_path: Path) -> int:
+    """Samples of the worker thread in a py-spy ``--format raw`` file."""
+    total = 0
+    with open(raw_path) as fh:
+        for line in fh:
+            stack, _, count = line.rstrip().rpartition(" ")
+            if "_gil_worker_loop" in stack and count.isdigit():
+                total += int(count)
+    return total
+
+
+def gil_fraction_pyspy(pipeline: str, seconds: float, py_spy: str) -> float:
+    """GIL-held fraction of the worker's time, from two py-spy runs of a child process."""
+    child = [sys.executable, str(Path(__file__).resolve()), "--gil-child", pipeline]
+    child += ["--gil-seconds", str(seconds)]
+    counts = []
+    with tempfile.TemporaryDirectory(prefix="fastfeed-gil-") as tmp:
+        for flags in (["--gil"], []):
+            out = Path(tmp) / "raw.txt"
+            cmd = [py_spy, "record", *flags, "-r", "200", "-f", "raw", "-o", str(out), "--"]
+            subprocess.run(cmd + child, check=True, capture_output=True, timeout=seconds + 120)
+            counts.append(_worker_samples(out))
+    held, running = counts
+    if running == 0:
+        raise RuntimeError(f"py-spy recorded no samples of the worker for {pipeline!r}")
+    return held / running
+
+
+def _count_while(work: Callable[[int], object], seconds: float) -> tuple[float, int, float]:
+    """Rate (1/s) of a pure-Python counter thread while ``work(i)`` runs in a loop here."""
+    stop = threading.Event()
+    counted: list[int] = []
+
+    def count() -> None:
+        n = 0
+        while not stop.is_set():
+            for _ in range(100):
+                n += 1
+        counted.append(n)
+
+    counter = threading.Thread(target=count, name="fastfeed-bench-counter")
+    start = time.perf_counter()
+    counter.start()
+    calls = 0
+    try:
+        while time.perf_counter() - start < seconds:
+            work(calls)
+            calls += 1
+    finally:
+        stop.set()
+        counter.join(timeout=10)
+    elapsed = time.perf_counter() - start
+    return counted[0] / elapsed, calls, elapsed
+
+
+def gil_fraction_counter(pipeline: str, seconds: float, windows: int = 6) -> float:
+    """GIL-held fraction by the counter method (see the module docstring); median of windows."""
+    torch.set_num_threads(1)
+    payloads = make_jpegs(_GIL_IMAGES, seed=1)
+    fn = _GIL_PIPELINES[pipeline]()
+    row = torch.empty((3, _OUT, _OUT), dtype=torch.uint8)
+    rnd = random.Random(0)
+    blob = bytes(1 << 20)
+
+    def work(i: int) -> None:
+        _rng.set_sample_key((0, 0, i))
+        fn(payloads[i % len(payloads)], row, rnd)
+
+    def burn(i: int) -> None:
+        hashlib.sha256(blob).digest()
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    fractions = []
+    try:
+        for _ in range(windows):
+            burner_rate, _, _ = _count_while(burn, seconds / windows)
+            pipeline_rate, images, elapsed = _count_while(work, seconds / windows)
+            cpu0 = time.thread_time()
+            for i in range(20):
+                work(i)
+            solo_s = (time.thread_time() - cpu0) / 20
+            held_s = max(0.0, 1.0 - pipeline_rate / burner_rate) * elapsed / max(images, 1)
+            fractions.append(held_s / solo_s)
+    finally:
+        sys.setswitchinterval(old_interval)
+        _rng.set_sample_key(None)
+    return float(np.median(fractions))
+
+
+def gil_rows(method: str, seconds: float, single_ms: dict[str, float]) -> list[dict]:
+    """The GIL table: fraction, and the Amdahl ceiling it implies for threads."""
+    py_spy = shutil.which("py-spy")
+    if method == "auto":
+        method = "py-spy" if py_spy else "counter"
+    if method == "py-spy" and not py_spy:
+        raise SystemExit("--gil-method py-spy: py-spy is not on PATH (pip install py-spy)")
+    rows = []
+    for pipeline in _GIL_PIPELINES:
+        if method == "py-spy":
+            fraction = gil_fraction_pyspy(pipeline, seconds, py_spy)  # type: ignore[arg-type]
+        else:
+            fraction = gil_fraction_counter(pipeline, seconds)
+        cpu_ms = single_ms[pipeline]
+        rows.append(
+            {
+                "pipeline": pipeline,
+                "method": method,
+                "gil held %": round(100 * fraction, 1),
+                "cpu ms/img (1 thread)": round(cpu_ms, 3),
+                "gil ms/img": round(fraction * cpu_ms, 3),
+                "max thread speed-up": round(1 / fraction, 1) if fraction > 0 else None,
+                "img/s ceiling": round(1e3 / (fraction * cpu_ms)) if fraction > 0 else None,
+            }
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--count", type=int, default=200, help="number of JPEGs (default 200)")
     ap.add_argument("--repeats", type=int, default=3, help="passes; the best is kept")
     ap.add_argument("--json", default="bench_out/image_decode.json", help="write results here")
+    ap.add_argument(
+        "--gil-method",
+        choices=("auto", "py-spy", "counter", "none"),
+        default="auto",
+        help="how to measure the GIL-held fraction (auto: py-spy if on PATH, else counter)",
+    )
+    ap.add_argument("--gil-seconds", type=float, default=3.0, help="run time per measurement")
+    ap.add_argument("--gil-child", help=argparse.SUPPRESS)  # internal: py-spy's target
     args = ap.parse_args()
+    if args.gil_child:
+        _gil_child(args.gil_child, args.gil_seconds)
+        return
     torch.set_num_threads(1)
-
     original = make_jpegs(args.count)
     small = pre_resize(original)
     datasets = {"original": original, "max-side 320": small}
@@ -196,9 +395,21 @@ def main() -> None:
                 }
             )
     print_table(rows, title=f"single-core decode+crop cost, {args.count} images, 224x224 uint8")
+    gil = []
+    if args.gil_method != "none":
+        single_ms = {r["pipeline"]: r["cpu ms/img"] for r in rows if r["images"] == "original"}
+        gil = gil_rows(args.gil_method, args.gil_seconds, single_ms)
+        print_table(gil, title="GIL held while one thread runs the pipeline (original images)")
     env = environment()
     print(f"python {env['python']}, torch {torch.__version__}, cpus {env.get('cpu_count')}")
-    path = write_json(args.json, {"benchmark": "image_decode", "count": args.count, "rows": rows})
+    record = {
+        "benchmark": "image_decode",
+        "count": args.count,
+        "rows": rows,
+        "gil": gil,
+        "loadavg": os.getloadavg(),
+    }
+    path = write_json(args.json, record)
     print(f"wrote {path}")
 
 

@@ -360,6 +360,10 @@ def test_scratch_decode_reuses_one_buffer_and_matches_decode(monkeypatch: pytest
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     assert ffi.EncodedImage(large).decode_scratch()[2] is None
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
+    with monkeypatch.context() as patch:  # a Pillow without map_buffer decodes normally
+        patch.delattr(Image.core, "map_buffer")
+        img, _, none = ffi.EncodedImage(large).decode_scratch()
+        assert none is None and np.array_equal(np.asarray(img), np.asarray(reference))
     monkeypatch.setattr(_decode, "_SCRATCH_LIMIT_BYTES", 60 * 40 * 4)
     assert ffi.EncodedImage(small).decode_scratch()[2] is not None
     assert ffi.EncodedImage(large).decode_scratch()[2] is None

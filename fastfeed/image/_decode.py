@@ -179,8 +179,11 @@ class EncodedImage:
             if pixels is not None:
                 # Pillow's own decoder target, mapped on our memory (what frombuffer does);
                 # ImageFile.load() only allocates when the image has none yet.
-                core = Image.core.map_buffer(pixels, img.size, "raw", 0, (self.mode, 0, 1))
-                img.im = core
+                try:
+                    core = Image.core.map_buffer(pixels, img.size, "raw", 0, (self.mode, 0, 1))
+                    img.im = core
+                except (AttributeError, TypeError, ValueError):  # a Pillow without them
+                    pixels = core = None
         try:
             # Never with ImageFile.LOAD_TRUNCATED_IMAGES: a cut file must fail here.
             img.load()

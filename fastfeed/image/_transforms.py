@@ -155,6 +155,8 @@ class RandomResizedCrop(_FixedShape):
 
         Ten attempts of area x uniform(scale) and a log-uniform ratio; the first crop that
         fits wins; otherwise the center crop clamped to ``ratio`` (whole image if inside).
+        All 22 uniforms (10 x (area, ratio), then top and left) come from one
+        ``rng.random(22)`` call, whatever the number of attempts used.
 
         Args:
             image_size: (width, height), like ``PIL.Image.size``, or the image itself.
