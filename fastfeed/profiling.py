@@ -4,7 +4,14 @@ The recorder owns no stage. Stages call :meth:`Recorder.span` (per batch, not pe
 sample, so the cost stays far below 1% of a batch), queues report put-wait vs get-wait
 (which side is slow), and the consumer reports how long each step waited for its batch.
 Everything is kept as cumulative counters plus bounded reservoirs (for percentiles)
-and a bounded ring of timeline events (for Chrome traces).
+and a bounded ring of timeline events (for Chrome traces). The rings are preallocated
+flat arrays (about 49 bytes per event, ~1 MiB for the default 20,000 events), so memory
+stays flat however long training runs.
+
+Cost per batch of the Loader's hooks (``mark`` + three ``add_since``): the run-queue wait
+(``/proc/thread-self/schedstat``) and voluntary context switches (``getrusage``) are read
+on every :data:`SCHED_SAMPLE_EVERY`-th chain of marks per thread and scaled up to every
+span of the stage (:class:`StageStats`); wall and CPU time are measured on every span.
 
 The analysis of these numbers (verdict, summary, JSON) lives in :mod:`fastfeed.report`,
 the Chrome trace export in :mod:`fastfeed.trace`, the plots in :mod:`fastfeed.plot`.
@@ -24,9 +31,11 @@ import random
 import sys
 import threading
 import time
+from array import array
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from fastfeed._procio import ProcIO, cpu_times, read_proc_io
@@ -38,10 +47,24 @@ try:  # Linux: per-thread rusage (voluntary context switches)
 except (ImportError, AttributeError):  # pragma: no cover - not Linux
     _RUSAGE_THREAD = None
 
-__all__ = ["Mark", "QueueStats", "Recorder", "StageStats", "TraceEvent"]
+__all__ = [
+    "DEFAULT_MAX_EVENTS",
+    "SCHED_SAMPLE_EVERY",
+    "Mark",
+    "QueueStats",
+    "Recorder",
+    "StageStats",
+    "TraceEvent",
+]
 
 _RESERVOIR = 2048
 _STEP_LOG = 20_000  # per-step (wait, step) pairs kept for plots, count
+#: Timeline events (and, separately, queue-depth samples) a Recorder keeps by default.
+DEFAULT_MAX_EVENTS = 20_000
+#: ``mark()`` chains per thread of which one reads the run-queue wait and context
+#: switches (~2.5 us); the others read only the two clocks. 1 reads them every time.
+SCHED_SAMPLE_EVERY = 4
+_NOT_SAMPLED = -2  # run delay / switches of a mark that did not read them
 
 
 _tls = threading.local()
@@ -139,7 +162,7 @@ class _Reservoir:
         if len(self.values) < _RESERVOIR:
             self.values.append(value)
         else:
-            j = self._rng.randrange(self.seen)
+            j = int(self._rng.random() * self.seen)  # cheaper than randrange
             if j < _RESERVOIR:
                 self.values[j] = value
 
@@ -152,6 +175,11 @@ class _Reservoir:
 class StageStats:
     """Cumulative figures of one stage (read, decode, transform, collate, copy...).
 
+    Run-queue wait and switches are measured on a sample of the spans (every span of
+    :meth:`Recorder.span`; one ``mark`` chain in :data:`SCHED_SAMPLE_EVERY` per thread
+    for :meth:`Recorder.add_since`) and :meth:`to_dict` scales them to the stage's whole
+    busy time.
+
     Attributes:
         count: Spans recorded (usually batches).
         items: Samples processed.
@@ -160,10 +188,13 @@ class StageStats:
         cpu_s: Thread CPU time inside the stage, seconds. ``cpu_s / busy_s`` well below
             1 while busy means waiting: on IO, on the GIL, or for a free core.
         runq_s: Time the stage's threads were runnable but had no core (Linux
-            schedstat), seconds; ``busy_s - cpu_s - runq_s`` is time blocked (IO, GIL).
-        runq_known: Whether ``runq_s`` was measured (schedstat readable) for every span.
-        switches: Voluntary context switches inside the stage (blocking: IO, locks, the
-            GIL); None if not measured (not Linux).
+            schedstat) during the spans that measured it, seconds.
+        runq_busy_s: Wall time of the spans that measured ``runq_s``, seconds.
+        runq_spans: Spans that measured ``runq_s`` (0: never measured, e.g. not Linux).
+        switches: Voluntary context switches (blocking: IO, locks, the GIL) during the
+            spans that measured them.
+        switches_busy_s: Wall time of the spans that measured ``switches``, seconds.
+        switches_spans: Spans that measured ``switches``.
         bytes: Bytes the stage handled.
     """
 
@@ -173,23 +204,39 @@ class StageStats:
     busy_s: float = 0.0
     cpu_s: float = 0.0
     runq_s: float = 0.0
-    runq_known: bool = True
-    switches: int | None = 0
+    runq_busy_s: float = 0.0
+    runq_spans: int = 0
+    switches: int = 0
+    switches_busy_s: float = 0.0
+    switches_spans: int = 0
     bytes: int = 0
     durations: _Reservoir = field(default_factory=_Reservoir, repr=False)
 
+    def _scale(self, busy_s: float, spans: int) -> float | None:
+        """Factor from the measured spans to all spans; None if none was measured."""
+        if spans == 0:
+            return None
+        if busy_s > 0:
+            return self.busy_s / busy_s
+        return self.count / spans  # only zero-length spans measured
+
     def to_dict(self) -> dict[str, Any]:
+        """The figures, with run-queue wait and switches estimated for every span.
+
+        ``runq_s`` / ``blocked_s`` / ``switches`` are None when never measured.
+        """
+        runq_scale = self._scale(self.runq_busy_s, self.runq_spans)
+        sw_scale = self._scale(self.switches_busy_s, self.switches_spans)
+        runq = None if runq_scale is None else self.runq_s * runq_scale
         out = {
             "count": self.count,
             "items": self.items,
             "failures": self.failures,
             "busy_s": self.busy_s,
             "cpu_s": self.cpu_s,
-            "runq_s": self.runq_s if self.runq_known else None,
-            "blocked_s": (
-                max(0.0, self.busy_s - self.cpu_s - self.runq_s) if self.runq_known else None
-            ),
-            "switches": self.switches,
+            "runq_s": runq,
+            "blocked_s": None if runq is None else max(0.0, self.busy_s - self.cpu_s - runq),
+            "switches": None if sw_scale is None else round(self.switches * sw_scale),
             "bytes": self.bytes,
             "cpu_per_wall": self.cpu_s / self.busy_s if self.busy_s > 0 else 0.0,
         }
@@ -230,7 +277,8 @@ class QueueStats:
 class Mark(tuple):
     """``(perf_counter_s, thread_time_s, run_delay_s, voluntary_switches)`` of one thread.
 
-    Taken with :meth:`Recorder.mark`; run delay is -1 and switches -1 where unknown.
+    Taken with :meth:`Recorder.mark`; run delay and switches are -1 where unknown and
+    -2 in a mark that did not read them (see :data:`SCHED_SAMPLE_EVERY`).
     """
 
     __slots__ = ()
@@ -238,6 +286,10 @@ class Mark(tuple):
 
 def _mark() -> Mark:
     return Mark((time.perf_counter(), time.thread_time(), _run_delay_s(), _voluntary_switches()))
+
+
+def _light_mark() -> Mark:
+    return Mark((time.perf_counter(), time.thread_time(), _NOT_SAMPLED, _NOT_SAMPLED))
 
 
 # Returned while recording is off; a span that started before recording was switched on
@@ -251,6 +303,149 @@ class TraceEvent(tuple):
     __slots__ = ()
 
 
+_NO_ARGS: Mapping[str, Any] = MappingProxyType({})  # shared by every event without args
+_NO_ITEMS = -1  # an event without args (consumer waits)
+
+
+class _EventRing:
+    """The latest ``capacity`` timeline events in preallocated parallel arrays.
+
+    About 49 bytes per event (two name references, two doubles, items, bytes, a flag),
+    allocated on the first event and never grown: no object is created per event.
+    Names are references to the callers' (shared) strings. Not thread-safe: the
+    :class:`Recorder` holds its lock around every call.
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_end",
+        "_failed",
+        "_items",
+        "_n",
+        "_stage",
+        "_start",
+        "_thread",
+        "capacity",
+    )
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self._n = 0  # events ever appended
+        self._stage: list[str | None] = []
+
+    def _allocate(self) -> None:
+        cap = self.capacity
+        self._stage = [None] * cap
+        self._thread: list[str | None] = [None] * cap
+        self._start = array("d", bytes(8 * cap))
+        self._end = array("d", bytes(8 * cap))
+        self._items = array("q", bytes(8 * cap))
+        self._bytes = array("q", bytes(8 * cap))
+        self._failed = array("B", bytes(cap))
+
+    def append(
+        self,
+        stage: str,
+        thread: str,
+        start_s: float,
+        end_s: float,
+        items: int,
+        nbytes: int,
+        failed: bool,
+    ) -> None:
+        """Keep one event (``items == -1``: no args), overwriting the oldest when full."""
+        cap = self.capacity
+        if cap == 0:
+            return
+        if not self._stage:
+            self._allocate()
+        i = self._n % cap
+        self._n += 1
+        self._stage[i] = stage
+        self._thread[i] = thread
+        self._start[i] = start_s
+        self._end[i] = end_s
+        self._items[i] = items
+        self._bytes[i] = nbytes
+        self._failed[i] = failed
+
+    def __len__(self) -> int:
+        return min(self._n, self.capacity)
+
+    def clear(self) -> None:
+        """Forget every event and release the arrays (re-allocated by the next event)."""
+        self._n = 0
+        self._stage = []
+        self._thread = []
+        self._start = self._end = array("d")
+        self._items = self._bytes = array("q")
+        self._failed = array("B")
+
+    def events(self) -> list[TraceEvent]:
+        """The kept events, oldest first, with their ``args`` mappings built now."""
+        n, cap = len(self), self.capacity
+        first = self._n - n
+        out = []
+        for k in range(first, first + n):
+            i = k % cap
+            items = self._items[i]
+            if items == _NO_ITEMS:
+                args: Mapping[str, Any] = _NO_ARGS
+            else:
+                args = {"items": items}
+                if self._bytes[i]:
+                    args["bytes"] = self._bytes[i]
+                if self._failed[i]:
+                    args["failed"] = True
+            ev = (self._stage[i], self._thread[i], self._start[i], self._end[i], args)
+            out.append(TraceEvent(ev))
+        return out
+
+
+class _CounterRing:
+    """The latest ``capacity`` ``(queue_name, time_s, depth)`` samples, preallocated (24 B each)."""
+
+    __slots__ = ("_depth", "_n", "_name", "_t", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self._n = 0
+        self._name: list[str | None] = []
+
+    def append(self, name: str, t_s: float, depth: float) -> None:
+        """Keep one sample, overwriting the oldest when full."""
+        cap = self.capacity
+        if cap == 0:
+            return
+        if not self._name:
+            self._name = [None] * cap
+            self._t = array("d", bytes(8 * cap))
+            self._depth = array("d", bytes(8 * cap))
+        i = self._n % cap
+        self._n += 1
+        self._name[i] = name
+        self._t[i] = t_s
+        self._depth[i] = depth
+
+    def __len__(self) -> int:
+        return min(self._n, self.capacity)
+
+    def clear(self) -> None:
+        """Forget every sample and release the arrays (re-allocated by the next one)."""
+        self._n = 0
+        self._name = []
+        self._t = self._depth = array("d")
+
+    def samples(self) -> list[tuple[str, float, float]]:
+        """The kept samples, oldest first."""
+        n, cap = len(self), self.capacity
+        first = self._n - n
+        return [
+            (self._name[k % cap], self._t[k % cap], self._depth[k % cap])  # type: ignore[misc]
+            for k in range(first, first + n)
+        ]
+
+
 class Recorder:
     """Collects stage spans, queue waits and consumer steps from every pipeline stage.
 
@@ -261,7 +456,9 @@ class Recorder:
     Args:
         enabled: When False every hook returns at once (no timing at all). May be
             flipped at any time (``recorder.enabled = False``).
-        max_events: Timeline events kept for traces (the oldest are dropped), count.
+        max_events: Timeline events kept for traces (the oldest are dropped), count;
+            as many queue-depth samples are kept besides. Both rings are allocated on
+            first use, about 73 bytes per event in all (1.5 MB for the default).
 
     Attributes:
         steps: Consumer steps counted (batches after the first of each epoch).
@@ -275,15 +472,27 @@ class Recorder:
         extra: Free-form figures merged into :meth:`snapshot`.
     """
 
-    def __init__(self, enabled: bool = True, max_events: int = 200_000) -> None:
+    def __init__(self, enabled: bool = True, max_events: int = DEFAULT_MAX_EVENTS) -> None:
         self.enabled = enabled
         self._lock = threading.Lock()
         self.stages: dict[str, StageStats] = {}
         self.queues: dict[str, QueueStats] = {}
-        self.events: deque[TraceEvent] = deque(maxlen=max_events)
-        self.counters: deque[tuple[str, float, float]] = deque(maxlen=max_events)
+        self._events = _EventRing(max_events)
+        self._counters = _CounterRing(max_events)
         self.extra: dict[str, Any] = {}
         self._zero()
+
+    @property
+    def events(self) -> list[TraceEvent]:
+        """A copy of the kept timeline events, oldest first (see :meth:`timeline`)."""
+        with self._lock:
+            return self._events.events()
+
+    @property
+    def counters(self) -> list[tuple[str, float, float]]:
+        """A copy of the kept ``(queue_name, time_s, depth)`` samples, oldest first."""
+        with self._lock:
+            return self._counters.samples()
 
     def _zero(self) -> None:
         """Start every figure from zero, now (caller holds the lock or owns the object)."""
@@ -306,6 +515,8 @@ class Recorder:
     @contextlib.contextmanager
     def span(self, stage: str, items: int = 1, nbytes: int = 0) -> Iterator[None]:
         """Time the enclosed block as one span of ``stage`` (wall and thread CPU time).
+
+        Always reads the run-queue wait and context switches too (~6 us per span).
 
         Args:
             stage: ``"read"``, ``"transform"``, ``"collate"``, ``"copy"`` or any name.
@@ -382,26 +593,30 @@ class Recorder:
             st.failures += failed
             st.busy_s += wall
             st.cpu_s += cpu_s
-            if runq_s is None:
-                st.runq_known = False
-            else:
+            if runq_s is not None:
                 st.runq_s += runq_s
-            if switches is None or st.switches is None:
-                st.switches = None
-            else:
+                st.runq_busy_s += wall
+                st.runq_spans += 1
+            if switches is not None:
                 st.switches += switches
+                st.switches_busy_s += wall
+                st.switches_spans += 1
             st.bytes += nbytes
             st.durations.add(wall)
-            args: dict[str, Any] = {"items": items}
-            if nbytes:
-                args["bytes"] = nbytes
-            if failed:
-                args["failed"] = True
-            self.events.append(TraceEvent((stage, name, start_s, end_s, args)))
+            self._events.append(stage, name, start_s, end_s, items, nbytes, failed)
 
     def mark(self) -> Mark:
-        """This thread's clocks now, for :meth:`add_since` (~4 us; free when disabled)."""
-        return _mark() if self.enabled else _NO_MARK
+        """This thread's clocks now, for :meth:`add_since` (free when disabled).
+
+        Starts a chain of marks: one chain in :data:`SCHED_SAMPLE_EVERY` per thread
+        also reads the run-queue wait and context switches (~4 us), the others only
+        the wall and CPU clocks (~1 us); :meth:`add_since` continues in the same mode.
+        """
+        if not self.enabled:
+            return _NO_MARK
+        n = getattr(_tls, "chains", 0)
+        _tls.chains = n + 1
+        return _mark() if n % SCHED_SAMPLE_EVERY == 0 else _light_mark()
 
     def add_since(
         self,
@@ -416,11 +631,19 @@ class Recorder:
 
         For back-to-back stages (read, then transform, then collate) without nesting
         ``with`` blocks: ``m = rec.mark(); ...; m = rec.add_since("read", m, items=n)``.
-        Measures the same as :meth:`span` (wall, CPU, run-queue wait, blocking switches).
+        Measures the same as :meth:`span` (wall, CPU, run-queue wait, blocking switches),
+        the last two on the sampled chains only (see :meth:`mark`).
         """
         if not self.enabled:
             return _NO_MARK
-        now = _mark()
+        if since[2] == _NOT_SAMPLED:
+            now = _light_mark()
+            runq_s: float | None = None
+            switches: int | None = None
+        else:
+            now = _mark()
+            runq_s = now[2] - since[2] if since[2] >= 0 and now[2] >= 0 else None
+            switches = now[3] - since[3] if since[3] >= 0 and now[3] >= 0 else None
         if since is not _NO_MARK:
             self.add(
                 stage,
@@ -430,8 +653,8 @@ class Recorder:
                 items=items,
                 nbytes=nbytes,
                 failed=failed,
-                runq_s=now[2] - since[2] if since[2] >= 0 and now[2] >= 0 else None,
-                switches=now[3] - since[3] if since[3] >= 0 and now[3] >= 0 else None,
+                runq_s=runq_s,
+                switches=switches,
             )
         return now
 
@@ -457,7 +680,7 @@ class Recorder:
             q.get_wait_s += get_wait_s
             q.depth_sum += depth
             q.depth_samples += 1
-            self.counters.append((name, time.perf_counter(), float(depth)))
+            self._counters.append(name, time.perf_counter(), depth)
 
     # -- consumer ---------------------------------------------------------------------
 
@@ -485,7 +708,7 @@ class Recorder:
             else:
                 self.first_batches += 1
             if wait_s > 0:
-                self.events.append(TraceEvent(("wait", name, now - wait_s, now, {})))
+                self._events.append("wait", name, now - wait_s, now, _NO_ITEMS, 0, False)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -543,7 +766,7 @@ class Recorder:
     def timeline(self) -> tuple[list[TraceEvent], list[tuple[str, float, float]]]:
         """Copies of the kept timeline events and queue-depth samples (for traces)."""
         with self._lock:
-            return list(self.events), list(self.counters)
+            return self._events.events(), self._counters.samples()
 
     def steps_log(self) -> list[tuple[float, float, float]]:
         """Copy of the latest ``(end_s, wait_s, step_s)`` consumer steps."""
@@ -555,6 +778,6 @@ class Recorder:
         with self._lock:
             self.stages.clear()
             self.queues.clear()
-            self.events.clear()
-            self.counters.clear()
+            self._events.clear()
+            self._counters.clear()
             self._zero()
