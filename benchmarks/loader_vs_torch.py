@@ -11,9 +11,13 @@ measured from the same baseline for both loaders):
    LMDB for fastfeed); LMDB: read from the LMDB for both. A batched numpy gather
    (``array[indices]``) is the ceiling.
 2. ``jpeg-warm`` / ``jpeg-cold``: ImageNet-like JPEGs (500x375) in an ImageFolder tree,
-   decode + RandomResizedCrop(224) + horizontal flip, batch 64, shuffled; the same
-   ``fastfeed.image`` transform for both loaders. Cold: the files are evicted from the page
-   cache (``POSIX_FADV_DONTNEED``) before the run.
+   decode + RandomResizedCrop(224) + horizontal flip, batch 64, shuffled. torch runs twice:
+   with the same ``fastfeed.image`` transform as fastfeed (the loaders compared on equal
+   work) and with the torchvision-style PIL pipeline (``naive PIL``: what a user switching
+   starts from). fastfeed runs as ``Loader`` over a FileSource and as the drop-in
+   ``fastfeed.DataLoader`` over the same torch Dataset. Cold: the files are evicted from
+   the page cache (``POSIX_FADV_DONTNEED``) before the run. ``jpeg-320``: fastfeed
+   ``Loader`` over the same images packed with ``--max-side 320`` (warm).
 3. For every run: peak RSS of the whole process tree (parent + worker processes, from
    ``/proc``) and time to first batch (loader construction to first batch in hand).
 4. ``torch-threads``: fastfeed with a float-normalizing transform (torch ops in the worker
@@ -62,8 +66,11 @@ def _prepare(work: Path, tiny_n: int, jpeg_n: int) -> dict[str, str]:
     if not jpeg_root.exists():
         payloads, labels = _common.synthetic_jpegs(jpeg_n, size=(500, 375), seed=2, distinct=64)
         _common.write_jpeg_folder(jpeg_root, payloads, labels)
+    jpeg_320 = work / "jpegs-320.lmdb"
+    if not jpeg_320.exists():  # what `fastfeed pack jpegs jpegs-320.lmdb --max-side 320` writes
+        pack(str(jpeg_root), jpeg_320, max_side=320, progress=False)
     os.sync()
-    return {"tiny_lmdb": str(tiny_lmdb), "jpeg_root": str(jpeg_root)}
+    return {"tiny_lmdb": str(tiny_lmdb), "jpeg_root": str(jpeg_root), "jpeg_320": str(jpeg_320)}
 
 
 # -- child: one measured run ---------------------------------------------------------------
@@ -144,7 +151,23 @@ def _jpeg_torch_dataset(spec: dict[str, Any]) -> Any:
     paths = list(listing.paths)
     labels = [int(x) for x in listing.labels] if listing.labels is not None else [0] * len(paths)
     listing.close()
-    transform = _jpeg_transform()
+    if spec.get("naive"):
+        # The torchvision way on PIL (Image.open, convert, crop+resize, flip, to tensor):
+        # the baseline a user switching from torch starts from.
+        import random
+
+        import torch
+        from image_decode import naive_train
+
+        rnd = random.Random(0)
+
+        def transform(data: bytes) -> Any:
+            row = torch.empty((3, 224, 224), dtype=torch.uint8)
+            naive_train(data, row, rnd)
+            return row
+
+    else:
+        transform = _jpeg_transform()
 
     class JpegFolder(Dataset):
         def __len__(self) -> int:
@@ -181,8 +204,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                     source.read_many(list(range(k, min(n, k + 4096))))
     else:
         batch = JPEG_BATCH
-        if kind == "torch":
+        if kind in ("torch", "fastfeed.DataLoader"):
             dataset = _jpeg_torch_dataset(spec)
+        elif data == "jpeg-320":
+            from fastfeed.sources.lmdb import LMDBSource
+
+            source = LMDBSource(spec["jpeg_320"])
         else:
             from fastfeed.sources.files import FileSource
 
@@ -191,8 +218,11 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             _common.drop_page_cache([spec["jpeg_root"]])
 
     def make() -> Any:
-        if kind == "torch":
-            from torch.utils.data import DataLoader
+        if kind in ("torch", "fastfeed.DataLoader"):
+            if kind == "torch":
+                from torch.utils.data import DataLoader
+            else:
+                from fastfeed import DataLoader  # the one-line switch
 
             return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=spec["workers"])
         from fastfeed.loader import Loader
@@ -292,7 +322,11 @@ def _plan(quick: bool) -> list[dict[str, Any]]:
         )
     for data in ("jpeg-warm", "jpeg-cold"):
         runs.append({"data": data, "loader": "torch", "workers": 2})
+        runs.append({"data": data, "loader": "torch", "workers": 2, "naive": True})
         runs.append({"data": data, "loader": "fastfeed", "workers": 2})
+        runs.append({"data": data, "loader": "fastfeed.DataLoader", "workers": 2})
+    # Pre-resized at pack time (--max-side 320): fewer bytes to read and decode.
+    runs.append({"data": "jpeg-320", "loader": "fastfeed", "workers": 2})
     if not quick:
         for tt in (1, None):
             runs.append(
@@ -342,7 +376,9 @@ def main() -> None:
             res = _run_child(full, timeout_s=300)
             row = {
                 "scenario": spec.get("scenario", spec["data"]),
-                "loader": spec["loader"] + (" (tuned)" if spec.get("tuned") else ""),
+                "loader": spec["loader"]
+                + (" (tuned)" if spec.get("tuned") else "")
+                + (" (naive PIL)" if spec.get("naive") else ""),
                 "workers": spec["workers"],
                 **({"torch_threads": spec["torch_threads"]} if "torch_threads" in spec else {}),
                 **res,
@@ -391,21 +427,27 @@ def main() -> None:
 
 def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for scenario in ("tiny-ram", "tiny-lmdb", "jpeg-warm", "jpeg-cold"):
+    for scenario in ("tiny-ram", "tiny-lmdb", "jpeg-warm", "jpeg-cold", "jpeg-320"):
         here = [r for r in rows if r["scenario"] == scenario]
-        torch_row = next((r for r in here if r["loader"] == "torch" and r["workers"] == 2), None)
-        for ff in (r for r in here if r["loader"].startswith("fastfeed")):
+        # jpeg-320 is compared with torch on the original files (warm): the gain of packing.
+        base = [r for r in rows if r["scenario"] == "jpeg-warm"] if scenario == "jpeg-320" else here
+        for baseline in ("torch", "torch (naive PIL)"):
+            torch_row = next(
+                (r for r in base if r["loader"] == baseline and r["workers"] == 2), None
+            )
             if torch_row is None:
                 continue
-            out.append(
-                {
-                    "scenario": scenario,
-                    "fastfeed": f"{ff['loader']} w={ff['workers']}",
-                    "throughput_x": ff["samples_per_s"] / torch_row["samples_per_s"],
-                    "peak_rss_x": ff["peak_rss_mb"] / torch_row["peak_rss_mb"],
-                    "ttfb_x": ff["ttfb_s"] / torch_row["ttfb_s"],
-                }
-            )
+            for ff in (r for r in here if r["loader"].startswith("fastfeed")):
+                out.append(
+                    {
+                        "scenario": scenario,
+                        "fastfeed": f"{ff['loader']} w={ff['workers']}",
+                        "vs": f"{baseline} w=2",
+                        "throughput_x": ff["samples_per_s"] / torch_row["samples_per_s"],
+                        "peak_rss_x": ff["peak_rss_mb"] / torch_row["peak_rss_mb"],
+                        "ttfb_x": ff["ttfb_s"] / torch_row["ttfb_s"],
+                    }
+                )
     tt = {r.get("torch_threads", "x"): r for r in rows if r["scenario"] == "torch-threads"}
     if 1 in tt and None in tt:
         out.append(
