@@ -59,6 +59,9 @@ _MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", 3)
 _PAGE_BYTES = mmap.PAGESIZE
 
 
+_tuple_new = tuple.__new__
+
+
 def record_key(index: int) -> bytes:
     """The key of record ``index`` in a fastfeed LMDB: ten zero-padded ASCII digits."""
     return b"%010d" % index
@@ -444,22 +447,28 @@ class LMDBSource(Source):
         env = self._env
         assert env is not None
         self._check_size()  # once per call, not per record
-        out: list[Record] = []
+        keys = self._keys
         try:
             # One read transaction for the whole call; buffers=False copies every value
-            # out of the map before the transaction ends.
+            # out of the map before the transaction ends. Comprehensions, not a loop of
+            # method calls: for 3 KB records the per-record Python cost is most of a read.
             with env.begin(buffers=False) as txn:
                 get = txn.get
-                for i in indices:
-                    data = get(self.key(i))
-                    if not data:
-                        raise self._missing(i, "is missing" if data is None else "is empty")
-                    out.append(Record(data, self._label(i)))
+                if keys is None:
+                    datas = [get(b"%010d" % i) for i in indices]  # record_key(), inlined
+                else:
+                    datas = [get(keys[i]) for i in indices]
         except lmdb.Error as exc:
             raise RecordReadError(
                 f"reading {len(indices)} records from {self.path} failed: {exc}", path=self.path
             ) from exc
-        return out
+        if not all(datas):
+            i, data = next((i, d) for i, d in zip(indices, datas, strict=True) if not d)
+            raise self._missing(i, "is missing" if data is None else "is empty")
+        labels = self.labels
+        labs = [labels[i] for i in indices] if labels is not None else [None] * len(datas)
+        new = _tuple_new  # Record(*pair) without the Python-level __new__: 2x cheaper
+        return [new(Record, pair) for pair in zip(datas, labs, strict=True)]
 
     def hint(self, indices: Iterable[int]) -> None:
         """``madvise(MADV_WILLNEED)`` the pages of the upcoming values (Linux; else no-op).
