@@ -307,7 +307,17 @@ def _run_child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
 # -- parent --------------------------------------------------------------------------------
 
 
-def _plan(quick: bool) -> list[dict[str, Any]]:
+def _plan(quick: bool, workers: int = 2, only: str | None = None) -> list[dict[str, Any]]:
+    runs = _all_runs(quick)
+    for run in runs:
+        if run["workers"] == 2:
+            run["workers"] = workers
+    if only:
+        runs = [r for r in runs if r.get("scenario", r["data"]).startswith(only)]
+    return runs
+
+
+def _all_runs(quick: bool) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     for data in ("tiny-ram", "tiny-lmdb"):
         runs.append({"data": data, "loader": "torch", "workers": 2})
@@ -350,6 +360,10 @@ def main() -> None:
     parser.add_argument("--jpeg-n", type=int, default=None, help="JPEG files (default 1024)")
     parser.add_argument("--work-dir", default=None, help="where to build the data (kept)")
     parser.add_argument(
+        "--workers", type=int, default=2, help="torch num_workers = fastfeed threads (default 2)"
+    )
+    parser.add_argument("--only", default=None, help="run only scenarios starting with this")
+    parser.add_argument(
         "--out", default="benchmarks/results/loader_vs_torch.json", help="JSON output path"
     )
     args = parser.parse_args()
@@ -371,7 +385,7 @@ def main() -> None:
         paths = _prepare(work, tiny_n, jpeg_n)
         print(f"data ready in {time.perf_counter() - t0:.1f} s under {work}", flush=True)
         rows = []
-        for spec in _plan(args.quick):
+        for spec in _plan(args.quick, args.workers, args.only):
             full = {**spec, **paths, "epochs": 1}
             res = _run_child(full, timeout_s=300)
             row = {
@@ -393,7 +407,7 @@ def main() -> None:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    ratios = _ratios(rows)
+    ratios = _ratios(rows, args.workers)
     cols = [
         "scenario",
         "loader",
@@ -405,7 +419,8 @@ def main() -> None:
         "samples",
     ]
     _common.print_table(rows, cols, title="\nfastfeed.Loader vs torch DataLoader (same run)")
-    _common.print_table(ratios, title="\nratios: fastfeed / torch DataLoader(num_workers=2)")
+    title = f"\nratios: fastfeed / torch DataLoader(num_workers={args.workers})"
+    _common.print_table(ratios, title=title)
     path = _common.write_json(
         args.out,
         {
@@ -425,7 +440,7 @@ def main() -> None:
     print(f"\nwrote {path}")
 
 
-def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _ratios(rows: list[dict[str, Any]], workers: int = 2) -> list[dict[str, Any]]:
     out = []
     for scenario in ("tiny-ram", "tiny-lmdb", "jpeg-warm", "jpeg-cold", "jpeg-320"):
         here = [r for r in rows if r["scenario"] == scenario]
@@ -433,7 +448,7 @@ def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = [r for r in rows if r["scenario"] == "jpeg-warm"] if scenario == "jpeg-320" else here
         for baseline in ("torch", "torch (naive PIL)"):
             torch_row = next(
-                (r for r in base if r["loader"] == baseline and r["workers"] == 2), None
+                (r for r in base if r["loader"] == baseline and r["workers"] == workers), None
             )
             if torch_row is None:
                 continue
@@ -442,7 +457,7 @@ def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     {
                         "scenario": scenario,
                         "fastfeed": f"{ff['loader']} w={ff['workers']}",
-                        "vs": f"{baseline} w=2",
+                        "vs": f"{baseline} w={workers}",
                         "throughput_x": ff["samples_per_s"] / torch_row["samples_per_s"],
                         "peak_rss_x": ff["peak_rss_mb"] / torch_row["peak_rss_mb"],
                         "ttfb_x": ff["ttfb_s"] / torch_row["ttfb_s"],
