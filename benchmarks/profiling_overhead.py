@@ -2,8 +2,11 @@
 
 Runs a Prefetcher pipeline (read span + transform span + collate span per batch, queue
 and consumer hooks) whose batches take ``--batch-ms`` of GIL-releasing work, with the
-recorder on and off in alternating rounds, and reports the throughput difference. Also
-times one span, one ``add_since`` and the torch-profiler check on their own.
+recorder on and off in alternating rounds, and reports the throughput difference (noisy
+on a small shared machine). Also times one span, one ``add_since`` and the
+torch-profiler check on their own, and, the steadier figure, the process CPU time per
+sample of an inline ``Loader`` epoch with ``profile=True`` vs ``False`` (tiny records
+and JPEGs), median of alternating rounds.
 
     python benchmarks/profiling_overhead.py --batches 400 --batch-ms 2 --rounds 5 \
         --json profiling_overhead.json
@@ -52,6 +55,90 @@ def _pipeline(recorder: Recorder, batches: int, work: np.ndarray, threads: int) 
         for _ in pf:
             pass
     return batches * 32 / (time.perf_counter() - t0)
+
+
+def _loader_cpu_per_sample(profile: bool, source, transform, batch_transform, batch: int) -> float:
+    """Process CPU seconds per sample of one inline Loader epoch (no thread scheduling noise)."""
+    from fastfeed.loader import Loader
+
+    loader = Loader(
+        source,
+        transform=transform,
+        batch_transform=batch_transform,
+        batch_size=batch,
+        shuffle=True,
+        num_threads=0,
+        profile=profile,
+        read_ahead=False,
+    )
+    c0 = time.process_time()
+    n = sum(len(b.indices) for b in loader)
+    cpu = time.process_time() - c0
+    loader.close()
+    return cpu / n
+
+
+def _loader_overhead(rounds: int) -> list[dict[str, float | str]]:
+    """CPU cost of the Loader's hooks, as a fraction of the CPU per sample, median of rounds."""
+    import io
+
+    from PIL import Image
+
+    from fastfeed.image import Compose, RandomHorizontalFlip, RandomResizedCrop
+    from fastfeed.sources.base import Record, Source
+
+    class _Ram(Source):
+        def __init__(self, payloads: list[bytes]) -> None:
+            super().__init__()
+            self.payloads = payloads
+
+        def __len__(self) -> int:
+            return len(self.payloads)
+
+        def describe(self, index: int) -> str:
+            return f"ram[{index}]"
+
+        def _read_one(self, index: int) -> Record:
+            return Record(self.payloads[index], index % 10)
+
+    rng = np.random.default_rng(0)
+    tiny = _Ram([rng.bytes(3072) for _ in range(50_000)])
+
+    def frombuffer(records: list[bytes]) -> np.ndarray:
+        return np.frombuffer(b"".join(records), dtype=np.uint8).reshape(len(records), -1)
+
+    jpegs = []
+    for _ in range(256):
+        img = rng.integers(0, 255, size=(375, 500, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    cases = [
+        ("tiny 3 KB records, batch 256", tiny, None, frombuffer, 256),
+        (
+            "JPEG 500x375 RRC 224 + flip, batch 64",
+            _Ram(jpegs),
+            Compose([RandomResizedCrop(224), RandomHorizontalFlip()]),
+            None,
+            64,
+        ),
+    ]
+    out = []
+    for name, src, tf, btf, batch in cases:
+        on, off = [], []
+        for _ in range(rounds):
+            off.append(_loader_cpu_per_sample(False, src, tf, btf, batch))
+            on.append(_loader_cpu_per_sample(True, src, tf, btf, batch))
+        med_on, med_off = statistics.median(on), statistics.median(off)
+        out.append(
+            {
+                "case": name,
+                "cpu_us_per_sample_off": med_off * 1e6,
+                "cpu_us_per_sample_on": med_on * 1e6,
+                "overhead": med_on / med_off - 1.0,
+            }
+        )
+    return out
 
 
 def main() -> None:
@@ -107,13 +194,22 @@ def main() -> None:
         ("one span, disabled (us)", f"{off_us:.2f}"),
         ("torch profiler check (ns)", f"{check_ns:.0f}"),
     ]
+    loader_rows = _loader_overhead(args.rounds)
+    for r in loader_rows:
+        rows.append(
+            (
+                f"Loader CPU per sample, {r['case']}: off / on (us), overhead",
+                f"{r['cpu_us_per_sample_off']:.2f} / {r['cpu_us_per_sample_on']:.2f}, "
+                f"{100 * r['overhead']:+.2f}%",
+            )
+        )
     width = max(len(r[0]) for r in rows)
     print(
         f"profiling overhead: {args.batches} batches x {args.rounds} rounds, "
         f"~{args.batch_ms} ms work per batch, {args.threads} threads"
     )
     for k, v in rows:
-        print(f"  {k:<{width}}  {v:>12}")
+        print(f"  {k:<{width}}  {v:>20}")
     result = {
         "benchmark": "profiling_overhead",
         "args": vars(args),
@@ -124,6 +220,7 @@ def main() -> None:
         "add_since_us": add_us,
         "span_disabled_us": off_us,
         "torch_profiler_check_ns": check_ns,
+        "loader_cpu_overhead": loader_rows,
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
