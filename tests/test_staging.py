@@ -246,6 +246,25 @@ def test_dropping_an_unclosed_stager_stops_its_thread():
     assert not thread.is_alive()
 
 
+class _Task:
+    def __init__(self, indices: list[int]) -> None:
+        self.indices = indices
+
+
+def _ring_builder(col: Collator, shape):
+    """A prefetcher task function: fill a ring slot row by row, as the Loader's workers do."""
+
+    def build(task: _Task) -> _Batch:
+        images = col.new_batch(len(task.indices), shape, torch.uint8)
+        for row, i in enumerate(task.indices):
+            images[row].copy_(_image(i, shape))
+        b = _Batch((images, col.labels(task.indices)))
+        b.indices = task.indices
+        return b
+
+    return build
+
+
 def test_ring_slots_are_recycled_behind_the_stager_and_kept_batches_survive():
     """Prefetcher → ring slots → stager (cpu, float conversion: the output is a fresh
     tensor); host slots come back after each copy, and device batches the user keeps
@@ -254,20 +273,8 @@ def test_ring_slots_are_recycled_behind_the_stager_and_kept_batches_survive():
     depth (2) + the stager's batch in hand (1) + staged (2) + the consumer's (1) slots."""
     shape = (3, 4, 4)
     col = Collator(slots=6)
-
-    class Task:
-        def __init__(self, indices: list[int]) -> None:
-            self.indices = indices
-
-    def build(task: Task) -> _Batch:
-        images = col.new_batch(len(task.indices), shape, torch.uint8)
-        for row, i in enumerate(task.indices):
-            images[row].copy_(_image(i, shape))
-        b = _Batch((images, col.labels(task.indices)))
-        b.indices = task.indices
-        return b
-
-    tasks = [Task([i * 4 + k for k in range(4)]) for i in range(60)]
+    build = _ring_builder(col, shape)
+    tasks = [_Task([i * 4 + k for k in range(4)]) for i in range(60)]
     rec = Recorder()
     pf = Prefetcher(tasks, build, num_threads=2, depth=2, recorder=rec, report_consumer=False)
     stager = DeviceStager(
@@ -294,21 +301,9 @@ def test_ring_slots_are_recycled_behind_the_stager_and_kept_batches_survive():
 
 def _gpu_pipeline(col: Collator, epochs: int, batches: int, bs: int, shape, **stager_kw):
     """Worker threads fill pinned ring slots; the stager copies them on its side stream."""
-
-    class Task:
-        def __init__(self, indices: list[int]) -> None:
-            self.indices = indices
-
-    def build(task: Task) -> _Batch:
-        images = col.new_batch(len(task.indices), shape, torch.uint8)
-        for row, i in enumerate(task.indices):
-            images[row].copy_(_image(i, shape))
-        b = _Batch((images, col.labels(task.indices)))
-        b.indices = task.indices
-        return b
-
+    build = _ring_builder(col, shape)
     tasks = [
-        Task([(e * 1000 + i * bs + k) % 997 for k in range(bs)])
+        _Task([(e * 1000 + i * bs + k) % 997 for k in range(bs)])
         for e in range(epochs)
         for i in range(batches)
     ]
