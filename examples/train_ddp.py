@@ -133,6 +133,9 @@ def main() -> None:
             )
         loader.recorder.reset()
     loader.close()
+    # Leave together: a rank that tears down its gloo connections while a peer is still
+    # using them can abort the peer ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
