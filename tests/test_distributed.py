@@ -58,6 +58,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 }
             )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # leave together: tearing gloo down under a peer can abort it
     finally:
         dist.destroy_process_group()
 

@@ -322,6 +322,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         stats = LoaderStats.collect(rec, num_threads=2)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(stats.to_dict() | {"summary": stats.summary()}, f)
+        dist.barrier()  # leave together: tearing gloo down under a peer can abort it
     finally:
         dist.destroy_process_group()
 
