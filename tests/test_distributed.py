@@ -58,7 +58,9 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 }
             )
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.barrier()  # leave together: tearing gloo down under a peer can abort it
+        # Leave together (tearing gloo down under a peer can abort it); a CPU all_reduce,
+        # not barrier(), which may touch CUDA in these forked children when it is present.
+        dist.all_reduce(torch.zeros(1))
     finally:
         dist.destroy_process_group()
 

@@ -234,8 +234,13 @@ def test_two_loaders_interleaved_over_one_source(impl: str) -> None:
 # -- child processes --------------------------------------------------------------------
 
 _SIGINT_CHILD = """
+import signal
 import time
 from harness import LedgerDataset, LedgerDecode, LedgerSource
+
+# What an interactive terminal gives a training script. A child of a background job
+# (e.g. a CI runner's `cmd &`) inherits SIGINT ignored, and Ctrl-C would never arrive.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from fastfeed.compat import DataLoader
 from fastfeed.loader import Loader
 

@@ -306,6 +306,7 @@ def test_skipped_and_verdict_str() -> None:
 
 
 def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -322,7 +323,9 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         stats = LoaderStats.collect(rec, num_threads=2)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(stats.to_dict() | {"summary": stats.summary()}, f)
-        dist.barrier()  # leave together: tearing gloo down under a peer can abort it
+        # Leave together (tearing gloo down under a peer can abort it); a CPU all_reduce,
+        # not barrier(), which may touch CUDA in these forked children when it is present.
+        dist.all_reduce(torch.zeros(1))
     finally:
         dist.destroy_process_group()
 
