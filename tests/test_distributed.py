@@ -70,12 +70,15 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_shard_the_epoch(world: int, tmp_path: Path) -> None:
     # fork: the children inherit the imported torch, so a group starts in well under 1 s.
+    # Not once CUDA is initialized in this process (CUDA tests ran before): a forked child
+    # of a CUDA process can abort on a lock held by a driver thread at fork time.
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
     tmp_mp.start_processes(
         _rank_main,
         args=(world, str(tmp_path / "pg_init"), str(tmp_path)),
         nprocs=world,
         join=True,
-        start_method="fork",
+        start_method=method,
     )
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     reference = Loader(ledger_source(N), batch_size=BATCH, seed=4, shuffle=True, num_threads=0)
