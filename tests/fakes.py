@@ -83,3 +83,19 @@ def call_counter() -> tuple[Callable[[], int], Callable[[], None]]:
             box[0] += 1
 
     return (lambda: box[0]), inc
+
+
+def run_in_threads(fn: Callable[[int], None], n: int, timeout_s: float = 60.0) -> None:
+    """Run ``fn(0) .. fn(n-1)`` on ``n`` named threads at once; join them all.
+
+    Fails (AssertionError) when a thread is still running after ``timeout_s``, shared
+    by all threads.
+    """
+    threads = [threading.Thread(target=fn, args=(k,), name=f"fastfeed-test-{k}") for k in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in threads if t.is_alive()]
+    assert not alive, f"threads still running after {timeout_s} s: {alive}"

@@ -8,6 +8,7 @@ from types import MappingProxyType
 
 import pytest
 import torch
+from fakes import run_in_threads
 
 import fastfeed.buffers as buffers
 from fastfeed.buffers import PinnedRing, map_tensors, tensor_leaves
@@ -175,13 +176,7 @@ def test_concurrent_workers_never_share_a_live_buffer():
             ring.release(t)
             del t
 
-    threads = [
-        threading.Thread(target=worker, args=(w,), name=f"fastfeed-test-{w}") for w in range(4)
-    ]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(30)
+    run_in_threads(worker, 4, timeout_s=30)
     assert errors == []
     assert ring.stats().reuses > 0
 

@@ -8,7 +8,6 @@ import io
 import math
 import pickle
 import random
-import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fakes import run_in_threads
 from PIL import Image, ImageFile, ImageOps
 
 import fastfeed.image as ffi
@@ -446,14 +446,7 @@ def test_results_identical_with_one_or_four_threads():
                 results[index] = pipeline(payloads[index % 4])
             _rng.set_sample_key(None)
 
-        pool = [
-            threading.Thread(target=work, args=(w,), name=f"fastfeed-test-{w}")
-            for w in range(threads)
-        ]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join(timeout=30)
+        run_in_threads(work, threads, timeout_s=30)
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from fakes import ListSource
+from fakes import ListSource, run_in_threads
 from imagedata import make_image_folder
 
 from fastfeed._size import format_size, parse_size
@@ -231,14 +231,7 @@ def test_sixteen_reader_threads(source: Source, expected: list[bytes]) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [
-        threading.Thread(target=reader, args=(k,), name=f"fastfeed-test-{k}") for k in range(16)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads)
+    run_in_threads(reader, 16)
     assert errors == []
     assert source.counters.snapshot()["calls"] == 16 * 40
 
@@ -700,13 +693,7 @@ def test_lru_under_sixteen_threads_stays_in_budget() -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [
-        threading.Thread(target=work, args=(k,), name=f"fastfeed-test-{k}") for k in range(16)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_in_threads(work, 16)
     assert errors == []
     stats = cache.cache_stats()
     assert stats["bytes_cached"] == 100 * stats["entries"] <= 1000
