@@ -71,35 +71,26 @@ def _default_max_readers() -> int:
     return max(126, 2 * (os.cpu_count() or 1) + 64)
 
 
-def _load_madvise() -> Any:
+def _libc_function(name: str, argtypes: list[Any]) -> Any:
+    """``name`` from the C library with its argument types (Linux only), or None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn
 
 
-_madvise = _load_madvise()
-
-
-def _load_mincore() -> Any:
-    if _madvise is None:
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).mincore
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_mincore = _load_mincore()
+_madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+# mincore only serves the madvise hint: without madvise there is nothing to skip.
+_mincore = (
+    _libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p])
+    if _madvise is not None
+    else None
+)
 
 
 class _EnvEntry:
