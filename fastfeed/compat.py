@@ -843,6 +843,10 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             return None
         return acc.type
 
+    def _in_flight(self) -> int:
+        """Batches a thread pool keeps in flight or ready (torch's prefetch_factor * workers)."""
+        return (self.prefetch_factor or 1) * max(self.num_workers, 1)
+
     def _make_collator(self) -> Collator:
         """The collator of a new worker pool: a pinned ring when pinning is possible.
 
@@ -852,9 +856,8 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         """
         if self._pin is None:
             return Collator(self.collate_fn)
-        in_flight = (self.prefetch_factor or 1) * max(self.num_workers, 1)
         # Slots: every batch in flight, plus one with the consumer and one being copied.
-        return Collator(self.collate_fn, pin_memory=True, slots=in_flight + 2)
+        return Collator(self.collate_fn, pin_memory=True, slots=self._in_flight() + 2)
 
     def _stage(self, batches: Iterator[Any]) -> Iterator[Any]:
         """Route batches to :attr:`device` through the device stager; identity without it.
@@ -919,7 +922,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         return _Pool(
             fetch,
             num_threads=threads,
-            depth=(self.prefetch_factor or 1) * max(self.num_workers, 1),
+            depth=self._in_flight(),
             in_order=self.in_order,
             timeout_s=self.timeout or None,
             recorder=self.recorder,
