@@ -2,7 +2,7 @@
 
 Needs a CUDA GPU (exits with status 2 and a clear message without one). Three parts:
 
-1. **Bandwidth**: host-to-device bytes/s of the :class:`~fastfeed.staging.DeviceStager`
+1. **Bandwidth**: host-to-device bytes/s of the :class:`~fastfeed.pipeline.staging.DeviceStager`
    (side stream, events, hand-over) vs a raw pinned ``copy_`` of the same bytes into a
    preallocated device tensor. Target: >= 90% of raw.
 2. **Compute-bound step**: worker threads fill pinned ring slots (crop + flip of uint8
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from _common import print_table, write_json
 
-from fastfeed.collate import Collator
-from fastfeed.prefetch import Prefetcher
+from fastfeed.pipeline.collate import Collator
+from fastfeed.pipeline.prefetch import Prefetcher
 from fastfeed.profiling import Recorder
-from fastfeed.staging import DeviceStager
+from fastfeed.pipeline.staging import DeviceStager
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)

@@ -66,7 +66,7 @@ from _common import environment, print_table, write_json
 from PIL import Image
 
 import fastfeed.image as ffi
-from fastfeed import _rng
+from fastfeed import rng as _rng
 
 _OUT = 224
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastfeed.prefetch import Prefetcher
-from fastfeed.profiling import Recorder, _torch_profiler_active
+from fastfeed.pipeline.prefetch import Prefetcher
+from fastfeed.profiling.recorder import Recorder, _torch_profiler_active
 
 
 @dataclass

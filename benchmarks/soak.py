@@ -48,7 +48,7 @@ from harness import (
     rss_bytes,
 )
 
-from fastfeed.compat import DataLoader
+from fastfeed.dataloader import DataLoader
 from fastfeed.loader import Loader
 
 _MIB = float(1 << 20)

@@ -25,6 +25,7 @@ The original exception is always chained (``raise ... from exc``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "ConfigError",
@@ -136,7 +137,7 @@ class SampleError(FastFeedError):
         self.where = where
         self.stage = stage
         self.cause_repr = f"{type(cause).__name__}: {cause}"
-        super().__init__(f"sample {index} ({where}) failed in stage '{stage}': {self.cause_repr}")
+        super().__init__(_sample_message(index, where, stage, self.cause_repr))
 
     def __reduce__(self):
         return (_rebuild_sample_error, (self.index, self.where, self.stage, self.cause_repr))
@@ -153,6 +154,16 @@ def _rebuild_sample_error(index, where, stage, cause_repr):
     FastFeedError.__init__(err, _sample_message(index, where, stage, cause_repr))
     err.index, err.where, err.stage, err.cause_repr = index, where, stage, cause_repr
     return err
+
+
+def describe_indices(indices: Sequence[Any], shown: int = 8) -> str:
+    """``[3, 9, 4, ... (64 in all)]``: the first ``shown`` indices of a batch, for messages.
+
+    The one place this text is made, so every error and timeout names batches alike.
+    """
+    head = ", ".join(repr(i) for i in list(indices[:shown]))
+    more = f", ... ({len(indices)} in all)" if len(indices) > shown else ""
+    return f"[{head}{more}]"
 
 
 class TooManyFailuresError(FastFeedError):

@@ -16,7 +16,7 @@ It times, on the consumer's side only, each ``next()`` (the *wait*: the loop is 
 on the loader) and the time between two hand-overs (the *step*: wait + the loop's own
 work), and reports both to a :class:`~fastfeed.profiling.Recorder` exactly as fastfeed's
 loaders do. :meth:`Watched.stats` turns that into a
-:class:`~fastfeed.report.LoaderStats`: stall fraction, step and wait percentiles,
+:class:`~fastfeed.stats.report.LoaderStats`: stall fraction, step and wait percentiles,
 samples/s and the verdict (compute-bound below 5% stall, partially input-bound below
 20%, input-bound from 20%). Which *stage* of an opaque loader is slow cannot be seen
 from outside; fastfeed's own loaders record their stages and name it.
@@ -35,8 +35,9 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from fastfeed.pipeline.tap import Tap
 from fastfeed.profiling import Recorder
-from fastfeed.report import LoaderStats
+from fastfeed.stats import LoaderStats
 
 __all__ = ["Watched", "watch"]
 
@@ -81,20 +82,9 @@ class Watched(Generic[_T]):
         self.samples = 0
 
     def __iter__(self) -> Iterator[_T]:
-        rec = self.recorder
         # The first wait includes iter(): starting worker processes is start-up cost too.
         start = time.perf_counter()
-        it = iter(self.loader)
-        previous: float | None = None  # when the previous batch was handed over
-        while True:
-            t0 = start if previous is None else time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            t1 = time.perf_counter()
-            rec.consumer_step(t1 - t0, None if previous is None else t1 - previous)
-            previous = t1
+        for batch in Tap(iter(self.loader), self.recorder, started_s=start):
             self.batches += 1
             self.samples += _batch_len(batch)
             yield batch

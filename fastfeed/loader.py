@@ -26,537 +26,38 @@ of an epoch resumes at the start of the next epoch, as the uninterrupted loader 
 ``set_epoch(e)`` after ``load_state_dict`` keeps the resume point when ``e`` is the saved
 (unfinished) epoch, and starts ``e`` from scratch otherwise.
 
-Threads and torch. Worker threads that run torch ops would also use torch's intra-op
-thread pool, oversubscribing the cores. Measured with torch 2.13 (OpenMP build):
-``torch.set_num_threads`` called in a worker thread changes that thread's intra-op width
-*and* the process-wide default that threads pick up when they first use torch; the main
-thread's own width is not changed. So each worker sets ``torch_threads`` (default 1) for
-itself, and once all workers have done so the loader restores the process-wide default to
-the consumer thread's setting: the training loop's threads are never changed.
+Wiring. The constructor validates its arguments into a
+:class:`~fastfeed.pipeline.run.WorkSpec` (what every worker runs) and a
+:class:`~fastfeed.pipeline.assemble.PipelineSpec` (how batches reach the loop);
+:func:`~fastfeed.pipeline.assemble.assemble` decides the rest (pinning, ring size, stager,
+who releases slots, who times the loop, threads or worker processes).
 """
 
 from __future__ import annotations
 
-import collections
-import os
-import threading
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from fastfeed._rng import set_sample_key
-from fastfeed.collate import Collator
-from fastfeed.errors import (
-    ConfigError,
-    CorruptSourceError,
-    DecodeError,
-    FastFeedError,
-    LoaderTimeoutError,
-    ResourceLimitError,
-    SampleError,
-    TooManyFailuresError,
-)
-from fastfeed.prefetch import Prefetcher
-from fastfeed.profiling import Mark, Recorder
-from fastfeed.report import LoaderStats
-from fastfeed.sampling import EpochProgress, EpochSampler
-from fastfeed.sources.base import Record, Source
-from fastfeed.staging import DeviceStager
+from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError
+from fastfeed.pipeline.assemble import Finish, PipelineSpec, assemble, usable_cores
+from fastfeed.pipeline.batch import Batch, SkippedSample
+from fastfeed.pipeline.build import sample_spec
+from fastfeed.pipeline.run import EpochRun, WorkSpec
+from fastfeed.pipeline.sampling import EpochProgress, EpochSampler
+from fastfeed.pipeline.staging import resolve_device
+from fastfeed.profiling import Recorder
+from fastfeed.sources.base import Source
+from fastfeed.stats import LoaderStats
 
-__all__ = ["Batch", "Loader", "SkippedSample"]
-
-_INIT_WAIT_S = 5.0  # longest wait for worker threads to apply torch_threads, seconds
-
-
-class Batch(tuple):
-    """One batch: unpacks as ``data, labels = batch``; ``batch.indices`` lists its samples.
-
-    Attributes:
-        data: The batch's data (a tensor, whatever ``collate_fn`` / ``batch_transform``
-            returned, or a list of raw record bytes when there is no transform).
-        labels: int64 tensor of labels, or None when the source has no labels.
-        indices: Dataset indices of the samples, in row order (skipped samples absent).
-    """
-
-    indices: list[int]
-
-    def __new__(cls, data: Any, labels: torch.Tensor | None, indices: list[int]) -> Batch:
-        obj = super().__new__(cls, (data, labels))
-        obj.indices = indices
-        return obj
-
-    @property
-    def data(self) -> Any:
-        return self[0]
-
-    @property
-    def labels(self) -> torch.Tensor | None:
-        return self[1]
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Batch, (self[0], self[1], self.indices))
-
-
-class SkippedSample(NamedTuple):
-    """A sample left out with ``on_error="skip"``.
-
-    Attributes:
-        index: Dataset index.
-        where: Path or key, as the source describes it.
-        stage: ``read``, ``decode``, ``transform`` or ``collate``.
-        message: ``"ExceptionType: message"`` of the original error.
-    """
-
-    index: int
-    where: str
-    stage: str
-    message: str
-
-
-@dataclass(frozen=True)
-class _BatchTask:
-    """Work item of one batch: its number in the epoch, indices, and indices to hint."""
-
-    number: int
-    indices: list[int]
-    hint_next: list[int]
-
-
-@dataclass
-class _BatchResult:
-    """A finished batch. ``data is None`` when every sample failed (skip mode)."""
-
-    number: int
-    data: Any
-    labels: torch.Tensor | None
-    indices: list[int]
-    failures: list[SkippedSample]
-
-
-def _describe_task(task: _BatchTask) -> str:
-    shown = ", ".join(map(str, task.indices[:8]))
-    more = f", ... ({len(task.indices)} samples)" if len(task.indices) > 8 else ""
-    return f"batch {task.number} [indices {shown}{more}]"
-
-
-def _tasks(batches: Sequence[Any], todo: Sequence[int], lookahead: int) -> Iterator[_BatchTask]:
-    """Tasks for batch numbers ``todo``; each carries the indices the worker should hint.
-
-    The first task hints the next ``lookahead`` batches; every later task hints the batch
-    ``lookahead`` places after it, so the source always knows the next ``prefetch``
-    batches. Hints are issued by the worker (outside the prefetcher's task lock).
-    """
-    for pos, k in enumerate(todo):
-        if lookahead <= 0:
-            hint: list[int] = []
-        elif pos == 0:
-            hint = [i for a in todo[1 : 1 + lookahead] for i in batches[a].tolist()]
-        elif pos + lookahead < len(todo):
-            hint = batches[todo[pos + lookahead]].tolist()
-        else:
-            hint = []
-        yield _BatchTask(k, batches[k].tolist(), hint)
-
-
-class _BatchWorker:
-    """Runs one batch on a worker thread: read, transform each sample, collate.
-
-    Holds no reference to the :class:`Loader` or its iteration, so a prefetcher whose
-    consumer went away can be garbage collected (and its threads stopped).
-    """
-
-    def __init__(
-        self,
-        *,
-        source: Source,
-        transform: Callable[..., Any] | None,
-        batch_transform: Callable[[list[Any]], Any] | None,
-        collator: Collator,
-        spec: tuple[tuple[int, ...], torch.dtype] | None,
-        recorder: Recorder,
-        seed: int,
-        epoch: int,
-        skip: bool,
-    ) -> None:
-        self.source = source
-        self.transform = transform
-        self.batch_transform = batch_transform
-        self.collator = collator
-        self.spec = spec
-        self.recorder = recorder
-        self.seed = seed
-        self.epoch = epoch
-        self.skip = skip
-
-    # -- failures -------------------------------------------------------------------------
-
-    def _where(self, index: int) -> str:
-        try:
-            return self.source.describe(index)
-        except Exception:  # a broken describe must not hide the real error
-            return f"index {index}"
-
-    def _fail(
-        self, index: int | None, stage: str, exc: BaseException, failures: list[SkippedSample]
-    ) -> None:
-        """Raise SampleError (raise mode) or record the failure (skip mode)."""
-        if isinstance(exc, DecodeError) and stage == "transform":
-            stage = "decode"
-        where = self._where(index) if index is not None else "batch"
-        # Not the sample's fault, so never skipped: an open-file limit (the record is
-        # fine) or a source broken as a whole (every later read fails the same way).
-        unskippable = isinstance(exc, (ResourceLimitError, CorruptSourceError))
-        if not self.skip or index is None or unskippable:
-            raise SampleError(index, where, stage, exc) from exc
-        failures.append(SkippedSample(index, where, stage, f"{type(exc).__name__}: {exc}"))
-
-    # -- stages ---------------------------------------------------------------------------
-
-    def _read(
-        self, indices: list[int], failures: list[SkippedSample]
-    ) -> tuple[list[int], list[Record]]:
-        src = self.source
-        try:
-            return indices, src.read_many(indices)
-        except Exception:
-            pass  # find which index failed: retry one by one below
-        ok: list[int] = []
-        records: list[Record] = []
-        for i in indices:
-            try:
-                rec = src.read(i)
-            except Exception as exc:
-                self._fail(i, "read", exc, failures)
-            else:
-                ok.append(i)
-                records.append(rec)
-        return ok, records
-
-    def _run_batch_fn(
-        self,
-        fn: Callable[[list[Any]], Any],
-        stage: str,
-        indices: list[int],
-        samples: list[Any],
-        failures: list[SkippedSample],
-        number: int,
-    ) -> tuple[Any, list[int]]:
-        """Call ``fn(samples)``; on failure, find the culprit sample(s) one by one."""
-        try:
-            return fn(samples), indices
-        except Exception as batch_exc:
-            first_exc = batch_exc
-        bad = []
-        for j, s in enumerate(samples):
-            try:
-                fn([s])
-            except Exception as exc:
-                self._fail(indices[j], stage, exc, failures)  # raises in raise mode
-                bad.append(j)
-        if bad:
-            bad_set = set(bad)
-            keep = [j for j in range(len(samples)) if j not in bad_set]
-            indices = [indices[j] for j in keep]
-            samples = [samples[j] for j in keep]
-            if not samples:
-                return None, []
-            try:
-                return fn(samples), indices
-            except Exception as exc:
-                first_exc = exc
-        # Only the combination fails (e.g. mismatched shapes): no single sample to blame.
-        shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
-        raise SampleError(
-            None,
-            f"batch {number} (indices {shown}; first at {self._where(indices[0])})",
-            stage,
-            first_exc,
-        ) from first_exc
-
-    def __call__(self, task: _BatchTask) -> _BatchResult:
-        rec = self.recorder
-        failures: list[SkippedSample] = []
-        if task.hint_next:
-            try:
-                self.source.hint(task.hint_next)
-            except Exception:  # advisory only: a real problem shows up in the read
-                pass
-
-        mark = rec.mark()
-        indices, records = self._read(task.indices, failures)
-        # Plain comprehensions and map(len): for tiny records these per-record steps are
-        # a large share of the batch's cost.
-        datas = [r.data for r in records]
-        labels = [r.label for r in records]
-        mark = rec.add_since("read", mark, items=len(task.indices), nbytes=sum(map(len, datas)))
-
-        if self.spec is not None:
-            data, labels_t, kept = self._fill(mark, indices, datas, labels, failures)
-        else:
-            data, labels_t, kept = self._generic(
-                mark, task.number, indices, datas, labels, failures
-            )
-        return _BatchResult(task.number, data, labels_t, kept, failures)
-
-    def _generic(
-        self,
-        mark: Mark,
-        number: int,
-        indices: list[int],
-        datas: list[Any],
-        all_labels: list[int | None],
-        failures: list[SkippedSample],
-    ) -> tuple[Any, torch.Tensor | None, list[int]]:
-        """Generic path: transform each sample, then collate (or batch_transform) the list."""
-        rec = self.recorder
-        seed, epoch, transform = self.seed, self.epoch, self.transform
-        if transform is None:
-            samples, kept, labels = datas, indices, all_labels
-        else:
-            samples = []
-            kept = []
-            labels = []
-            for i, d, lab in zip(indices, datas, all_labels, strict=True):
-                set_sample_key((seed, epoch, i))
-                try:
-                    samples.append(transform(d))
-                except Exception as exc:
-                    self._fail(i, "transform", exc, failures)
-                    continue
-                kept.append(i)
-                labels.append(lab)
-            set_sample_key(None)
-        data: Any = None
-        if kept and self.batch_transform is not None:
-            # One key per batch, so random batch transforms are reproducible too.
-            set_sample_key((seed, epoch, -(number + 1)))
-            try:
-                data, kept2 = self._run_batch_fn(
-                    self.batch_transform, "transform", kept, samples, failures, number
-                )
-            finally:
-                set_sample_key(None)
-            labels, kept = _select(labels, kept, kept2), kept2
-        if transform is not None or self.batch_transform is not None:
-            mark = rec.add_since("transform", mark, items=len(datas))
-        if kept and self.batch_transform is None:
-            if transform is None:
-                data = samples  # raw record bytes: a list (documented)
-            else:
-                data, kept2 = self._run_batch_fn(
-                    self.collator.collate, "collate", kept, samples, failures, number
-                )
-                labels, kept = _select(labels, kept, kept2), kept2
-        labels_t = self.collator.labels(labels) if kept else None
-        rec.add_since("collate", mark, items=len(kept))
-        return (data if kept else None), labels_t, kept
-
-    def _fill(
-        self,
-        mark: Mark,
-        indices: list[int],
-        datas: list[Any],
-        all_labels: list[int | None],
-        failures: list[SkippedSample],
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int]]:
-        """Fixed-shape path: each transform writes its sample straight into a batch row."""
-        assert self.spec is not None and self.transform is not None
-        rec = self.recorder
-        shape, dtype = self.spec
-        # Taking the (ring) buffer counts as transform time: the rows are written there.
-        out = self.collator.new_batch(len(datas), shape, dtype) if datas else None
-        seed, epoch, transform = self.seed, self.epoch, self.transform
-        row = 0
-        kept: list[int] = []
-        labels: list[int | None] = []
-        for i, d, lab in zip(indices, datas, all_labels, strict=True):
-            assert out is not None
-            dst = out[row]
-            set_sample_key((seed, epoch, i))
-            try:
-                res = transform(d, out=dst)
-                if isinstance(res, torch.Tensor) and res.data_ptr() != dst.data_ptr():
-                    dst.copy_(res)  # a transform that returned a new tensor instead
-            except Exception as exc:
-                self._fail(i, "transform", exc, failures)
-                continue  # the next sample overwrites this row
-            kept.append(i)
-            labels.append(lab)
-            row += 1
-        set_sample_key(None)
-        mark = rec.add_since("transform", mark, items=len(datas))
-        if not kept:
-            if out is not None:
-                self.collator.release(out)
-            rec.add_since("collate", mark, items=0)
-            return None, None, []
-        assert out is not None
-        if row < len(datas):
-            out = out[:row]  # a view: skipped samples shrink the batch, never substituted
-        labels_t = self.collator.labels(labels)
-        rec.add_since("collate", mark, items=row)
-        return out, labels_t, kept
-
-
-def _select(values: list[Any], kept: list[int], kept2: list[int]) -> list[Any]:
-    """``values`` (aligned with ``kept``) restricted to ``kept2``, a subsequence of ``kept``."""
-    if len(kept2) == len(kept):
-        return values
-    out, j = [], 0
-    for i, v in zip(kept, values, strict=True):
-        if j < len(kept2) and kept2[j] == i:
-            out.append(v)
-            j += 1
-    return out
-
-
-class _TorchThreads:
-    """Gives each worker thread its own torch intra-op width, restoring the global default.
-
-    See the module docstring for what ``torch.set_num_threads`` does from a thread.
-    """
-
-    def __init__(self, per_worker: int, workers: int) -> None:
-        self.per_worker = per_worker
-        self.workers = workers
-        self.consumer_threads = torch.get_num_threads()
-        self._lock = threading.Lock()
-        self._done = 0
-        self._all_done = threading.Event()
-
-    def init_worker(self) -> None:
-        try:
-            # Run torch's lazy per-thread initialisation first: it would otherwise later
-            # reset this thread from the (restored) process-wide default.
-            torch.get_num_threads()
-            torch.set_num_threads(self.per_worker)
-        finally:
-            with self._lock:
-                self._done += 1
-                if self._done >= self.workers:
-                    self._all_done.set()
-
-    def restore(self) -> None:
-        """Wait (bounded) for every worker's init, then restore the process-wide default."""
-        self._all_done.wait(_INIT_WAIT_S)
-        torch.set_num_threads(self.consumer_threads)
-
-
-class _Run:
-    """One iteration over (the rest of) an epoch: owns the prefetcher and the hand-off books.
-
-    Referenced only by the generator the consumer iterates (the loader keeps a weak
-    reference), so dropping that iterator stops the threads.
-    """
-
-    def __init__(self, loader: Loader, progress: EpochProgress) -> None:
-        self.progress = progress
-        self.epoch = progress.epoch
-        self.loader_ref = weakref.ref(loader)
-        sampler = loader.sampler
-        self.batches = sampler.batches(self.epoch)
-        todo = progress.remaining(sampler.num_batches)
-        worker = _BatchWorker(
-            source=loader.source,
-            transform=loader.transform,
-            batch_transform=loader.batch_transform,
-            collator=loader.collator,
-            spec=loader._spec,
-            recorder=loader.recorder,
-            seed=loader.seed,
-            epoch=self.epoch,
-            skip=loader.on_error == "skip",
-        )
-        threads = loader.num_threads
-        torch_init = None
-        if threads > 0 and loader.torch_threads is not None:
-            torch_init = _TorchThreads(loader.torch_threads, threads)
-        self.failures = progress.failures
-        self.failure_limit = loader._failure_limit()
-        self.max_failures = loader.max_failures
-        self.skipped = loader.skipped
-        self.collator = loader.collator
-        self.prefetcher: Prefetcher[_BatchTask, _BatchResult] = Prefetcher(
-            _tasks(self.batches, todo, loader.prefetch if loader.read_ahead else 0),
-            worker,
-            num_threads=threads,
-            depth=loader.prefetch,
-            in_order=loader.in_order,
-            timeout_s=loader.timeout,
-            describe=_describe_task,
-            recorder=loader.recorder,
-            thread_init=None if torch_init is None else torch_init.init_worker,
-            role="loader",
-            report_consumer=loader._reports_consumer(),
-        )
-        if torch_init is not None:
-            torch_init.restore()
-        # Per yielded batch: (batch numbers it settles, failures it settles). A batch whose
-        # samples all failed is not yielded; it settles with the next yielded one.
-        self.pending: collections.deque[tuple[list[int], int]] = collections.deque()
-        self._unyielded: list[int] = []
-        self._unyielded_failures = 0
-
-    def results(self) -> Iterator[Batch]:
-        """Batches in hand-off order; applies the skip policy."""
-        for _task, res in self.prefetcher:
-            if res.failures:
-                self.skipped.extend(res.failures)
-                self.failures += len(res.failures)
-                if self.failure_limit is not None and self.failures > self.failure_limit:
-                    last = res.failures[-1]
-                    raise TooManyFailuresError(
-                        f"{self.failures} samples failed in epoch {self.epoch}, more than "
-                        f"max_failures={self.max_failures!r} allows ({self.failure_limit}); "
-                        f"last: sample {last.index} ({last.where}) in stage '{last.stage}': "
-                        f"{last.message}"
-                    )
-            if res.data is None:
-                self._unyielded.append(res.number)
-                self._unyielded_failures += len(res.failures)
-                continue
-            numbers = [*self._unyielded, res.number]
-            self.pending.append((numbers, self._unyielded_failures + len(res.failures)))
-            self._unyielded, self._unyielded_failures = [], 0
-            yield Batch(res.data, res.labels, res.indices)
-
-    def commit(self) -> None:
-        """The consumer is being handed the oldest pending batch: mark it delivered."""
-        numbers, failures = self.pending.popleft()
-        self.progress.mark(numbers)
-        self.progress.failures += failures
-
-    def finish(self) -> None:
-        """The epoch ended: settle trailing batches that had nothing to yield."""
-        self.progress.mark(self._unyielded)
-        self.progress.failures += self._unyielded_failures
-        self._unyielded, self._unyielded_failures = [], 0
-
-    def close(self, join_s: float | None = None) -> None:
-        self.prefetcher.close(join_s)
+__all__ = ["Loader"]
 
 
 def _default_threads() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(16, cpus))
-
-
-def _check_device(device: str | torch.device | None) -> torch.device | None:
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={str(device)!r} but CUDA is not available in this process")
-    return dev
+    return max(1, min(16, usable_cores()))
 
 
 def _int_arg(name: str, value: Any, minimum: int) -> int:
@@ -578,7 +79,7 @@ class Loader:
         batch_size: Samples per batch.
         shuffle: Shuffle each epoch, seeded by ``(seed, epoch)``.
         seed: Seed of the shuffle and of per-sample random transforms
-            (``fastfeed._rng.sample_rng()`` is keyed by ``(seed, epoch, index)``).
+            (``fastfeed.rng.sample_rng()`` is keyed by ``(seed, epoch, index)``).
         drop_last: Drop the incomplete last batch of each epoch (per rank).
         num_threads: Worker threads; 0 runs everything inline in the consumer's thread.
             Default: the CPUs available to this process (at most 16).
@@ -606,7 +107,7 @@ class Loader:
         collate_fn: Generic collate for samples without a fixed shape (torch's
             ``default_collate`` by default).
         device: Where batches are delivered (e.g. ``"cuda"``): a
-            :class:`~fastfeed.staging.DeviceStager` thread copies each batch on its own
+            :class:`~fastfeed.pipeline.staging.DeviceStager` thread copies each batch on its own
             CUDA stream ahead of the training loop. None keeps batches on the CPU where
             the workers built them.
         pin_memory: Collate into reusable page-locked host buffers (a pinned ring) for
@@ -633,7 +134,7 @@ class Loader:
     Attributes:
         recorder: The :class:`~fastfeed.profiling.Recorder` every stage reports to.
         skipped: :class:`SkippedSample` entries of the current iteration (skip mode).
-        sampler: The :class:`~fastfeed.sampling.EpochSampler` that orders each epoch.
+        sampler: The :class:`~fastfeed.pipeline.sampling.EpochSampler` that orders each epoch.
         rank: This process's rank.
         world_size: Number of ranks.
     """
@@ -697,8 +198,8 @@ class Loader:
             raise ConfigError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
         if torch_threads is not None:
             _int_arg("torch_threads", torch_threads, 1)
-        self._spec = _sample_spec(transform)
-        if batch_transform is not None and self._spec is not None:
+        spec = sample_spec(transform)
+        if batch_transform is not None and spec is not None:
             raise ConfigError(
                 "batch_transform cannot be combined with a fixed-shape transform "
                 "(one with sample_spec()): that transform already writes the batch"
@@ -720,23 +221,15 @@ class Loader:
         self.timeout = float(timeout) if timeout else None
         self.torch_threads = torch_threads
         self.read_ahead = bool(read_ahead)
-        self.device = _check_device(device)
-        if self.device is None and (
-            to_float or mean is not None or std is not None or channels_last
-        ):
+        self.device = None if device is None else resolve_device(device)
+        finish = Finish(to_float, mean, std, channels_last)
+        if self.device is None and finish.any:
             raise ConfigError(
                 "to_float, mean, std and channels_last finish batches on a device: give "
                 "device= (e.g. 'cuda', or 'cpu' to finish on the host)"
             )
-        self._finish = {
-            "to_float": to_float,
-            "mean": mean,
-            "std": std,
-            "channels_last": channels_last,
-        }
-        if pin_memory is None:
-            pin_memory = self.device is not None and self.device.type == "cuda"
-        self.pin_memory = bool(pin_memory)
+        if (mean is None) != (std is None):
+            raise ConfigError("give mean and std together (normalisation needs both)")
         self.sampler = EpochSampler(
             len(source),
             batch_size=self.batch_size,
@@ -751,42 +244,45 @@ class Loader:
         self.world_size = self.sampler.world_size
         self.even_batches = even_batches
         self.recorder = Recorder(enabled=bool(profile))
-        self.collator = self._make_collator()
+        self._work = WorkSpec(
+            source=source,
+            transform=transform,
+            batch_transform=batch_transform,
+            sample_spec=spec,
+            seed=seed,
+            skip=on_error == "skip",
+            max_failures=max_failures,
+            failure_limit=_failure_limit(max_failures, self.sampler.samples_per_epoch),
+            num_threads=self.num_threads,
+            prefetch=self.prefetch,
+            in_order=self.in_order,
+            timeout_s=self.timeout,
+            torch_threads=torch_threads,
+            read_ahead=self.read_ahead,
+        )
+        self._pipeline = assemble(
+            PipelineSpec(
+                recorder=self.recorder,
+                in_flight=self.prefetch,
+                device=self.device,
+                pin_memory=pin_memory,
+                collate_fn=collate_fn,
+                finish=finish,
+                timeout_s=self.timeout,
+                num_threads=self.num_threads,
+            )
+        )
+        #: Whether batch buffers are page-locked (decided by the assembly point).
+        self.pin_memory = self._pipeline.pinned
+        #: The collator in-process workers build batches with.
+        self.collator = self._pipeline.collator
         self.skipped: list[SkippedSample] = []
         # The epoch of the last started (or loaded / chosen) iteration and what of it was
         # delivered; _resume: the next iteration continues it instead of moving on.
         self._progress = EpochProgress(epoch=0)
         self._resume = True
-        self._active: weakref.ref[_Run] | None = None
+        self._active: weakref.ref[EpochRun] | None = None
         self._closed = False
-
-    # -- wiring points (staging) ------------------------------------------------------------
-
-    def _make_collator(self) -> Collator:
-        """The collator the workers build batches with (the one place to build it)."""
-        # Ring slots: every batch in flight, plus one with the consumer and one being copied.
-        return Collator(self.collate_fn, pin_memory=self.pin_memory, slots=self.prefetch + 2)
-
-    def _reports_consumer(self) -> bool:
-        """Whether the prefetcher reports the training loop's waits (no stager after it)."""
-        return self.device is None
-
-    def _stage(self, batches: Iterator[Batch]) -> Iterator[Batch]:
-        """Route batches to :attr:`device` through the device stager (identity without one).
-
-        The stager copies on its own CUDA stream, makes the consumer's stream wait on the
-        copy's event, and releases each host slot to the collator once its copy is done.
-        """
-        if self.device is None:
-            return batches
-        return DeviceStager(
-            batches,
-            self.device,
-            collator=self.collator,
-            recorder=self.recorder,
-            timeout_s=self.timeout,
-            **self._finish,
-        )
 
     # -- epochs and state -------------------------------------------------------------------
 
@@ -817,7 +313,7 @@ class Loader:
                 slowest rank. A collective call: every rank must make it.
 
         Returns:
-            A :class:`~fastfeed.report.LoaderStats` (``.stall_fraction``, ``.verdict``,
+            A :class:`~fastfeed.stats.report.LoaderStats` (``.stall_fraction``, ``.verdict``,
             ``.summary()``, ``.to_dict()``, ``.save_trace(path)``).
         """
         return LoaderStats.collect(
@@ -845,16 +341,10 @@ class Loader:
         self._close_active()
         self.seed = seed
         self.sampler.seed = seed
+        self._work = dataclasses.replace(self._work, seed=seed)
         self._progress = progress
         # A finished epoch resumes at the start of the next one, like the uninterrupted loader.
         self._resume = not progress.complete(self.sampler.num_batches)
-
-    def _failure_limit(self) -> int | None:
-        if self.max_failures is None:
-            return None
-        if isinstance(self.max_failures, float):
-            return int(self.max_failures * self.sampler.samples_per_epoch)
-        return self.max_failures
 
     # -- iteration --------------------------------------------------------------------------
 
@@ -866,32 +356,26 @@ class Loader:
             self._progress = EpochProgress(epoch=self._progress.epoch + 1)
         self._resume = False
         self.skipped = []
-        run = _Run(self, self._progress)
+        batches = self.sampler.batches(self._progress.epoch)
+        run = EpochRun(self._work, self._pipeline, batches, self._progress, self.skipped)
         self._active = weakref.ref(run)
         return self._deliver(run)
 
-    def _deliver(self, run: _Run) -> Iterator[Batch]:
+    def _deliver(self, run: EpochRun) -> Iterator[Batch]:
         # The consumer-facing generator: the only strong owner of `run`, so dropping or
         # closing it stops the workers (finally below, or the prefetcher's finalizer).
         results = run.results()
-        staged = self._stage(results)
-        release = self.collator.release if staged is results else None
+        tap = self._pipeline.deliver(results, on_close=results.close)
         try:
-            for batch in staged:
+            for batch in tap:
                 run.commit()
                 yield batch
-                if release is not None:
-                    release(batch)  # the consumer came back: it moved past this batch
             run.finish()
         except LoaderTimeoutError:
             run.close(join_s=0.0)  # a worker is stuck: do not wait for it (daemon thread)
             raise
         finally:
-            if staged is not results:
-                close = getattr(staged, "close", None)
-                if close is not None:
-                    close()
-            results.close()
+            tap.close()
             run.close()
 
     def _close_active(self) -> None:
@@ -923,15 +407,10 @@ class Loader:
         )
 
 
-def _sample_spec(transform: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
-    spec_fn = getattr(transform, "sample_spec", None)
-    if spec_fn is None or not callable(spec_fn):
+def _failure_limit(max_failures: int | float | None, samples_per_epoch: int) -> int | None:
+    """Failures allowed per epoch: ``max_failures`` as a count (a float is a fraction)."""
+    if max_failures is None:
         return None
-    try:
-        shape, dtype = spec_fn()
-        shape = tuple(int(s) for s in shape)
-    except Exception as exc:
-        raise ConfigError(f"transform.sample_spec() must return (shape, dtype): {exc}") from exc
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"transform.sample_spec() dtype must be a torch.dtype, got {dtype!r}")
-    return shape, dtype
+    if isinstance(max_failures, float):
+        return int(max_failures * samples_per_epoch)
+    return max_failures

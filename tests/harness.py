@@ -611,7 +611,7 @@ def hold_live_loaders() -> None:
     the process then ends with both iterators live and workers inside slow reads.
     Prints ``LIVE-LOADERS`` once both delivered a batch.
     """
-    from fastfeed.compat import DataLoader
+    from fastfeed.dataloader import DataLoader
     from fastfeed.loader import Loader
 
     loader = Loader(LedgerSource(4096, delay_s=0.01), LedgerDecode(), batch_size=8, num_threads=2)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from fakes import run_in_threads
 
-import fastfeed.buffers as buffers
-from fastfeed.buffers import PinnedRing, map_tensors, tensor_leaves
+import fastfeed.pipeline.buffers as buffers
 from fastfeed.errors import ConfigError
+from fastfeed.pipeline.buffers import PinnedRing, map_tensors, tensor_leaves
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -82,21 +82,22 @@ def test_full_ring_retires_kept_batches_and_never_blocks():
     assert ring.owns(kept[-1]) and not ring.owns(kept[0])
 
 
-def test_a_short_last_batch_uses_the_front_of_a_full_slot():
+def test_a_short_last_batch_gets_its_own_exact_buffer_and_pickles_small():
+    import pickle
+
     ring = PinnedRing(2)
     full = ring.acquire(8, (3,), torch.uint8)
     ptr = _ptr(full)
     ring.release(full)
-    del full
     short = ring.acquire(5, (3,), torch.uint8)
     assert short.shape == (5, 3) and short.is_contiguous()
-    assert _ptr(short) == ptr
-    ring.release(short)
-    del short
-    # Once a longer batch was asked for, new slots are allocated at the longest length.
-    big = ring.acquire(10, (3,), torch.uint8)
-    assert _ptr(big) != ptr and big.shape == (10, 3)
-    assert ring.stats().allocations == 2
+    assert _ptr(short) != ptr  # not a view of the full slot ...
+    assert short.untyped_storage().nbytes() == 15  # ... but exactly its own rows
+    assert len(pickle.dumps(short)) < len(pickle.dumps(full))
+    assert ring.stats().allocations == 1  # the ring's slot stays free for the next epoch
+    del full
+    again = ring.acquire(8, (3,), torch.uint8)
+    assert _ptr(again) == ptr and ring.stats().reuses == 1
 
 
 def test_shapes_and_dtypes_get_separate_slots():

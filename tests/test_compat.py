@@ -20,8 +20,8 @@ import torch
 import torch.utils.data as tud
 from torch.utils.data import DistributedSampler, IterableDataset, TensorDataset
 
-import fastfeed.compat as compat
-from fastfeed.compat import DataLoader
+import fastfeed.dataloader as compat
+from fastfeed.dataloader import DataLoader
 from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError, SampleError
 
 N = 50  # samples per dataset: enough for partial batches at every batch size
@@ -920,7 +920,7 @@ def test_loader_pickles_without_its_running_state() -> None:
 
 _EXIT_SCRIPT = """
 import torch, torch.utils.data as tud
-from fastfeed.compat import DataLoader
+from fastfeed.dataloader import DataLoader
 
 class Slow(tud.Dataset):
     def __len__(self): return 40

@@ -14,15 +14,15 @@ import pytest
 import torch
 import torch.utils.data as tud
 
-import fastfeed.compat as compat
-from fastfeed.compat import DataLoader
+import fastfeed.dataloader as compat
+from fastfeed.dataloader import DataLoader
 from fastfeed.errors import ConfigError, LoaderTimeoutError, SampleError
 
 N = 30
 
 
 class WhoLoaded(tud.Dataset):
-    """Sample i is (i, worker id as fastfeed.compat.get_worker_info() reports it)."""
+    """Sample i is (i, worker id as fastfeed.dataloader.get_worker_info() reports it)."""
 
     def __len__(self) -> int:
         return N

@@ -21,7 +21,7 @@ from PIL import Image
 from fastfeed.errors import ConfigError
 from fastfeed.hooks import Watched, watch
 from fastfeed.profiling import Recorder
-from fastfeed.report import Bound, LoaderStats
+from fastfeed.stats import Bound, LoaderStats
 from fastfeed.synthetic import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent

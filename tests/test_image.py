@@ -19,7 +19,7 @@ from fakes import run_in_threads
 from PIL import Image, ImageFile, ImageOps
 
 import fastfeed.image as ffi
-from fastfeed import _rng
+from fastfeed import rng as _rng
 from fastfeed.errors import ConfigError, DecodeError
 from fastfeed.image import _decode, _plan
 

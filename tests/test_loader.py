@@ -18,7 +18,6 @@ import pytest
 import torch
 from fakes import BlockingSource, ListSource, ledger_source
 
-from fastfeed._rng import sample_rng
 from fastfeed.errors import (
     ConfigError,
     DecodeError,
@@ -28,6 +27,7 @@ from fastfeed.errors import (
     TooManyFailuresError,
 )
 from fastfeed.loader import Batch, Loader, SkippedSample
+from fastfeed.rng import sample_rng
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -455,7 +455,7 @@ def test_collate_error_without_single_culprit() -> None:
     with pytest.raises(SampleError) as info:
         list(Loader(ledger_source(6), ragged, batch_size=3, num_threads=1))
     assert info.value.stage == "collate" and info.value.index is None
-    assert "batch 0 (indices 0, 1, 2" in str(info.value)
+    assert "batch 0 (indices [0, 1, 2]" in str(info.value)
 
 
 @pytest.mark.parametrize("threads", [0, 4])
@@ -550,7 +550,7 @@ def test_timeout_names_in_flight_indices() -> None:
             next(it)
         assert time.monotonic() - t0 < 2.0
         assert 21 in info.value.in_flight
-        assert "batch 5 [indices 20, 21, 22, 23]" in str(info.value)
+        assert "batch 5 indices [20, 21, 22, 23]" in str(info.value)
     finally:
         src.release()
         loader.close()
@@ -689,7 +689,7 @@ def test_defaults() -> None:
 
 
 def test_stats_reports_stages_and_a_verdict() -> None:
-    from fastfeed.report import LoaderStats
+    from fastfeed.stats import LoaderStats
 
     with Loader(
         ledger_source(640),

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import pytest
 
 from fastfeed.errors import ConfigError, LoaderTimeoutError
-from fastfeed.prefetch import Prefetcher
+from fastfeed.pipeline.prefetch import Prefetcher
+from fastfeed.pipeline.tap import Tap
 from fastfeed.profiling import Recorder
 
 
@@ -193,7 +194,7 @@ def test_thread_init_and_recorder() -> None:
         recorder=rec,
         role="init",
     )
-    assert [r for _, r in p] == list(range(10))
+    assert [r for _, r in Tap(p, rec)] == list(range(10))
     p.close()
     assert sorted(seen) == sorted(f"fastfeed-init-{n.split('-')[-1]}" for n in seen)
     assert len(seen) == 2

@@ -12,7 +12,7 @@ import pytest
 
 from fastfeed import _procio
 from fastfeed.profiling import Recorder
-from fastfeed.trace import chrome_trace, write_chrome_trace
+from fastfeed.profiling.trace import chrome_trace, write_chrome_trace
 
 
 def test_span_records_wall_cpu_failures_and_bytes() -> None:
@@ -173,7 +173,7 @@ def test_run_queue_and_switches_are_scaled_from_the_measured_spans() -> None:
 
 
 def test_mark_chains_read_scheduler_counters_on_every_nth_chain() -> None:
-    from fastfeed import profiling
+    from fastfeed.profiling import recorder as profiling
 
     rec = Recorder()
     sampled = []
@@ -204,8 +204,8 @@ def test_loader_marks_still_measure_the_gil_signature() -> None:
     # estimated from the sampled mark chains.
     from fakes import ledger_source
 
-    from fastfeed import report
     from fastfeed.loader import Loader
+    from fastfeed.stats import report
 
     if sys.platform != "linux":
         pytest.skip("needs getrusage(RUSAGE_THREAD) / schedstat")

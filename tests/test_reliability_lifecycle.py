@@ -3,7 +3,7 @@
 Every case ends with the process back at its baseline threads and file descriptors, and
 every epoch that runs to the end is checked with a :class:`~harness.Ledger` (each index
 exactly once, content intact). Both :class:`fastfeed.Loader` and the torch-compatible
-:class:`fastfeed.compat.DataLoader` are covered where the case applies to both.
+:class:`fastfeed.dataloader.DataLoader` are covered where the case applies to both.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from harness import (
     run_child,
 )
 
-from fastfeed.compat import DataLoader
+from fastfeed.dataloader import DataLoader
 from fastfeed.loader import Loader
 
 N = 96
@@ -241,7 +241,7 @@ from harness import LedgerDataset, LedgerDecode, LedgerSource
 # What an interactive terminal gives a training script. A child of a background job
 # (e.g. a CI runner's `cmd &`) inherits SIGINT ignored, and Ctrl-C would never arrive.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from fastfeed.compat import DataLoader
+from fastfeed.dataloader import DataLoader
 from fastfeed.loader import Loader
 
 if IMPL == "Loader":
@@ -284,7 +284,7 @@ if __name__ == "__main__":
     proc.start()
     proc.join(60)
     print("CHILD-EXITCODE", proc.exitcode, flush=True)
-    from fastfeed.compat import DataLoader
+    from fastfeed.dataloader import DataLoader
     workers = DataLoader(harness.LedgerDataset(4096), batch_size=8, num_workers=1,
                          worker_type="process", multiprocessing_context=METHOD)
     it = iter(workers)

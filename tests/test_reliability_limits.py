@@ -23,7 +23,7 @@ from harness import (
     write_tiny_files,
 )
 
-from fastfeed.compat import DataLoader
+from fastfeed.dataloader import DataLoader
 from fastfeed.loader import Loader
 
 N_FILES = 10_000

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from fakes import ledger_source
 
-from fastfeed.prefetch import Prefetcher
+from fastfeed.pipeline.prefetch import Prefetcher
+from fastfeed.pipeline.tap import Tap
 from fastfeed.profiling import Recorder
-from fastfeed.report import Bottleneck, Bound, LoaderStats, Verdict, cache_whatif
 from fastfeed.sources.base import Source
+from fastfeed.stats import Bottleneck, Bound, LoaderStats, Verdict, cache_whatif
 
 
 @dataclass
@@ -45,7 +46,7 @@ def _run(
 
     tasks = [_Task(list(range(i * batch_size, (i + 1) * batch_size))) for i in range(batches)]
     with Prefetcher(tasks, work, num_threads=threads, depth=threads + 1, recorder=rec) as pf:
-        for _ in pf:
+        for _ in Tap(pf, rec):  # the tap times the loop, as in a loader
             time.sleep(step_s)
     return LoaderStats.collect(rec, source=source, num_threads=threads)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastfeed.errors import ConfigError
-from fastfeed.sampling import EpochProgress, EpochSampler, resolve_rank
+from fastfeed.pipeline.sampling import EpochProgress, EpochSampler, resolve_rank
 
 
 def _flat(batches: list[np.ndarray]) -> list[int]:

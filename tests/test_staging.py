@@ -9,11 +9,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fastfeed.collate import Collator
 from fastfeed.errors import ConfigError, LoaderTimeoutError, SampleError
-from fastfeed.prefetch import Prefetcher
+from fastfeed.pipeline.collate import Collator
+from fastfeed.pipeline.prefetch import Prefetcher
+from fastfeed.pipeline.staging import DeviceStager
+from fastfeed.pipeline.tap import Tap
 from fastfeed.profiling import Recorder
-from fastfeed.staging import DeviceStager
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
 
@@ -130,7 +131,7 @@ def test_bad_arguments_are_config_errors():
         DeviceStager(iter([]), "cpu", depth=0)
     with pytest.raises(ConfigError, match="'meta'"):
         DeviceStager(iter([]), "meta")
-    with pytest.raises(ConfigError, match="not a device"):
+    with pytest.raises(ConfigError, match="invalid device"):
         DeviceStager(iter([]), "gpu-please")
 
 
@@ -191,7 +192,8 @@ def test_recorder_gets_copy_spans_staged_queue_and_consumer_steps():
     rec = Recorder()
     batches = [_batch([i, i + 100]) for i in range(5)]
     nbytes = sum(b[0].nbytes + b[1].nbytes for b in batches)
-    assert len(list(DeviceStager(iter(batches), "cpu", recorder=rec))) == 5
+    stager = DeviceStager(iter(batches), "cpu", recorder=rec)
+    assert len(list(Tap(stager, rec))) == 5  # the tap after the stager times the loop
     snap = rec.snapshot()
     copy = snap["stages"]["copy"]
     assert (copy["count"], copy["items"], copy["bytes"]) == (5, 10, nbytes)
@@ -276,12 +278,12 @@ def test_ring_slots_are_recycled_behind_the_stager_and_kept_batches_survive():
     build = _ring_builder(col, shape)
     tasks = [_Task([i * 4 + k for k in range(4)]) for i in range(60)]
     rec = Recorder()
-    pf = Prefetcher(tasks, build, num_threads=2, depth=2, recorder=rec, report_consumer=False)
+    pf = Prefetcher(tasks, build, num_threads=2, depth=2, recorder=rec)
     stager = DeviceStager(
         (b for _, b in pf), "cpu", collator=col, recorder=rec, to_float=True, mean=MEAN, std=STD
     )
     kept = []
-    for n, (images, labels) in enumerate(stager):
+    for n, (images, labels) in enumerate(Tap(stager, rec)):
         if n % 3 == 0:
             kept.append((labels.tolist(), images))
     pf.close()
@@ -307,7 +309,7 @@ def _gpu_pipeline(col: Collator, epochs: int, batches: int, bs: int, shape, **st
         for e in range(epochs)
         for i in range(batches)
     ]
-    pf = Prefetcher(tasks, build, num_threads=4, depth=4, report_consumer=False)
+    pf = Prefetcher(tasks, build, num_threads=4, depth=4)
     stager = DeviceStager((b for _, b in pf), "cuda", collator=col, **stager_kw)
     return pf, stager
 

@@ -35,8 +35,8 @@ from typing import Any
 
 from fastfeed._procio import evict, read_proc_io, residency
 from fastfeed.errors import ConfigError
-from fastfeed.report import Bottleneck, Bound, LoaderStats, cache_whatif
 from fastfeed.sources.base import Record, Source
+from fastfeed.stats import Bottleneck, Bound, LoaderStats, cache_whatif
 
 HELP = "measure which stage (IO, CPU, copy, model) bounds a pipeline"
 EXIT_ASSERT = 3
@@ -392,7 +392,7 @@ def _one_thread_prep(
     """Transform time over all batches on this thread (reads excluded), and its CPU/wall."""
     if transform is None:
         return 0.0, 1.0
-    from fastfeed._rng import set_sample_key
+    from fastfeed.rng import set_sample_key
 
     total = cpu = 0.0
     for b in batches:

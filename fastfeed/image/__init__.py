@@ -9,7 +9,7 @@ batch row. Fixed-shape pipelines implement :class:`SlotWriter` (``sample_spec()`
 ``__call__(data, out=None)``).
 
 Semantics follow torchvision: same parameter names, the same RandomResizedCrop sampling
-algorithm (drawn from :func:`fastfeed._rng.sample_rng`, so deterministic in (seed, epoch,
+algorithm (drawn from :func:`fastfeed.rng.sample_rng`, so deterministic in (seed, epoch,
 index)), shorter-side Resize, CenterCrop with zero padding. Differences, all documented:
 
 - EXIF orientation is ignored by default (as torchvision's loaders do);

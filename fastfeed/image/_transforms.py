@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastfeed._rng import sample_rng
 from fastfeed.errors import ConfigError
 from fastfeed.image._decode import (
     EncodedImage,
@@ -21,6 +20,7 @@ from fastfeed.image._decode import (
 )
 from fastfeed.image._plan import Plan, draft_factor, execute_into, execute_pil, pil_resample
 from fastfeed.image._plan import resampling as _resampling
+from fastfeed.rng import sample_rng
 
 __all__ = [
     "CenterCrop",
@@ -81,7 +81,7 @@ class _Geometric:
         raise NotImplementedError
 
     def apply_pil(self, img: Image.Image) -> Image.Image:
-        """Apply to a PIL image, drawing parameters from :func:`fastfeed._rng.sample_rng`."""
+        """Apply to a PIL image, drawing parameters from :func:`fastfeed.rng.sample_rng`."""
         raise NotImplementedError
 
     def output_hw(self, hw: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -162,7 +162,7 @@ class RandomResizedCrop(_FixedShape):
             image_size: (width, height), like ``PIL.Image.size``, or the image itself.
             scale: (min, max) area fraction.
             ratio: (min, max) aspect ratio width / height.
-            rng: Generator to draw from; default :func:`fastfeed._rng.sample_rng`.
+            rng: Generator to draw from; default :func:`fastfeed.rng.sample_rng`.
 
         Returns:
             (top, left, height, width) of the crop, in pixels.
@@ -425,7 +425,7 @@ class Compose:
     transforms above), ``Compose(...)`` returns an :class:`ImagePipeline`, which also
     implements :class:`SlotWriter`, so the loader writes into pinned batch rows.
 
-    Random parameters come from :func:`fastfeed._rng.sample_rng`: in a loader the output
+    Random parameters come from :func:`fastfeed.rng.sample_rng`: in a loader the output
     depends only on (seed, epoch, index).
 
     Args:

@@ -68,7 +68,6 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
-import time
 import warnings
 import weakref
 from collections import deque
@@ -80,12 +79,13 @@ from torch.utils.data import DataLoader as _TorchDataLoader
 from torch.utils.data import IterableDataset
 from torch.utils.data._utils.worker import WorkerInfo
 
-from fastfeed.collate import Collator
 from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError, SampleError
-from fastfeed.prefetch import Prefetcher
+from fastfeed.pipeline.assemble import Pipeline, PipelineSpec, assemble
+from fastfeed.pipeline.collate import Collator
+from fastfeed.pipeline.prefetch import Prefetcher
+from fastfeed.pipeline.staging import resolve_device
 from fastfeed.profiling import Recorder
-from fastfeed.report import LoaderStats
-from fastfeed.staging import DeviceStager
+from fastfeed.stats import LoaderStats
 
 __all__ = ["DataLoader", "get_worker_info"]
 
@@ -411,7 +411,6 @@ class _Pool:
         worker_init_fn: Callable[[int], None] | None,
         base_seed: int,
         num_workers: int,
-        report_consumer: bool = True,
     ) -> None:
         self.fetch = fetch
         self.feed = _Feed()
@@ -444,7 +443,6 @@ class _Pool:
             recorder=recorder,
             thread_init=thread_init if num_threads > 0 else None,
             role="dataloader",
-            report_consumer=report_consumer,
         )
         # Close the feed first: a worker waiting in it for indices then exits at once.
         self._finalizer = weakref.finalize(self, _close_pool, self.feed, self.prefetcher)
@@ -482,8 +480,6 @@ class _ThreadIter:
         self._threaded = threads > 0
         self._ahead = loader.prefetch_factor * loader.num_workers if threads > 0 else 1
         self._timeout = loader.timeout
-        self._collator = pool.fetch.collator
-        self._last: Any = None
         self._done = False
         # Why this iterator stopped early: "superseded" (a later iter(loader)) or
         # "closed" (DataLoader.close()); None while running or after a normal end.
@@ -519,7 +515,6 @@ class _ThreadIter:
 
     def _finish(self) -> None:
         self._done = True
-        self._release_last()
         if self._owns_pool:
             self._pool.close()
 
@@ -534,11 +529,6 @@ class _ThreadIter:
         self._done = True
         if self._owns_pool:
             self._pool.close()
-
-    def _release_last(self) -> None:
-        if self._last is not None:
-            self._collator.release(self._last)
-            self._last = None
 
     def __next__(self) -> Any:
         if self._done:
@@ -560,7 +550,6 @@ class _ThreadIter:
         if self._pool.gen != self._gen:
             self._supersede()
             return self.__next__()
-        self._release_last()
         while True:
             self._fill()
             if self._outstanding == 0:
@@ -593,7 +582,6 @@ class _ThreadIter:
             if isinstance(result, _Failed):
                 raise result.exc
             self._count_yield()
-            self._last = result
             return result
 
     def _count_yield(self) -> None:
@@ -615,7 +603,7 @@ def _is_worker_error(exc: BaseException) -> bool:
 
 
 class _ProcessIter:
-    """Wraps torch's multiprocessing iterator: typed errors and consumer-wait figures."""
+    """Wraps torch's multiprocessing iterator: typed errors (the tap times the loop)."""
 
     def __init__(
         self, inner: Iterator[Any], timeout: float, recorder: Recorder, persistent: bool
@@ -623,8 +611,6 @@ class _ProcessIter:
         self._inner = inner
         self._persistent = persistent
         self._timeout = timeout
-        self._recorder = recorder
-        self._last_handoff: float | None = None
         self._batches = 0
 
     def __iter__(self) -> _ProcessIter:
@@ -644,7 +630,6 @@ class _ProcessIter:
                 shutdown()
 
     def __next__(self) -> Any:
-        t0 = time.perf_counter()
         try:
             batch = next(self._inner)
         except StopIteration:
@@ -659,10 +644,6 @@ class _ProcessIter:
             if _is_worker_error(exc):
                 raise self._worker_error(exc) from exc
             raise
-        now = time.perf_counter()
-        step = None if self._last_handoff is None else now - self._last_handoff
-        self._last_handoff = now
-        self._recorder.consumer_step(now - t0, step)
         self._batches += 1
         return batch
 
@@ -780,9 +761,15 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
                 "prefetch_factor=0 with num_workers > 0 would queue no batch at all; "
                 "pass prefetch_factor >= 1 (torch asserts the same on iter())"
             )
-        self.device = _resolve_device(device)
+        self.device = None if device is None else resolve_device(device)
         self.recorder = Recorder(enabled=profile)
-        self._pin = self._resolve_pin()
+        if self.pin_memory and self.pin_memory_device:
+            warnings.warn(
+                "pin_memory_device is deprecated (as in torch): the current accelerator is "
+                f"used; ignoring pin_memory_device={self.pin_memory_device!r}",
+                stacklevel=2,
+            )
+        self._pipeline = self._assemble(pin_warning_stacklevel=5)
         self._pool: _Pool | None = None  # the persistent pool (persistent_workers only)
         # The latest iterator, so a new iter(loader) or close() can stop its workers.
         self._current: weakref.ReferenceType[_ThreadIter | _ProcessIter] | None = None
@@ -797,6 +784,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         state["_current"] = None
         state["_iterator"] = None
         state["recorder"] = None
+        state["_pipeline"] = None
         state["_profile"] = self.recorder.enabled
         return state
 
@@ -805,6 +793,9 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         # Bypasses torch's __setattr__ guard, which forbids setting e.g. batch_size.
         self.__dict__.update(state)
         self.__dict__["recorder"] = Recorder(enabled=profile)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # given where the loader was built already
+            self.__dict__["_pipeline"] = self._assemble()
 
     # -- configuration --------------------------------------------------------------
 
@@ -817,66 +808,34 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         if getattr(self, "worker_type", "thread") == "process":
             super().check_worker_number_rationality()
 
-    def _resolve_pin(self) -> str | None:
-        """The accelerator type to pin for, or None; warns once when pinning is impossible."""
-        if not self.pin_memory:
-            return None
-        if self.pin_memory_device:
-            warnings.warn(
-                "pin_memory_device is deprecated (as in torch): the current accelerator is "
-                f"used; ignoring pin_memory_device={self.pin_memory_device!r}",
-                stacklevel=3,
+    def _assemble(self, pin_warning_stacklevel: int = 4) -> Pipeline:
+        """This loader's wiring, decided by the one assembly point."""
+        return assemble(
+            PipelineSpec(
+                recorder=self.recorder,
+                in_flight=self._in_flight(),
+                device=self.device,
+                pin_memory=bool(self.pin_memory),
+                collate_fn=self.collate_fn,
+                timeout_s=self.timeout or None,
+                num_threads=self.num_workers,
+                pin_warning_stacklevel=pin_warning_stacklevel,
             )
-        acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-        if acc is None:
-            warnings.warn(
-                "pin_memory=True but no accelerator is available: batches stay in ordinary "
-                "(pageable) memory",
-                stacklevel=3,
-            )
-            return None
-        if acc.type == "mps":
-            warnings.warn(
-                "pin_memory=True is not supported on MPS: batches stay in ordinary memory",
-                stacklevel=3,
-            )
-            return None
-        return acc.type
+        )
 
     def _in_flight(self) -> int:
         """Batches a thread pool keeps in flight or ready (torch's prefetch_factor * workers)."""
         return (self.prefetch_factor or 1) * max(self.num_workers, 1)
 
-    def _make_collator(self) -> Collator:
-        """The collator of a new worker pool: a pinned ring when pinning is possible.
-
-        Fixed-shape leaves are stacked straight into reusable page-locked slots (one copy,
-        where torch's pin-memory thread makes a second); slots a user still holds are
-        never rewritten.
-        """
-        if self._pin is None:
-            return Collator(self.collate_fn)
-        # Slots: every batch in flight, plus one with the consumer and one being copied.
-        return Collator(self.collate_fn, pin_memory=True, slots=self._in_flight() + 2)
-
-    def _stage(self, batches: Iterator[Any]) -> Iterator[Any]:
-        """Route batches to :attr:`device` through the device stager; identity without it.
-
-        The stager copies each batch on its own CUDA stream ahead of the training loop and
-        makes the loop's stream wait on the copy's event.
-        """
-        if self.device is None:
-            return batches
-        return DeviceStager(
-            batches, self.device, recorder=self.recorder, timeout_s=self.timeout or None
-        )
-
     # -- iteration ----------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        it: _ThreadIter | _ProcessIter
         if self.worker_type == "process" and self.num_workers > 0:
-            return self._stage(self._process_iter())
-        return self._stage(self._thread_iter())
+            it = self._process_iter()
+        else:
+            it = self._thread_iter()
+        return self._pipeline.deliver(it)
 
     def _process_iter(self) -> _ProcessIter:
         previous = self._current() if self._current is not None else None
@@ -914,7 +873,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             iterable=iterable,
             auto_collation=self._auto_collation,
             drop_last=self.drop_last,
-            collator=self._make_collator(),
+            collator=self._pipeline.collator,
             recorder=self.recorder,
         )
         # One thread reads an IterableDataset: it is iterated once, never split.
@@ -929,7 +888,6 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             worker_init_fn=self.worker_init_fn,
             base_seed=base_seed,
             num_workers=threads,
-            report_consumer=self.device is None,  # else the device stager reports them
         )
 
     def stats(self, *, gather: bool = False) -> LoaderStats:
@@ -960,15 +918,3 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             if shutdown is not None:
                 shutdown()
             self._iterator = None
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device | None:
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device={device!r} is not a torch device: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but CUDA is not available")
-    return dev

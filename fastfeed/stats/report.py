@@ -731,7 +731,7 @@ class LoaderStats:
 
     def save_trace(self, path: str | os.PathLike[str]) -> None:
         """Write the kept timeline as a Chrome trace JSON (Perfetto, chrome://tracing)."""
-        from fastfeed.trace import write_chrome_trace
+        from fastfeed.profiling.trace import write_chrome_trace
 
         write_chrome_trace(
             path,
@@ -745,7 +745,7 @@ class LoaderStats:
 
     def plot(self, path: str | os.PathLike[str]) -> None:
         """Save a PNG: stage breakdown, wait vs compute per step, cache what-if (matplotlib)."""
-        from fastfeed.plot import plot_stats
+        from fastfeed.stats.plot import plot_stats
 
         plot_stats(self, path)
 

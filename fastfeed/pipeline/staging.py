@@ -18,9 +18,8 @@ The consumer side (``__next__``, in the training loop's thread) makes the consum
 current stream wait on the batch's event (``current_stream().wait_event``) before the
 batch is used, and calls ``record_stream`` on every device tensor for that stream, so the
 caching allocator never gives the memory to another tensor while the training step may
-still read it. It also reports the training loop's wait and step times to the recorder
-(build the upstream :class:`~fastfeed.prefetch.Prefetcher` with
-``report_consumer=False``).
+still read it. (The training loop's wait and step times are taken by the consumer tap
+after it, :mod:`fastfeed.pipeline.tap`.)
 
 For ``device="cpu"`` the same thread and queue run without streams or events (the
 "copy" is ``Tensor.to("cpu")``, a no-op for CPU tensors), which is how the logic is
@@ -39,15 +38,15 @@ from typing import Any
 import torch
 
 from fastfeed._threads import ExceptionBox, join_all, start_thread
-from fastfeed.buffers import map_tensors, tensor_leaves
 from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError, SampleError
+from fastfeed.pipeline.buffers import map_tensors, tensor_leaves
 from fastfeed.profiling import Recorder
 
-__all__ = ["DeviceStager"]
+__all__ = ["COPIES_IN_FLIGHT", "DeviceStager", "resolve_device"]
 
 _POLL_S = 0.05  # how often blocked waits look at the stop event, seconds
 _JOIN_S = 2.0  # close() waits at most this long for the stager thread, seconds
-_COPIES_IN_FLIGHT = 2  # queued copies per stream: the next one is ready when one ends
+COPIES_IN_FLIGHT = 2  # queued copies per stream: the next one is ready when one ends
 
 _END = object()  # the upstream iterator is exhausted
 
@@ -192,7 +191,7 @@ class _StagerState:
 
     def _loop(self) -> None:
         pending: deque[_Flight] = deque()
-        in_flight = _COPIES_IN_FLIGHT if self.cuda else 1
+        in_flight = COPIES_IN_FLIGHT if self.cuda else 1
         upstream = self.upstream
         assert upstream is not None
         while not self.stop.is_set():
@@ -325,10 +324,9 @@ class DeviceStager:
         batches: Host batches: tensors or nested tuples/lists/dicts of tensors (tuple
             subclasses and their attributes, e.g. ``.indices``, are kept).
         device: Target device (``"cuda"``, ``"cuda:1"``, ``torch.device``, or ``"cpu"``).
-        collator: The :class:`~fastfeed.collate.Collator` that built the batches; each
+        collator: The :class:`~fastfeed.pipeline.collate.Collator` that built the batches; each
             host batch is released to it once its copy is complete.
-        recorder: Receives the ``copy`` stage, the ``staged`` queue and the training
-            loop's wait and step times (``consumer_step``).
+        recorder: Receives the ``copy`` stage and the ``staged`` queue.
         to_float: Convert 4-D integer batches (N, C, H, W) to float32 on the device (the
             values are not rescaled: fold 1/255 into ``mean``/``std``).
         mean: Per-channel mean subtracted on the device, in the data's units (e.g.
@@ -358,7 +356,7 @@ class DeviceStager:
         timeout_s: float | None = None,
         depth: int = 2,
     ) -> None:
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         if depth < 1:
             raise ConfigError(f"depth (staged batches) must be >= 1, got {depth}")
         if timeout_s is not None and timeout_s < 0:
@@ -368,7 +366,6 @@ class DeviceStager:
         self.recorder = recorder if recorder is not None else Recorder(enabled=False)
         finisher = _Finisher(dev, to_float, mean, std, channels_last)
         self._state = _StagerState(iter(batches), dev, finisher, collator, self.recorder, depth)
-        self._last_handoff: float | None = None
         self._closed = False
         self._finished = False
         self._state.thread = start_thread("stager", self._state.run)
@@ -380,7 +377,6 @@ class DeviceStager:
     def __next__(self) -> Any:
         if self._closed or self._finished:
             raise StopIteration
-        t_enter = time.perf_counter()
         item = self._state.get(self.timeout_s)
         if item is _END:
             self._finished = True
@@ -394,10 +390,6 @@ class DeviceStager:
             for t in tensor_leaves(item.batch):
                 if t.device.type == "cuda":
                     t.record_stream(consumer)
-        now = time.perf_counter()
-        step = None if self._last_handoff is None else now - self._last_handoff
-        self._last_handoff = now
-        self.recorder.consumer_step(now - t_enter, step)
         if isinstance(item, ExceptionBox):
             item.reraise()
         return item.batch
@@ -429,11 +421,17 @@ class DeviceStager:
         self.close()
 
 
-def _resolve_device(device: str | torch.device | int) -> torch.device:
+def resolve_device(device: str | torch.device | int) -> torch.device:
+    """The one device rule of fastfeed: ``cuda[:i]`` that exists, or ``cpu``.
+
+    Raises:
+        ConfigError: Not a device, CUDA without CUDA, a GPU index that does not exist, or
+            another device type (the stager copies to CUDA or the CPU).
+    """
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"not a device: {device!r}") from exc
+        raise ConfigError(f"invalid device {device!r}: not a torch device ({exc})") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device={str(device)!r} but CUDA is not available")

@@ -175,12 +175,10 @@ class Prefetcher(Generic[T, R]):
         timeout_s: Longest the consumer waits for the next result, seconds; None waits
             as long as workers are alive (still waking up to notice :meth:`close`).
         describe: Describes a task in a timeout message (e.g. its indices).
-        recorder: Receives consumer-wait, step-time and queue figures.
+        recorder: Receives the ``batches`` queue figures (the training loop's wait and
+            step are timed by the consumer tap, :mod:`fastfeed.pipeline.tap`).
         thread_init: Run once at the start of each worker thread.
         role: Thread names are ``fastfeed-<role>-<n>``.
-        report_consumer: Report wait/step times to ``recorder`` as the training loop's.
-            False when another stage (the device stager) sits between this prefetcher
-            and the training loop and reports them itself.
     """
 
     def __init__(
@@ -196,7 +194,6 @@ class Prefetcher(Generic[T, R]):
         recorder: Recorder | None = None,
         thread_init: Callable[[], None] | None = None,
         role: str = "worker",
-        report_consumer: bool = True,
     ) -> None:
         if num_threads < 0:
             raise ConfigError(f"num_threads must be >= 0, got {num_threads}")
@@ -208,11 +205,9 @@ class Prefetcher(Generic[T, R]):
         self.in_order = in_order
         self.timeout_s = timeout_s or None  # torch semantics: 0 means no timeout
         self.describe = describe
-        self.report_consumer = report_consumer
         self.recorder = recorder if recorder is not None else Recorder(enabled=False)
         self._shared: _Shared[T, R] = _Shared(iter(tasks), fn, depth, self.recorder, thread_init)
         self._next_out = 0
-        self._last_handoff: float | None = None
         self._closed = False
         if num_threads > 0:
             sh = self._shared
@@ -233,11 +228,6 @@ class Prefetcher(Generic[T, R]):
             item = self._next_inline()
         else:
             item = self._next_threaded(t_enter)
-        if self.report_consumer:
-            now = time.perf_counter()
-            step = None if self._last_handoff is None else now - self._last_handoff
-            self._last_handoff = now
-            self.recorder.consumer_step(now - t_enter, step)
         task, result = item
         if isinstance(result, ExceptionBox):
             result.reraise()

@@ -4,7 +4,7 @@ Two paths, one object (:class:`Collator`), used by both :class:`fastfeed.Loader`
 :class:`fastfeed.DataLoader`:
 
 - **Fixed shape**: :meth:`Collator.new_batch` returns an uninitialised ``(n, *shape)``
-  buffer from a :class:`~fastfeed.buffers.PinnedRing` slot and the workers write each
+  buffer from a :class:`~fastfeed.pipeline.buffers.PinnedRing` slot and the workers write each
   sample into its row: no per-sample tensor, no ``torch.stack``, and no second copy to
   pin (the slot is already page-locked when ``pin_memory=True``).
 - **Generic**: :meth:`Collator.collate` runs the user's ``collate_fn`` on ragged or nested
@@ -16,22 +16,20 @@ Two paths, one object (:class:`Collator`), used by both :class:`fastfeed.Loader`
   ``collate_fn`` are pinned afterwards when ``pin_memory=True``.
 
 :meth:`Collator.release` tells the ring the consumer moved past a batch; see
-:mod:`fastfeed.buffers` for when a slot is actually rewritten (never while anything
+:mod:`fastfeed.pipeline.buffers` for when a slot is actually rewritten (never while anything
 still references it).
 """
 
 from __future__ import annotations
 
-import threading
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import default_collate
 
-from fastfeed.buffers import PinnedRing, map_tensors, tensor_leaves
 from fastfeed.errors import ConfigError
+from fastfeed.pipeline.buffers import PinnedRing, map_tensors, tensor_leaves
 
 try:  # the building blocks of default_collate (public since torch 2.0, module private)
     from torch.utils.data._utils.collate import collate as _torch_collate
@@ -44,31 +42,6 @@ except ImportError:  # pragma: no cover - very old or very new torch: plain defa
 
 __all__ = ["Collator"]
 
-PIN_WARNING = (
-    "pin_memory=True but CUDA is not available: fastfeed uses ordinary (pageable) memory "
-    "for batch buffers instead"
-)
-
-
-class _Once:
-    """A flag that lets exactly one caller through (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.done = False
-
-    def claim(self) -> bool:
-        with self._lock:
-            if self.done:
-                return False
-            self.done = True
-            return True
-
-
-# One warning per process: a training script builds a loader per epoch or per split, and
-# the same sentence repeated on every one of them would bury everything else.
-_pin_warning = _Once()
-
 
 class Collator:
     """Builds batches for the loader's worker threads, in reusable (pinned) buffers.
@@ -77,8 +50,8 @@ class Collator:
         collate_fn: Generic collate for samples that are not written into a buffer; torch's
             ``default_collate`` semantics when None (tensor leaves stacked into ring slots).
         pin_memory: Put batches in page-locked memory so host-to-device copies can be
-            asynchronous. Without CUDA this degrades to ordinary memory with one
-            ``UserWarning`` per process, never an error.
+            asynchronous (ordinary memory without CUDA; the loaders decide and warn in
+            :func:`fastfeed.pipeline.assemble.decide_pin`).
         slots: Ring buffers kept per buffer shape: every batch that can hold a slot at
             once, i.e. the prefetch depth + 2 (the device stager keeps two copies in
             flight). Too few is never wrong, only slower: the ring then allocates and
@@ -98,8 +71,8 @@ class Collator:
         self.collate_fn = collate_fn if collate_fn is not None else default_collate
         self._default = self.collate_fn is default_collate and _torch_collate is not None
         self.pin_memory = bool(pin_memory)
-        if pin_memory and not torch.cuda.is_available() and _pin_warning.claim():
-            warnings.warn(PIN_WARNING, UserWarning, stacklevel=2)
+        # Whether to pin (and the warning when it is impossible) is decided by
+        # fastfeed.pipeline.assemble.decide_pin; without CUDA this is simply False.
         #: True when batch buffers really are page-locked.
         self.pinned = self.pin_memory and torch.cuda.is_available()
         self.ring = PinnedRing(slots, pin_memory=self.pinned) if slots > 0 else None

@@ -13,8 +13,8 @@ Cost per batch of the Loader's hooks (``mark`` + three ``add_since``): the run-q
 on every :data:`SCHED_SAMPLE_EVERY`-th chain of marks per thread and scaled up to every
 span of the stage (:class:`StageStats`); wall and CPU time are measured on every span.
 
-The analysis of these numbers (verdict, summary, JSON) lives in :mod:`fastfeed.report`,
-the Chrome trace export in :mod:`fastfeed.trace`, the plots in :mod:`fastfeed.plot`.
+The analysis of these numbers (verdict, summary, JSON) lives in :mod:`fastfeed.stats.report`,
+the Chrome trace export in :mod:`fastfeed.profiling.trace`, the plots in :mod:`fastfeed.stats.plot`.
 
 Stage spans also appear in ``torch.profiler`` traces as ``fastfeed/<stage>`` ranges while
 a torch profiler is running. Worker threads are not the thread that started the profiler,

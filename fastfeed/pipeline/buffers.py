@@ -40,7 +40,7 @@ import torch
 
 from fastfeed.errors import ConfigError
 
-__all__ = ["PinnedRing", "RingStats", "map_tensors", "tensor_leaves"]
+__all__ = ["PinnedRing", "RingStats", "compact", "map_tensors", "tensor_leaves"]
 
 _use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -144,6 +144,10 @@ class PinnedRing:
         with self._lock:
             rows = max(self._rows.get(key, 0), n)
             self._rows[key] = rows
+            if n < rows:
+                # A partial batch (an epoch's last): an exact buffer of its own, so that it
+                # pickles or saves with its own rows only, not a whole slot's.
+                return torch.empty((n, *key[0]), dtype=dtype, pin_memory=self.pinned)
             pool = self._pools.setdefault(key, [])
             slot = self._take_reusable(pool, n)
             if slot is not None:
@@ -316,3 +320,18 @@ def tensor_leaves(batch: Any) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     map_tensors(batch, lambda t: out.append(t) or t)
     return out
+
+
+def compact(batch: Any) -> Any:
+    """``batch`` with every tensor that views a larger buffer copied to its own memory.
+
+    A batch shrunk after it was built (skipped samples) is a view of its slot; pickling or
+    ``torch.save`` would write the whole slot. Tensors that own their memory are kept.
+    """
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided and t.untyped_storage().nbytes() > t.nbytes:
+            return t.clone()
+        return t
+
+    return map_tensors(batch, own)

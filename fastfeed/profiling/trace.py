@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fastfeed.profiling import TraceEvent
+from fastfeed.profiling.recorder import TraceEvent
 
 __all__ = ["chrome_trace", "write_chrome_trace"]
 

@@ -1,0 +1,261 @@
+"""The one assembly point: how a loader's stages are wired, decided in one place.
+
+The front doors (:class:`fastfeed.Loader`, :class:`fastfeed.DataLoader`) validate their
+arguments and build a :class:`PipelineSpec`; :func:`assemble` turns it into a
+:class:`Pipeline` and is the only code that decides:
+
+- **pinning**: whether batch buffers are page-locked (:func:`decide_pin`, one warning
+  policy for both doors);
+- **ring size**: slots = batches in flight upstream + one with the training loop + one
+  being copied by the device stager (:func:`ring_slots`);
+- **stager**: a :class:`~fastfeed.pipeline.staging.DeviceStager` exactly when a device is
+  given, always with the slot owner, so a copied slot is reused, never retired;
+- **who releases slots**: the stager (after the copy's event) when there is one, else the
+  consumer :class:`~fastfeed.pipeline.tap.Tap` (when the loop comes back);
+- **who times the loop**: the tap, always, and nothing else;
+- **execution mode** of the Loader: in-process threads or worker processes
+  (:func:`choose_processes`, rule and measurements in its docstring).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from fastfeed.pipeline.collate import Collator
+from fastfeed.pipeline.staging import COPIES_IN_FLIGHT, DeviceStager
+from fastfeed.pipeline.tap import Tap
+from fastfeed.profiling import Recorder
+
+__all__ = [
+    "Finish",
+    "Pipeline",
+    "PipelineSpec",
+    "SlotOwner",
+    "assemble",
+    "choose_processes",
+    "decide_pin",
+    "ring_slots",
+]
+
+
+class SlotOwner(Protocol):
+    """Who hands out batch buffers and takes them back (a collator, a shared ring)."""
+
+    def release(self, batch: Any, *, ready_event: Any = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Finish:
+    """GPU-side finishing of 4-D image batches, applied by the device stager.
+
+    Attributes:
+        to_float: uint8 → float32 on the device.
+        mean: Per-channel mean subtracted on the device, in the data's units.
+        std: Per-channel standard deviation divided by, same units.
+        channels_last: Deliver in ``torch.channels_last`` memory format.
+    """
+
+    to_float: bool = False
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    channels_last: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.to_float or self.mean is not None or self.std is not None or self.channels_last
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "to_float": self.to_float,
+            "mean": self.mean,
+            "std": self.std,
+            "channels_last": self.channels_last,
+        }
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What a front door decided about a loader, for :func:`assemble` (no façade inside).
+
+    Attributes:
+        recorder: Where every stage reports.
+        in_flight: Batches in flight or ready upstream of the training loop, at most.
+        device: Where batches are delivered (validated by ``resolve_device``), or None.
+        pin_memory: The user's request; None pins exactly when ``device`` is CUDA.
+        collate_fn: The user's generic collate (None: ``default_collate`` semantics).
+        finish: GPU-side finishing (needs ``device``).
+        timeout_s: Longest wait of the training loop for one batch (None: no limit).
+        processes: Worker processes for the Loader: an int >= 0 or ``"auto"``.
+        num_threads: Worker threads (per worker process in process mode).
+        pin_warning_stacklevel: ``stacklevel`` of the pin warning, so it points at the
+            user's constructor call.
+    """
+
+    recorder: Recorder
+    in_flight: int
+    device: torch.device | None = None
+    pin_memory: bool | None = None
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    finish: Finish = field(default_factory=Finish)
+    timeout_s: float | None = None
+    processes: int | str = 0
+    num_threads: int = 0
+    pin_warning_stacklevel: int = 4
+
+
+def decide_pin(requested: bool | None, device: torch.device | None, stacklevel: int = 3) -> bool:
+    """Whether batch buffers are page-locked: the one pinning policy of both loaders.
+
+    Args:
+        requested: ``pin_memory`` as the user gave it; None means "when it helps", i.e.
+            exactly when batches go to a CUDA device.
+        device: The delivery device, or None.
+        stacklevel: Where the warning points (the user's constructor call).
+
+    Returns:
+        True when buffers will be pinned. Asking for pinning where it is impossible (no
+        CUDA, or MPS) gives one ``UserWarning`` for this loader and ordinary memory, never
+        an error, as torch does.
+    """
+    if requested is None:
+        return device is not None and device.type == "cuda"
+    if not requested:
+        return False
+    if torch.cuda.is_available():
+        return True
+    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if acc is not None and acc.type == "mps":
+        why = "pin_memory=True is not supported on MPS"
+    else:
+        why = "pin_memory=True but no accelerator (CUDA) is available"
+    warnings.warn(
+        f"{why}: batches stay in ordinary (pageable) memory", UserWarning, stacklevel=stacklevel
+    )
+    return False
+
+
+def ring_slots(in_flight: int) -> int:
+    """Ring slots per buffer shape: every batch that can hold a slot at once.
+
+    The batches in flight or ready upstream, plus :data:`COPIES_IN_FLIGHT` more: with a
+    device stager, the copies it keeps queued (it releases a slot once its copy's event
+    completed); without one, the batch the training loop holds and one being built while
+    the tap hands it back. Measured on an H200 (round 1): fewer slots retire buffers.
+    """
+    return in_flight + COPIES_IN_FLIGHT
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def choose_processes(
+    requested: int | str, device: torch.device | None, cores: int | None = None
+) -> tuple[int, str]:
+    """The Loader's execution mode: worker processes (K > 0) or in-process threads (0).
+
+    The rule for ``processes="auto"`` (measurements in benchmarks/noisy_neighbour.py and
+    the README's performance section): worker threads share the training loop's GIL, and
+    a Python-bound training step runs +60-70% slower beside one fast-JPEG worker thread,
+    against a few percent beside a worker process. That cost matters when the training
+    loop is the GPU's feeder, i.e. when batches go to a CUDA device; for CPU training the
+    model's own ops compete for the same cores and the threads' lower memory and instant
+    start win. So:
+
+    - batches go to CUDA and there are at least 4 cores: ``max(1, min(4, cores // 4))``
+      worker processes (each runs the threaded pipeline);
+    - otherwise (CPU training, or fewer than 4 cores): in-process threads.
+
+    Returns:
+        ``(processes, reason)``; the reason is shown by ``stats()``.
+    """
+    if requested != "auto":
+        k = int(requested)
+        return k, ("processes=0: in-process threads" if k == 0 else f"processes={k} given")
+    cores = usable_cores() if cores is None else cores
+    if device is None or device.type != "cuda":
+        return 0, "auto: batches stay on the host (CPU training): in-process threads"
+    if cores < 4:
+        return 0, f"auto: only {cores} cores: in-process threads"
+    k = max(1, min(4, cores // 4))
+    return k, (
+        f"auto: batches go to {device} with {cores} cores: {k} worker process(es) keep the "
+        "loader's threads off the training loop's GIL"
+    )
+
+
+class Pipeline:
+    """A loader's wiring, built by :func:`assemble`.
+
+    Attributes:
+        spec: What it was built from.
+        pinned: Whether batch buffers are page-locked.
+        slots: Ring slots per buffer shape.
+        collator: The collator in-process workers build batches with (it owns the ring).
+        processes: Worker processes (0: in-process threads).
+        mode_reason: Why that execution mode was chosen.
+    """
+
+    def __init__(self, spec: PipelineSpec, pinned: bool, processes: int, reason: str) -> None:
+        self.spec = spec
+        self.pinned = pinned
+        self.slots = ring_slots(spec.in_flight)
+        self.collator = Collator(spec.collate_fn, pin_memory=pinned, slots=self.slots)
+        self.processes = processes
+        self.mode_reason = reason
+
+    @property
+    def mode(self) -> str:
+        """``"threads"`` or ``"processes"``."""
+        return "processes" if self.processes > 0 else "threads"
+
+    def deliver(
+        self,
+        batches: Iterator[Any],
+        *,
+        owner: SlotOwner | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> Tap[Any]:
+        """Wire the output: ``batches`` → (device stager) → tap → the training loop.
+
+        Args:
+            batches: Host batches from the workers.
+            owner: Who takes their buffers back (default: :attr:`collator`).
+            on_close: Stops the stages upstream of ``batches``.
+        """
+        owner = self.collator if owner is None else owner
+        spec = self.spec
+        if spec.device is None:
+            return Tap(batches, spec.recorder, release=owner.release, on_close=on_close)
+        stager = DeviceStager(
+            batches,
+            spec.device,
+            collator=owner,
+            recorder=spec.recorder,
+            timeout_s=spec.timeout_s,
+            **spec.finish.kwargs(),
+        )
+
+        def close() -> None:
+            stager.close()
+            if on_close is not None:
+                on_close()
+
+        return Tap(stager, spec.recorder, on_close=close)
+
+
+def assemble(spec: PipelineSpec) -> Pipeline:
+    """Decide the wiring of a loader from its spec (see the module docstring)."""
+    pinned = decide_pin(spec.pin_memory, spec.device, stacklevel=spec.pin_warning_stacklevel)
+    processes, reason = choose_processes(spec.processes, spec.device)
+    return Pipeline(spec, pinned, processes, reason)

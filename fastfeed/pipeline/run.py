@@ -1,0 +1,195 @@
+"""One iteration over (the rest of) an epoch: the workers and the hand-off books.
+
+:class:`EpochRun` is built from a :class:`WorkSpec` (the recipe every worker runs) and the
+assembled :class:`~fastfeed.pipeline.assemble.Pipeline`, never from the loader façade, so
+a parameter can be followed from the constructor down to the stage that uses it.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from fastfeed.errors import TooManyFailuresError
+from fastfeed.pipeline.assemble import Pipeline
+from fastfeed.pipeline.batch import (
+    Batch,
+    BatchResult,
+    BatchTask,
+    SkippedSample,
+    describe_task,
+    plan_tasks,
+)
+from fastfeed.pipeline.build import BatchBuilder, SampleSpec, TorchThreads
+from fastfeed.pipeline.prefetch import Prefetcher
+from fastfeed.pipeline.sampling import EpochProgress
+from fastfeed.sources.base import Source
+
+__all__ = ["Engine", "EpochRun", "WorkSpec"]
+
+
+@dataclass(frozen=True)
+class WorkSpec:
+    """The work of a Loader's workers, as its constructor validated it.
+
+    Attributes:
+        source: Where records come from.
+        transform: Per-sample transform, or None.
+        batch_transform: Replaces collate, or None.
+        sample_spec: Fixed ``(shape, dtype)`` rows the transform writes, or None.
+        seed: Seed of the per-sample RNG (and of the shuffle).
+        skip: ``on_error="skip"``.
+        max_failures: As given (int, fraction, or None).
+        failure_limit: Failures allowed per epoch, or None.
+        num_threads: Worker threads (per process in process mode).
+        prefetch: Batches in flight or ready, at most.
+        in_order: Deliver in sampler order.
+        timeout_s: Longest wait for one batch, or None.
+        torch_threads: torch intra-op threads per worker thread, or None.
+        read_ahead: Hint upcoming indices to the source.
+    """
+
+    source: Source
+    transform: Callable[..., Any] | None
+    batch_transform: Callable[[list[Any]], Any] | None
+    sample_spec: SampleSpec | None
+    seed: int
+    skip: bool
+    max_failures: int | float | None
+    failure_limit: int | None
+    num_threads: int
+    prefetch: int
+    in_order: bool
+    timeout_s: float | None
+    torch_threads: int | None
+    read_ahead: bool
+
+    def builder(self, collator: Any, recorder: Any, epoch: int) -> BatchBuilder:
+        """The work function of one worker (thread pool or process)."""
+        return BatchBuilder(
+            source=self.source,
+            transform=self.transform,
+            batch_transform=self.batch_transform,
+            collator=collator,
+            spec=self.sample_spec,
+            recorder=recorder,
+            seed=self.seed,
+            epoch=epoch,
+            skip=self.skip,
+        )
+
+
+class Engine(Protocol):
+    """Runs batch tasks somewhere and yields ``(task, result)`` (worker-process pools)."""
+
+    def run(self, tasks: Iterator[BatchTask]) -> Iterator[tuple[BatchTask, BatchResult]]: ...
+
+
+class EpochRun:
+    """One iteration over (the rest of) an epoch: owns its workers and the hand-off books.
+
+    Referenced only by the generator the consumer iterates (the loader keeps a weak
+    reference), so dropping that iterator stops the workers.
+
+    Args:
+        work: The recipe.
+        pipeline: The assembled wiring (collator, recorder).
+        batches: The epoch's batches of indices, in sampler order.
+        progress: What of this epoch was delivered already (updated on hand-over).
+        skipped: Where skipped samples are listed.
+        engine: A persistent worker-process pool; None runs in-process threads.
+    """
+
+    def __init__(
+        self,
+        work: WorkSpec,
+        pipeline: Pipeline,
+        batches: Sequence[np.ndarray],
+        progress: EpochProgress,
+        skipped: list[SkippedSample],
+        engine: Engine | None = None,
+    ) -> None:
+        self.progress = progress
+        self.epoch = progress.epoch
+        self.work = work
+        self.skipped = skipped
+        self.failures = progress.failures
+        todo = progress.remaining(len(batches))
+        lookahead = work.prefetch if work.read_ahead else 0
+        tasks = plan_tasks(batches, todo, lookahead, self.epoch)
+        recorder = pipeline.spec.recorder
+        self._close: Callable[[float | None], None]
+        self.source: Iterator[tuple[BatchTask, BatchResult]]
+        if engine is not None:
+            it = engine.run(tasks)
+            self.source = it
+            self._close = lambda join_s: it.close(join_s)  # type: ignore[attr-defined]
+        else:
+            threads = work.num_threads
+            torch_init = None
+            if threads > 0 and work.torch_threads is not None:
+                torch_init = TorchThreads(work.torch_threads, threads)
+            prefetcher: Prefetcher[BatchTask, BatchResult] = Prefetcher(
+                tasks,
+                work.builder(pipeline.collator, recorder, self.epoch),
+                num_threads=threads,
+                depth=work.prefetch,
+                in_order=work.in_order,
+                timeout_s=work.timeout_s,
+                describe=describe_task,
+                recorder=recorder,
+                thread_init=None if torch_init is None else torch_init.init_worker,
+                role="loader",
+            )
+            if torch_init is not None:
+                torch_init.restore()
+            self.source = prefetcher
+            self._close = prefetcher.close
+        # Per yielded batch: (batch numbers it settles, failures it settles). A batch whose
+        # samples all failed is not yielded; it settles with the next yielded one.
+        self.pending: collections.deque[tuple[list[int], int]] = collections.deque()
+        self._unyielded: list[int] = []
+        self._unyielded_failures = 0
+
+    def results(self) -> Iterator[Batch]:
+        """Batches in hand-off order; applies the skip policy."""
+        limit = self.work.failure_limit
+        for _task, res in self.source:
+            if res.failures:
+                self.skipped.extend(res.failures)
+                self.failures += len(res.failures)
+                if limit is not None and self.failures > limit:
+                    last = res.failures[-1]
+                    raise TooManyFailuresError(
+                        f"{self.failures} samples failed in epoch {self.epoch}, more than "
+                        f"max_failures={self.work.max_failures!r} allows ({limit}); "
+                        f"last: sample {last.index} ({last.where}) in stage '{last.stage}': "
+                        f"{last.message}"
+                    )
+            if res.data is None:
+                self._unyielded.append(res.number)
+                self._unyielded_failures += len(res.failures)
+                continue
+            numbers = [*self._unyielded, res.number]
+            self.pending.append((numbers, self._unyielded_failures + len(res.failures)))
+            self._unyielded, self._unyielded_failures = [], 0
+            yield Batch(res.data, res.labels, res.indices)
+
+    def commit(self) -> None:
+        """The consumer is being handed the oldest pending batch: mark it delivered."""
+        numbers, failures = self.pending.popleft()
+        self.progress.mark(numbers)
+        self.progress.failures += failures
+
+    def finish(self) -> None:
+        """The epoch ended: settle trailing batches that had nothing to yield."""
+        self.progress.mark(self._unyielded)
+        self.progress.failures += self._unyielded_failures
+        self._unyielded, self._unyielded_failures = [], 0
+
+    def close(self, join_s: float | None = None) -> None:
+        self._close(join_s)
