@@ -36,8 +36,8 @@ from _common import print_table, write_json
 
 from fastfeed.pipeline.collate import Collator
 from fastfeed.pipeline.prefetch import Prefetcher
-from fastfeed.profiling import Recorder
 from fastfeed.pipeline.staging import DeviceStager
+from fastfeed.profiling import Recorder
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
