@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "SourceNotFoundError": "fastfeed.errors",
     "TooManyFailuresError": "fastfeed.errors",
     "Verdict": "fastfeed.stats",
+    "WorkerError": "fastfeed.errors",
     "get_worker_info": "fastfeed.dataloader",
     "sample_rng": "fastfeed.rng",
     "watch": "fastfeed.hooks",
@@ -83,6 +84,7 @@ __all__ = [
     "SourceNotFoundError",
     "TooManyFailuresError",
     "Verdict",
+    "WorkerError",
     "__version__",
     "get_worker_info",
     "image",
@@ -126,6 +128,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
         SourceIndexError,
         SourceNotFoundError,
         TooManyFailuresError,
+        WorkerError,
     )
     from fastfeed.hooks import watch
     from fastfeed.loader import Loader

@@ -17,6 +17,7 @@ about data names *where* it happened: the index, the path or key, and the stage:
     ├── DecodeError                         bytes that are not a valid image / array
     ├── SampleError                         a sample failed inside the loader (index, key, stage)
     ├── TooManyFailuresError                on_error="skip" passed max_failures
+    ├── WorkerError (RuntimeError)          a worker process died (signal, segfault, OOM)
     └── LoaderTimeoutError (TimeoutError, RuntimeError)   no batch arrived within ``timeout``
 
 The original exception is always chained (``raise ... from exc``).
@@ -43,6 +44,7 @@ __all__ = [
     "SourceIndexError",
     "SourceNotFoundError",
     "TooManyFailuresError",
+    "WorkerError",
 ]
 
 
@@ -168,6 +170,42 @@ def describe_indices(indices: Sequence[Any], shown: int = 8) -> str:
 
 class TooManyFailuresError(FastFeedError):
     """With ``on_error="skip"``, more samples failed than ``max_failures`` allows."""
+
+
+class WorkerError(FastFeedError, RuntimeError):
+    """A worker process died (a signal, a segfault in a codec, the OOM killer, an exit).
+
+    Attributes:
+        worker: The worker's number (its process is named ``fastfeed-worker-<n>``).
+        pid: Its process id.
+        exitcode: Its exit code; negative: killed by that signal.
+        in_flight: The dataset indices it was working on.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        worker: int = -1,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        in_flight: Sequence[int] = (),
+    ):
+        super().__init__(message)
+        self.worker = worker
+        self.pid = pid
+        self.exitcode = exitcode
+        self.in_flight = list(in_flight)
+
+    def __reduce__(self):
+        return (
+            _rebuild_worker_error,
+            (str(self), self.worker, self.pid, self.exitcode, self.in_flight),
+        )
+
+
+def _rebuild_worker_error(message, worker, pid, exitcode, in_flight):
+    return WorkerError(message, worker=worker, pid=pid, exitcode=exitcode, in_flight=in_flight)
 
 
 class LoaderTimeoutError(FastFeedError, TimeoutError, RuntimeError):

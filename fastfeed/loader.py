@@ -36,6 +36,7 @@ who releases slots, who times the loop, threads or worker processes).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -43,7 +44,7 @@ from typing import Any
 import torch
 
 from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError
-from fastfeed.pipeline.assemble import Finish, PipelineSpec, assemble, usable_cores
+from fastfeed.pipeline.assemble import Finish, PipelineSpec, assemble
 from fastfeed.pipeline.batch import Batch, SkippedSample
 from fastfeed.pipeline.build import sample_spec
 from fastfeed.pipeline.run import EpochRun, WorkSpec
@@ -54,10 +55,6 @@ from fastfeed.sources.base import Source
 from fastfeed.stats import LoaderStats
 
 __all__ = ["Loader"]
-
-
-def _default_threads() -> int:
-    return max(1, min(16, usable_cores()))
 
 
 def _int_arg(name: str, value: Any, minimum: int) -> int:
@@ -130,6 +127,16 @@ class Loader:
             on storage; for data already in RAM or the page cache they are pure overhead
             (e.g. about 8 us per record for an LMDB, more than the read), so turn them off
             there.
+        processes: Worker processes, each running ``num_threads`` worker threads and
+            writing finished batches straight into shared-memory slots of this process
+            (no GIL shared with the training loop; one GIL per process). 0 runs the
+            threads in this process. ``"auto"``: processes when batches go to a CUDA
+            device and there are at least 4 cores, else threads (the rule and its
+            measurements: :func:`fastfeed.pipeline.assemble.choose_processes`).
+            Batches are identical in every mode. The source, transforms and
+            ``collate_fn`` must pickle under ``start_method="spawn"``.
+        start_method: How worker processes start: ``"fork"`` (default where CUDA is
+            not initialised: fast), ``"spawn"`` (default otherwise) or ``"forkserver"``.
 
     Attributes:
         recorder: The :class:`~fastfeed.profiling.Recorder` every stage reports to.
@@ -167,6 +174,8 @@ class Loader:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         channels_last: bool = False,
+        processes: int | str = 0,
+        start_method: str | None = None,
     ) -> None:
         if not isinstance(source, Source):
             raise ConfigError(f"source must be a fastfeed Source, got {type(source).__name__}")
@@ -176,11 +185,18 @@ class Loader:
             raise ConfigError(
                 f"batch_transform must be callable, got {type(batch_transform).__name__}"
             )
-        self.num_threads = (
-            _default_threads() if num_threads is None else _int_arg("num_threads", num_threads, 0)
-        )
-        default_prefetch = max(2, 2 * self.num_threads)
-        self.prefetch = default_prefetch if prefetch is None else _int_arg("prefetch", prefetch, 1)
+        if num_threads is not None:
+            _int_arg("num_threads", num_threads, 0)
+        if prefetch is not None:
+            _int_arg("prefetch", prefetch, 1)
+        if processes != "auto":
+            processes = _int_arg("processes", processes, 0)
+            if processes > 0 and num_threads == 0:
+                raise ConfigError("processes > 0 needs num_threads >= 1 in each process")
+        if start_method is not None and start_method not in ("fork", "spawn", "forkserver"):
+            raise ConfigError(
+                f"start_method must be 'fork', 'spawn' or 'forkserver', got {start_method!r}"
+            )
         if on_error not in ("raise", "skip"):
             raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if max_failures is not None:
@@ -244,6 +260,26 @@ class Loader:
         self.world_size = self.sampler.world_size
         self.even_batches = even_batches
         self.recorder = Recorder(enabled=bool(profile))
+        self._pipeline = assemble(
+            PipelineSpec(
+                recorder=self.recorder,
+                in_flight=prefetch,
+                device=self.device,
+                pin_memory=pin_memory,
+                collate_fn=collate_fn,
+                finish=finish,
+                timeout_s=self.timeout,
+                processes=processes,
+                num_threads=num_threads,
+                start_method=start_method,
+            )
+        )
+        #: Worker threads (in each worker process when :attr:`processes` > 0).
+        self.num_threads = self._pipeline.num_threads
+        #: Worker processes (0: threads of this process); see ``stats().execution``.
+        self.processes = self._pipeline.processes
+        #: Batches in flight or ready ahead of the training loop, at most.
+        self.prefetch = self._pipeline.in_flight
         self._work = WorkSpec(
             source=source,
             transform=transform,
@@ -260,18 +296,10 @@ class Loader:
             torch_threads=torch_threads,
             read_ahead=self.read_ahead,
         )
-        self._pipeline = assemble(
-            PipelineSpec(
-                recorder=self.recorder,
-                in_flight=self.prefetch,
-                device=self.device,
-                pin_memory=pin_memory,
-                collate_fn=collate_fn,
-                finish=finish,
-                timeout_s=self.timeout,
-                num_threads=self.num_threads,
-            )
-        )
+        if self.processes > 0:
+            _warn_if_cache_copied(source, self.processes)
+            # Collected without close(): stop the workers and free the shared slots.
+            weakref.finalize(self, self._pipeline.close)
         #: Whether batch buffers are page-locked (decided by the assembly point).
         self.pin_memory = self._pipeline.pinned
         #: The collator in-process workers build batches with.
@@ -316,14 +344,16 @@ class Loader:
             A :class:`~fastfeed.stats.report.LoaderStats` (``.stall_fraction``, ``.verdict``,
             ``.summary()``, ``.to_dict()``, ``.save_trace(path)``).
         """
-        return LoaderStats.collect(
+        stats = LoaderStats.collect(
             self.recorder,
             source=self.source,
-            num_threads=self.num_threads,
+            num_threads=self.num_threads * max(1, self.processes),
             skipped=self.skipped,
             device=self.device,
             gather=gather,
         )
+        stats.extra["execution"] = self._pipeline.describe_mode()
+        return stats
 
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-serializable resume state; counts batches handed to the consumer."""
@@ -357,15 +387,19 @@ class Loader:
         self._resume = False
         self.skipped = []
         batches = self.sampler.batches(self._progress.epoch)
-        run = EpochRun(self._work, self._pipeline, batches, self._progress, self.skipped)
+        owner = None
+        engine = None
+        if self.processes > 0:
+            engine, owner = self._pipeline.workers(self._work)
+        run = EpochRun(self._work, self._pipeline, batches, self._progress, self.skipped, engine)
         self._active = weakref.ref(run)
-        return self._deliver(run)
+        return self._deliver(run, owner)
 
-    def _deliver(self, run: EpochRun) -> Iterator[Batch]:
+    def _deliver(self, run: EpochRun, owner: Any = None) -> Iterator[Batch]:
         # The consumer-facing generator: the only strong owner of `run`, so dropping or
         # closing it stops the workers (finally below, or the prefetcher's finalizer).
         results = run.results()
-        tap = self._pipeline.deliver(results, on_close=results.close)
+        tap = self._pipeline.deliver(results, owner=owner, on_close=results.close)
         try:
             for batch in tap:
                 run.commit()
@@ -391,6 +425,7 @@ class Loader:
         """
         self._closed = True
         self._close_active()
+        self._pipeline.close()
 
     def __enter__(self) -> Loader:
         return self
@@ -414,3 +449,23 @@ def _failure_limit(max_failures: int | float | None, samples_per_epoch: int) -> 
     if isinstance(max_failures, float):
         return int(max_failures * samples_per_epoch)
     return max_failures
+
+
+def _warn_if_cache_copied(source: Source, processes: int) -> None:
+    """Warn that each worker process would fill its own copy of a RAM cache."""
+    from fastfeed.sources.memory import MemoryCache
+
+    node: Any = source
+    for _ in range(8):  # wrappers (subsets, caches) hold their inner source as .source
+        if isinstance(node, MemoryCache):
+            warnings.warn(
+                f"processes={processes} with a MemoryCache: each worker process fills its "
+                f"own copy of the cache ({processes} copies of up to its capacity, and a "
+                "lower hit rate per copy); use processes=0 to share one copy",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        node = getattr(node, "source", None)
+        if node is None:
+            return

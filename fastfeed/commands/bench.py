@@ -155,13 +155,14 @@ def bench(
 
     from fastfeed import image
     from fastfeed.errors import ConfigError
-    from fastfeed.loader import Loader, _default_threads
+    from fastfeed.loader import Loader
     from fastfeed.pack import open_source
+    from fastfeed.pipeline.assemble import usable_cores
 
     for name, value in (("batch-size", batch_size), ("samples", samples), ("size", size)):
         if value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
-    threads = _default_threads() if threads is None else threads
+    threads = max(1, min(16, usable_cores())) if threads is None else threads
     if threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {threads}")
     source = open_source(path)

@@ -85,27 +85,31 @@ class PipelineSpec:
 
     Attributes:
         recorder: Where every stage reports.
-        in_flight: Batches in flight or ready upstream of the training loop, at most.
+        in_flight: Batches in flight or ready upstream of the training loop, at most; None:
+            twice the workers (threads x processes), at least 2.
         device: Where batches are delivered (validated by ``resolve_device``), or None.
         pin_memory: The user's request; None pins exactly when ``device`` is CUDA.
         collate_fn: The user's generic collate (None: ``default_collate`` semantics).
         finish: GPU-side finishing (needs ``device``).
         timeout_s: Longest wait of the training loop for one batch (None: no limit).
         processes: Worker processes for the Loader: an int >= 0 or ``"auto"``.
-        num_threads: Worker threads (per worker process in process mode).
+        num_threads: Worker threads (per worker process in process mode); None: the
+            usable cores (at most 16), shared among the worker processes.
+        start_method: How worker processes start (None: fork where safe, else spawn).
         pin_warning_stacklevel: ``stacklevel`` of the pin warning, so it points at the
             user's constructor call.
     """
 
     recorder: Recorder
-    in_flight: int
+    in_flight: int | None = None
     device: torch.device | None = None
     pin_memory: bool | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
     finish: Finish = field(default_factory=Finish)
     timeout_s: float | None = None
     processes: int | str = 0
-    num_threads: int = 0
+    num_threads: int | None = 0
+    start_method: str | None = None
     pin_warning_stacklevel: int = 4
 
 
@@ -209,15 +213,86 @@ class Pipeline:
     def __init__(self, spec: PipelineSpec, pinned: bool, processes: int, reason: str) -> None:
         self.spec = spec
         self.pinned = pinned
-        self.slots = ring_slots(spec.in_flight)
-        self.collator = Collator(spec.collate_fn, pin_memory=pinned, slots=self.slots)
         self.processes = processes
         self.mode_reason = reason
+        cores = usable_cores()
+        if spec.num_threads is not None:
+            self.num_threads = spec.num_threads
+        elif processes > 0:
+            self.num_threads = max(1, min(16, cores // processes))
+        else:
+            self.num_threads = max(1, min(16, cores))
+        workers = self.num_threads * max(processes, 1)
+        self.in_flight = spec.in_flight if spec.in_flight is not None else max(2, 2 * workers)
+        self.slots = ring_slots(self.in_flight)
+        self.collator = Collator(spec.collate_fn, pin_memory=pinned, slots=self.slots)
+        self._pool: Any = None
+        self._ring: Any = None
 
     @property
     def mode(self) -> str:
         """``"threads"`` or ``"processes"``."""
         return "processes" if self.processes > 0 else "threads"
+
+    def describe_mode(self) -> dict[str, Any]:
+        """Which execution mode runs and why (for ``stats()``)."""
+        return {
+            "mode": self.mode,
+            "processes": self.processes,
+            "threads": self.num_threads,
+            "in_flight": self.in_flight,
+            "reason": self.mode_reason,
+        }
+
+    def workers(self, work: Any) -> tuple[Any, SlotOwner]:
+        """The persistent worker-process pool (started on first use) and its slot owner.
+
+        Args:
+            work: The :class:`~fastfeed.pipeline.run.WorkSpec` every worker runs.
+        """
+        from fastfeed.workers.processes import ProcessPool, WorkerRecipe, default_start_method
+        from fastfeed.workers.shm import SharedRing
+
+        if self._ring is None:
+            to_cuda = self.spec.device is not None and self.spec.device.type == "cuda"
+            self._ring = SharedRing(self.slots, pin=self.pinned and to_cuda)
+        if self._pool is None or not self._pool.alive():
+            if self._pool is not None:
+                self._pool.shutdown()
+            recipe = WorkerRecipe(
+                work=work,
+                collate_fn=self.spec.collate_fn,
+                threads=self.num_threads,
+                depth=max(1, -(-self.in_flight // self.processes)),
+                torch_threads=work.torch_threads,
+                profile=self.spec.recorder.enabled,
+            )
+            self._pool = ProcessPool(
+                recipe,
+                self._ring,
+                processes=self.processes,
+                start_method=self.spec.start_method or default_start_method(),
+                recorder=self.spec.recorder,
+                timeout_s=self.spec.timeout_s,
+                in_flight=self.in_flight,
+                in_order=work.in_order,
+            )
+        return self._pool, self._ring
+
+    def close(self) -> None:
+        """Stop worker processes and free the shared slots. Idempotent."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+    def ring_stats(self) -> dict[str, Any]:
+        """Counters of the buffer ring in use (shared slots in process mode)."""
+        if self._ring is not None:
+            return dict(self._ring.stats(), pinned=self._ring.pin)
+        return self.collator.stats()
 
     def deliver(
         self,
@@ -258,4 +333,12 @@ def assemble(spec: PipelineSpec) -> Pipeline:
     """Decide the wiring of a loader from its spec (see the module docstring)."""
     pinned = decide_pin(spec.pin_memory, spec.device, stacklevel=spec.pin_warning_stacklevel)
     processes, reason = choose_processes(spec.processes, spec.device)
+    if processes > 0 and spec.device is None and spec.pin_memory:
+        warnings.warn(
+            "pin_memory=True with worker processes and no device: the shared batch slots "
+            "are page-locked only for the device stager; give device='cuda' to pin them",
+            UserWarning,
+            stacklevel=spec.pin_warning_stacklevel,
+        )
+        pinned = False
     return Pipeline(spec, pinned, processes, reason)
