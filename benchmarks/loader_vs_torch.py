@@ -46,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
+from _pss import PeakPSS
 
 RECORD_BYTES = 3072
 TINY_BATCH = 256
@@ -232,7 +233,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             "shuffle": True,
             "num_threads": spec["workers"],
         }
-        for key in ("torch_threads", "read_ahead"):
+        for key in ("torch_threads", "read_ahead", "processes"):
             if key in spec:
                 kwargs[key] = spec[key]
         if data.startswith("tiny"):
@@ -240,7 +241,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         return Loader(source, _jpeg_transform(spec.get("normalize", False)), **kwargs)
 
     torch.manual_seed(0)
-    with _common.PeakRSS(interval_s=0.005) as mem:
+    with _common.PeakRSS(interval_s=0.005) as mem, PeakPSS() as pss:
         t0 = time.perf_counter()
         loader = make()
         it = iter(loader)
@@ -262,6 +263,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         "samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
         "ttfb_s": ttfb,
         "peak_rss_mb": mem.peak_bytes / 2**20,
+        "peak_pss_mb": pss.peak_bytes / 2**20,
         "base_rss_mb": mem.start_bytes / 2**20,
         "checksum": checksum,
     }
@@ -364,6 +366,12 @@ def main() -> None:
     )
     parser.add_argument("--only", default=None, help="run only scenarios starting with this")
     parser.add_argument(
+        "--processes",
+        default="",
+        help="also run Loader(processes=P, num_threads=T) for each P:T in this comma list "
+        "(e.g. '1:2,2:1,2:2') on the JPEG and tiny-ram scenarios",
+    )
+    parser.add_argument(
         "--out", default="benchmarks/results/loader_vs_torch.json", help="JSON output path"
     )
     args = parser.parse_args()
@@ -385,14 +393,17 @@ def main() -> None:
         paths = _prepare(work, tiny_n, jpeg_n)
         print(f"data ready in {time.perf_counter() - t0:.1f} s under {work}", flush=True)
         rows = []
-        for spec in _plan(args.quick, args.workers, args.only):
+        plan = _plan(args.quick, args.workers, args.only)
+        plan += _process_runs(args.processes, args.only)
+        for spec in plan:
             full = {**spec, **paths, "epochs": 1}
             res = _run_child(full, timeout_s=300)
             row = {
                 "scenario": spec.get("scenario", spec["data"]),
                 "loader": spec["loader"]
                 + (" (tuned)" if spec.get("tuned") else "")
-                + (" (naive PIL)" if spec.get("naive") else ""),
+                + (" (naive PIL)" if spec.get("naive") else "")
+                + (f" p={spec['processes']}" if "processes" in spec else ""),
                 "workers": spec["workers"],
                 **({"torch_threads": spec["torch_threads"]} if "torch_threads" in spec else {}),
                 **res,
@@ -415,6 +426,7 @@ def main() -> None:
         "samples_per_s",
         "ttfb_s",
         "peak_rss_mb",
+        "peak_pss_mb",
         "base_rss_mb",
         "samples",
     ]
@@ -440,6 +452,30 @@ def main() -> None:
     print(f"\nwrote {path}")
 
 
+def _process_runs(pairs: str, only: str | None) -> list[dict[str, Any]]:
+    """Loader(processes=P, num_threads=T) runs for each ``P:T`` in ``pairs``."""
+    runs = []
+    for pair in filter(None, (p.strip() for p in pairs.split(","))):
+        procs, threads = (int(x) for x in pair.split(":"))
+        for data in ("tiny-ram", "jpeg-warm", "jpeg-320"):
+            if only and not data.startswith(only):
+                continue
+            run: dict[str, Any] = {"data": data, "loader": "fastfeed", "workers": threads}
+            run["processes"] = procs
+            if data.startswith("tiny"):
+                run["read_ahead"] = False
+            runs.append(run)
+    return runs
+
+
+def _vs_in_process(row: dict[str, Any], here: list[dict[str, Any]]) -> float | None:
+    """Throughput of a process-mode row over the in-process Loader row of its scenario."""
+    if " p=" not in row["loader"]:
+        return None
+    base = next((r for r in here if r["loader"] == "fastfeed"), None)
+    return row["samples_per_s"] / base["samples_per_s"] if base else None
+
+
 def _ratios(rows: list[dict[str, Any]], workers: int = 2) -> list[dict[str, Any]]:
     out = []
     for scenario in ("tiny-ram", "tiny-lmdb", "jpeg-warm", "jpeg-cold", "jpeg-320"):
@@ -460,7 +496,9 @@ def _ratios(rows: list[dict[str, Any]], workers: int = 2) -> list[dict[str, Any]
                         "vs": f"{baseline} w={workers}",
                         "throughput_x": ff["samples_per_s"] / torch_row["samples_per_s"],
                         "peak_rss_x": ff["peak_rss_mb"] / torch_row["peak_rss_mb"],
+                        "peak_pss_x": ff["peak_pss_mb"] / torch_row["peak_pss_mb"],
                         "ttfb_x": ff["ttfb_s"] / torch_row["ttfb_s"],
+                        "vs_in_process_x": _vs_in_process(ff, here),
                     }
                 )
     tt = {r.get("torch_threads", "x"): r for r in rows if r["scenario"] == "torch-threads"}

@@ -207,8 +207,9 @@ class SharedRing:
         del self._slots[slot.id]
         self._order.remove(slot.id)
         self._by_cdata.pop(slot.mapping.cdata, None)
-        self._fds.discard(slot.fd)
-        os.close(slot.fd)
+        if slot.fd in self._fds:  # not closed by the finalizer at interpreter exit
+            self._fds.discard(slot.fd)
+            os.close(slot.fd)
         self._old.append((slot.mapping, slot.event))
         self.retired += 1
 
@@ -376,7 +377,8 @@ class SlotWriter:
             if size < need:
                 size = max(need, 2 * size)
                 os.ftruncate(fd, size)
-            if got is None or got[0].size() < size:
+            # len(mmap) is the mapped length (mmap.size() is the file's, maybe larger).
+            if got is None or len(got[0]) < size:
                 mm = mmap.mmap(fd, size)
                 got = (mm, torch.frombuffer(mm, dtype=torch.uint8))
                 self._maps[slot] = got
