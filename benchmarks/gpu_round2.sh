@@ -35,7 +35,7 @@ step process-tests "${T_PTESTS:-90}" "$OUT_DIR/ptests.log" \
 step shared-ring "${T_RING:-60}" "$OUT_DIR/ring.log" \
     "$PY" benchmarks/gpu_shared_ring.py --out "$OUT_DIR/gpu_shared_ring.json"
 step sweep "${T_SWEEP:-200}" "$OUT_DIR/sweep.log" \
-    "$PY" benchmarks/loader_vs_torch.py --only jpeg --workers 16 --jpeg-n 1536 \
+    "$PY" benchmarks/loader_vs_torch.py --only jpeg --workers 16 --jpeg-n 1536 --epochs 3 --rate total \
     --processes "${SWEEP:-2:8,4:4,8:2}" --work-dir /tmp/ffbench --out "$OUT_DIR/sweep.json"
 step noisy "${T_NOISY:-90}" "$OUT_DIR/noisy.log" \
     "$PY" benchmarks/noisy_neighbour.py --work-dir /tmp/ffnoisy --out "$OUT_DIR/noisy.json"
