@@ -27,7 +27,7 @@ from fastfeed.errors import (
 )
 from fastfeed.hooks import watch
 from fastfeed.loader import Batch, Loader
-from fastfeed.pack import PackReport
+from fastfeed.packing import PackReport
 from fastfeed.report import LoaderStats
 
 # The pack() function stays in fastfeed.pack: exporting it here would shadow the module.
