@@ -211,7 +211,9 @@ class LMDBSource(Source):
             data = os.path.join(path, "data.mdb")
             if not os.path.isfile(data):
                 raise CorruptSourceError(
-                    f"{path} is not an LMDB: the directory has no data.mdb", path=path
+                    f"{path} is not an LMDB: the directory has no data.mdb (for a folder of "
+                    "images or class folders use FileSource, or fastfeed.open_source)",
+                    path=path,
                 )
             return True, data
         return False, path
