@@ -275,11 +275,11 @@ def pack(
     _clean_stale(parent, os.path.basename(out), report)
     owns_source = not isinstance(src, Source)
     source = open_source(src)
-    pool: _WorkerPool | None = None
-    env: lmdb.Environment | None = None
-    tmp: str | None = None
-    try:
-        with _cleanup_on_termination():
+    with _cleanup_on_termination():  # outermost: the cleanup below runs first
+        pool: _WorkerPool | None = None
+        env: lmdb.Environment | None = None
+        tmp: str | None = None
+        try:
             report.classes = list(source.classes) if source.classes else None
             tmp = _make_tmp_dir(parent, os.path.basename(out))
             if decode:
@@ -331,21 +331,21 @@ def pack(
             report.file_bytes = os.path.getsize(os.path.join(tmp, "data.mdb"))
             _move_into_place(tmp, out, overwrite)
             tmp = None
-    except BaseException as exc:
-        if env is not None:
-            env.close()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, lmdb.Error):
-            raise PackError(f"writing {given} failed: {exc}") from exc
-        if isinstance(exc, OSError) and not isinstance(exc, SourceError):
-            raise PackError(f"writing {given} failed: {exc.strerror or exc}") from exc
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-        if owns_source:
-            source.close()
+        except BaseException as exc:
+            if env is not None:
+                env.close()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, lmdb.Error):
+                raise PackError(f"writing {given} failed: {exc}") from exc
+            if isinstance(exc, OSError) and not isinstance(exc, SourceError):
+                raise PackError(f"writing {given} failed: {exc.strerror or exc}") from exc
+            raise
+        finally:
+            if pool is not None:
+                pool.close()
+            if owns_source:
+                source.close()
     report.seconds = time.perf_counter() - t0
     if progress:
         print(report.summary(), file=sys.stderr, flush=True)
