@@ -354,9 +354,13 @@ def pack(
 
 def _input_paths(src: str | os.PathLike[str] | Source) -> list[str]:
     """The files and folders ``src`` reads from (for the overlap check)."""
+    if isinstance(src, FileSource):
+        # An ImageFolder's root; a list file's folder (also its root) is not an input.
+        return [src.root] if src.root is not None and src.classes is not None else []
+    if isinstance(src, LMDBSource):
+        return [src.path]
     if isinstance(src, Source):
-        found = [getattr(src, name, None) for name in ("root", "path")]
-        return [os.fspath(p) for p in found if isinstance(p, (str, os.PathLike))]
+        return []
     return [os.fspath(src)]
 
 
@@ -481,8 +485,9 @@ def _cleanup_on_termination() -> Iterator[None]:
     previous = {}
     for sig in _TERM_SIGNALS:
         old = signal.getsignal(sig)
-        if old is signal.SIG_IGN:
-            continue  # nohup and friends: the user asked for this signal to be ignored
+        if old is signal.SIG_IGN or old is None:
+            # Ignored (nohup and friends) or owned by non-Python code: leave it alone.
+            continue
         previous[sig] = old
         signal.signal(sig, handler)
     try:

@@ -186,3 +186,11 @@ def test_tmp_dir_name_identifies_host_and_pid(folder: Path, tmp_path: Path) -> N
     assert int(m.group("pid")) == os.getpid()
     assert socket.gethostname().split(".")[0].startswith(m.group("host")[:3])
     os.rmdir(tmp_path / name)
+
+
+def test_a_file_list_next_to_out_is_not_an_overlap(folder: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text("imgs/class_000/img_0000.jpg\n")
+    with FileSource(listing) as src:  # its root is tmp_path, where OUT goes
+        assert pack(src, tmp_path / "o.lmdb", progress=False).records == 1
+    assert pack(listing, tmp_path / "p.lmdb", progress=False).records == 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from fastfeed.errors import CorruptSourceError, SourceNotFoundError
+from fastfeed.errors import SourceNotFoundError
 from fastfeed.sources.base import Source
 
 __all__ = ["is_lmdb", "is_lmdb_file", "open_source"]
@@ -70,9 +70,7 @@ def open_source(src: str | os.PathLike[str] | Source) -> Source:
 
     if isinstance(src, Source):
         return src
-    path = os.fspath(src)
-    if not isinstance(path, str):
-        raise CorruptSourceError(f"paths must be text, not {path!r}")
+    path = os.fsdecode(src)
     if not os.path.exists(path):
         if _GLOB_CHARS & set(path):
             return FileSource.from_glob(path)
