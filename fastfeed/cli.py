@@ -58,7 +58,9 @@ def _build_parser(only: str | None) -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    # Undecodable file-name bytes travel as surrogates: show them as \xNN.
+    text = " ".join(str(exc).split()).encode("utf-8", "surrogateescape")
+    text = text.decode("utf-8", "backslashreplace")
     if isinstance(exc, FastFeedError):
         return text or type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:
