@@ -57,7 +57,7 @@ JPEG_BATCH = 64
 
 
 def _prepare(work: Path, tiny_n: int, jpeg_n: int) -> dict[str, str]:
-    from fastfeed.pack import pack
+    from fastfeed.packing import pack
 
     tiny_lmdb = work / "tiny.lmdb"
     if not tiny_lmdb.exists():

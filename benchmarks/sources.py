@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastfeed.pack import pack
+from fastfeed.packing import pack
 from fastfeed.sources import FileSource, LMDBSource, MemoryCache
 
 _LIBC = ctypes.CDLL(None, use_errno=True)

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from fastfeed.pack import open_source, pack
+from fastfeed.packing import pack
+from fastfeed.sources import open_source
 from fastfeed.sources.base import Source
 from fastfeed.synthetic import make_image_folder
 
@@ -83,7 +84,7 @@ class ImageDataset(Dataset):
     (threads share one source).
 
     Args:
-        path: ImageFolder root, file list or LMDB (see :func:`fastfeed.pack.open_source`).
+        path: ImageFolder root, file list or LMDB (see :func:`fastfeed.sources.open_source`).
         transform: Called on the encoded bytes, e.g. a ``fastfeed.image.Compose``.
     """
 

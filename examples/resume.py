@@ -28,7 +28,7 @@ from _data import dataset_path
 from train_classifier import SmallCNN
 
 from fastfeed import Loader, image
-from fastfeed.pack import open_source
+from fastfeed.sources import open_source
 
 
 def parse_args() -> argparse.Namespace:

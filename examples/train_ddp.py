@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from train_classifier import SmallCNN
 
 from fastfeed import Loader, MemoryCache, image
-from fastfeed.pack import open_source
+from fastfeed.sources import open_source
 
 
 def parse_args() -> argparse.Namespace:

@@ -34,7 +34,7 @@ _EXPORTS: dict[str, str] = {
     "MemoryCache": "fastfeed.sources",
     "OutputExistsError": "fastfeed.errors",
     "PackError": "fastfeed.errors",
-    "PackReport": "fastfeed.pack",
+    "PackReport": "fastfeed.packing",
     "Record": "fastfeed.sources",
     "RecordReadError": "fastfeed.errors",
     "ResourceLimitError": "fastfeed.errors",
@@ -48,6 +48,8 @@ _EXPORTS: dict[str, str] = {
     "Verdict": "fastfeed.stats",
     "WorkerError": "fastfeed.errors",
     "get_worker_info": "fastfeed.dataloader",
+    "open_source": "fastfeed.sources",
+    "pack": "fastfeed.packing",
     "sample_rng": "fastfeed.rng",
     "watch": "fastfeed.hooks",
 }
@@ -88,6 +90,8 @@ __all__ = [
     "__version__",
     "get_worker_info",
     "image",
+    "open_source",
+    "pack",
     "sample_rng",
     "watch",
 ]
@@ -132,9 +136,16 @@ if TYPE_CHECKING:  # static checkers and IDEs see the real names
     )
     from fastfeed.hooks import watch
     from fastfeed.loader import Loader
-    from fastfeed.pack import PackReport
+    from fastfeed.packing import PackReport, pack
     from fastfeed.pipeline.batch import Batch, SkippedSample
     from fastfeed.pipeline.staging import DeviceStager
     from fastfeed.rng import sample_rng
-    from fastfeed.sources import FileSource, LMDBSource, MemoryCache, Record, Source
+    from fastfeed.sources import (
+        FileSource,
+        LMDBSource,
+        MemoryCache,
+        Record,
+        Source,
+        open_source,
+    )
     from fastfeed.stats import Bottleneck, Bound, LoaderStats, Verdict

@@ -94,8 +94,9 @@ class Loader:
             an int count, or a float fraction of this rank's samples per epoch. More
             raises :class:`TooManyFailuresError`. None: no limit.
         timeout: Longest wait for the next batch, seconds, before
-            :class:`LoaderTimeoutError` names the indices in flight (needs
-            ``num_threads > 0``). None or 0 waits indefinitely.
+            :class:`LoaderTimeoutError` names the indices in flight (with
+            ``num_threads=0``, batches are then built on one helper thread so the wait
+            can end). None or 0 waits indefinitely.
         rank: This process's rank; default from ``torch.distributed`` when initialized.
         world_size: Number of ranks; default from ``torch.distributed`` when initialized.
         even_batches: ``"pad"`` repeats the first samples of the order so every rank has

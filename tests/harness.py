@@ -760,7 +760,7 @@ def write_lmdb(
     payloads: Sequence[bytes],
     labels: Sequence[int] | None = None,
 ) -> str:
-    """Write an LMDB in fastfeed's format (``fastfeed.pack``'s keys) holding ``payloads``.
+    """Write an LMDB in fastfeed's format (``fastfeed.packing``'s keys) holding ``payloads``.
 
     Unlike ``pack``, any value is accepted (zero-byte, corrupt), so tests can plant bad
     records. Returns the directory path.

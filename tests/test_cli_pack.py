@@ -111,3 +111,19 @@ def test_python_m_fastfeed_pack(folder: Path, tmp_path: Path) -> None:
     )
     assert again.returncode == 1
     assert f"{out} already exists" in again.stderr
+
+
+def test_cli_pack_skip_bad_checks_images_without_max_side(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bad = folder / "class_001" / "img_0005.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated: only a decode finds it
+    out = tmp_path / "o.lmdb"
+    assert main(["pack", str(folder), str(out), "--quiet"]) == 0  # copied as is
+    assert main(["pack", str(folder), str(tmp_path / "v.lmdb"), "--verify", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"record 5 ({bad}) failed" in err[0]
+    assert main(["pack", str(folder), str(tmp_path / "s.lmdb"), "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "packed 11 records" in err and f"skipped 5 ({bad})" in err
+    assert not (tmp_path / "v.lmdb").exists()

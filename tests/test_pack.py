@@ -13,10 +13,10 @@ from fakes import ListSource
 from imagedata import make_image_folder
 from PIL import Image
 
-from fastfeed import pack as pack_mod
+from fastfeed import packing as pack_mod
 from fastfeed.errors import ConfigError, OutputExistsError, PackError, SourceNotFoundError
-from fastfeed.pack import PackReport, open_source, pack
-from fastfeed.sources import FileSource, LMDBSource
+from fastfeed.packing import PackReport, pack
+from fastfeed.sources import FileSource, LMDBSource, open_source
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from fastfeed.errors import (
     SourceIndexError,
     SourceNotFoundError,
 )
-from fastfeed.pack import pack
+from fastfeed.packing import pack
 from fastfeed.sources import FileSource, LMDBSource, MemoryCache, Record, Source
 from fastfeed.sources import files as files_mod
 from fastfeed.sources import lmdb as lmdb_mod

@@ -18,10 +18,10 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from fastfeed._procio import PeakRSS
+from fastfeed.commands import check_output_file
 
 HELP = "loader throughput on your data against torch's DataLoader"
 
@@ -52,34 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _subset_source(source: Any, indices: Sequence[int]) -> Any:
-    """A :class:`Source` of ``source``'s records at ``indices`` (in that order)."""
-    from fastfeed.sources.base import Record, Source
-
-    class _Subset(Source):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = source
-            self.indices = list(indices)
-
-        def __len__(self) -> int:
-            return len(self.indices)
-
-        def describe(self, index: int) -> str:
-            return self.inner.describe(self.indices[index])
-
-        def _read_one(self, index: int) -> Record:
-            return self.inner.read(self.indices[index])
-
-        def _read_many(self, idx: Sequence[int]) -> list[Record]:
-            return self.inner.read_many([self.indices[i] for i in idx])
-
-        def hint(self, idx: Iterable[int]) -> None:
-            self.inner.hint([self.indices[i] for i in idx])
-
-    return _Subset()
-
-
 class _TorchDataset:
     """Map-style dataset for torch's DataLoader: (transform(record bytes), label)."""
 
@@ -99,16 +71,14 @@ def _measure(
     name: str, batches: Iterable[Any], total: int, nbytes: int, progress: bool
 ) -> dict[str, Any]:
     """Iterate ``batches`` to the end; samples/s, MB/s, peak RSS and first-batch time."""
-    from tqdm import tqdm
-
-    class _Bar(tqdm):  # no monitor thread (it would outlive the bar, unnamed)
-        monitor_interval = 0
+    from fastfeed._procio import PeakRSS
+    from fastfeed._progress import progress_bar
 
     samples = 0
     first_s = None
     with (
         PeakRSS(interval_s=0.02) as rss,
-        _Bar(total=total, unit="img", desc=name, disable=not progress, leave=False) as bar,
+        progress_bar(total=total, unit="img", desc=name, enabled=progress) as bar,
     ):
         t0 = time.perf_counter()
         it = iter(batches)
@@ -153,11 +123,10 @@ def bench(
     import torch
     from torch.utils.data import DataLoader as TorchDataLoader
 
-    from fastfeed import image
-    from fastfeed.errors import ConfigError
-    from fastfeed.loader import Loader
-    from fastfeed.pack import open_source
+    from fastfeed import ConfigError, Loader, image
     from fastfeed.pipeline.assemble import usable_cores
+    from fastfeed.sources import open_source
+    from fastfeed.sources.subset import Subset
 
     for name, value in (("batch-size", batch_size), ("samples", samples), ("size", size)):
         if value < 1:
@@ -169,7 +138,7 @@ def bench(
     try:
         n = min(samples, len(source))
         order = np.random.default_rng(0).permutation(len(source))[:n].tolist()
-        subset = _subset_source(source, order)
+        subset = Subset(source, order)
         t0 = time.perf_counter()
         nbytes = sum(len(r.data) for r in subset.read_many(range(n)))  # warm the page cache
         warm_s = time.perf_counter() - t0
@@ -219,12 +188,14 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'loader':<9} {'samples':>7} {'samples/s':>10} {'MB/s':>8} {'ratio':>6} "
         f"{'peak RSS':>10} {'1st batch':>10}"
     )
+    from fastfeed._size import format_size
+
     lines = [head, "-" * len(head)]
     for r in result["results"]:
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
         lines.append(
             f"{r['loader']:<9} {r['samples']:>7} {r['samples_per_s']:>10,.0f} "
-            f"{r['mb_per_s']:>8.1f} {ratio:>6} {r['peak_rss_bytes'] / (1 << 20):>7.0f} MiB "
+            f"{r['mb_per_s']:>8.1f} {ratio:>6} {format_size(r['peak_rss_bytes']):>10} "
             f"{r['first_batch_s'] * 1e3:>7.0f} ms"
         )
     return "\n".join(lines)
@@ -232,6 +203,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Benchmark ``args.path``, print the table (and write JSON); return the exit code."""
+    check_output_file(args.json, "--json")
+    from fastfeed._size import format_size
+
     result = bench(
         args.path,
         vs=args.vs,
@@ -243,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"{result['path']} ({result['source']}): {result['samples']} of {result['records']} "
-        f"records, {result['record_bytes'] / _MB:.1f} MB (read once first: page cache warm), "
+        f"records, {format_size(result['record_bytes'])} (read once first: page cache warm), "
         f"RandomResizedCrop({result['size']}) + flip -> uint8, batch {result['batch_size']}, "
         f"{result['threads']} threads (fastfeed) / num_workers={result['threads']} (torch)"
     )

@@ -15,6 +15,8 @@ import tempfile
 import time
 from typing import Any
 
+from fastfeed.commands import check_output_dir
+
 HELP = "run the whole pipeline on generated data and print what it did"
 
 _MB = 1e6
@@ -71,10 +73,11 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; return the exit code."""
-    from fastfeed.errors import ConfigError
+    from fastfeed import ConfigError
 
     if args.images < args.classes or args.classes < 1:
         raise ConfigError(f"need --images >= --classes >= 1, got {args.images}, {args.classes}")
+    check_output_dir(args.out, "--out")
     if args.out is not None:
         root = os.path.abspath(args.out)
         os.makedirs(root, exist_ok=True)
@@ -94,10 +97,8 @@ def _demo(root: str, args: argparse.Namespace) -> int:
     import torch.nn.functional as F
     from torch import nn
 
-    from fastfeed import image
-    from fastfeed.loader import Loader
-    from fastfeed.pack import pack
-    from fastfeed.sources import FileSource, LMDBSource, MemoryCache
+    from fastfeed import FileSource, LMDBSource, Loader, MemoryCache, image
+    from fastfeed.packing import pack
     from fastfeed.synthetic import make_image_folder
 
     per_class = args.images // args.classes
@@ -108,7 +109,7 @@ def _demo(root: str, args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     make_image_folder(folder, args.classes, per_class, seed=0)
-    files = FileSource.from_folder(folder)
+    files = FileSource(folder)
     total = sum(os.path.getsize(p) for p in files.paths)
     rows.append(_row("generate", f"{args.classes} classes of JPEGs", len(files), total,
                      time.perf_counter() - t0))  # fmt: skip

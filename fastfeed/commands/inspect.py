@@ -25,9 +25,8 @@ def inspect_path(path: str, samples: int = 5) -> dict:
     Raises:
         SourceNotFoundError, CorruptSourceError, EmptySourceError: As the sources do.
     """
-    from fastfeed.pack import open_source
-    from fastfeed.sources.files import FileSource
-    from fastfeed.sources.lmdb import LMDBSource
+    from fastfeed import FileSource, LMDBSource
+    from fastfeed.sources import open_source
 
     with open_source(path) as src:
         sizes = src.record_sizes()  # type: ignore[attr-defined]
@@ -63,14 +62,10 @@ def inspect_path(path: str, samples: int = 5) -> dict:
     return info
 
 
-def _human(nbytes: float) -> str:
-    from fastfeed._size import format_size
-
-    return format_size(nbytes)
-
-
 def run(args: argparse.Namespace) -> int:
     """Print what :func:`inspect_path` found; return the exit code."""
+    from fastfeed._size import format_size as _human
+
     info = inspect_path(args.path, args.samples)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -24,22 +24,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, metavar="K", help="re-encoding threads (default: CPUs)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     parser.add_argument(
-        "--skip-bad", action="store_true", help="skip unreadable/corrupt records and list them"
+        "--verify",
+        action="store_true",
+        help="decode every image once (at 1/8 scale where JPEG allows) and treat one that "
+        "fails as a bad record; --max-side implies it",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUT (never allowed when SRC and OUT overlap)",
+    )
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out unreadable records, and images that fail to decode (implies "
+        "--verify), and list them",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
 def run(args: argparse.Namespace) -> int:
     """Pack ``args.src`` into ``args.out`` (bar and summary on stderr); return the exit code."""
-    from fastfeed.pack import pack
+    import warnings
 
+    from PIL import Image
+
+    from fastfeed.packing import pack
+
+    # pack() refuses decompression bombs itself (naming the file); the CLI owns this
+    # process, so it may silence Pillow's duplicate warning (the library never does).
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     pack(
         args.src,
         args.out,
         max_side=args.max_side,
         quality=args.quality,
+        verify=args.verify or args.skip_bad,
         workers=args.workers,
         overwrite=args.overwrite,
         on_error="skip" if args.skip_bad else "raise",

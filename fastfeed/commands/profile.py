@@ -31,18 +31,26 @@ import runpy
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastfeed._procio import evict, read_proc_io, residency
+from fastfeed.commands import check_input_file, check_output_file
 from fastfeed.errors import ConfigError
-from fastfeed.sources.base import Record, Source
-from fastfeed.stats import Bottleneck, Bound, LoaderStats, cache_whatif
+
+if TYPE_CHECKING:
+    from fastfeed import LoaderStats
+    from fastfeed.sources import Source
 
 HELP = "measure which stage (IO, CPU, copy, model) bounds a pipeline"
 EXIT_ASSERT = 3
-_ASSERTABLE = [b.value for b in Bound if b is not Bound.UNKNOWN] + [
-    b.value for b in Bottleneck if b is not Bottleneck.NONE
-]
+
+
+def _assertable() -> list[str]:
+    """The verdict names ``--assert-not`` accepts."""
+    from fastfeed.stats import Bottleneck, Bound
+
+    return [b.value for b in Bound if b is not Bound.UNKNOWN] + [
+        b.value for b in Bottleneck if b is not Bottleneck.NONE
+    ]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="VERDICT",
-        help=f"exit {EXIT_ASSERT} when the verdict matches: {', '.join(_ASSERTABLE)} (repeatable)",
+        help=f"exit {EXIT_ASSERT} when the verdict matches: {', '.join(_assertable())} "
+        "(repeatable)",
     )
     p.add_argument(
         "--no-evict", action="store_true", help="skip the page-cache eviction (cold read)"
@@ -90,55 +99,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _progress(msg: str) -> None:
     print(f"[fastfeed profile] {msg}", file=sys.stderr, flush=True)
-
-
-class _Subset(Source):
-    """The records ``indices`` of ``base``, renumbered ``0..len-1``."""
-
-    def __init__(self, base: Source, indices: Sequence[int]) -> None:
-        super().__init__()
-        self.base = base
-        self.indices = list(indices)
-        self.classes = base.classes
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def describe(self, index: int) -> str:
-        return self.base.describe(self.indices[index])
-
-    def _read_one(self, index: int) -> Record:
-        return self.base.read(self.indices[index])
-
-    def _read_many(self, indices: Sequence[int]) -> list[Record]:
-        return self.base.read_many([self.indices[i] for i in indices])
-
-    def hint(self, indices: Any) -> None:
-        self.base.hint([self.indices[i] for i in indices])
-
-    @property
-    def source(self) -> Source:  # lets the report find a cache / the storage source
-        return self.base
-
-
-def open_source(path: str) -> Source:
-    """An LMDB (a ``.lmdb``/``.mdb`` file or a folder holding ``data.mdb``), an
-    ImageFolder root, or a text file listing paths."""
-    from fastfeed.sources import FileSource, LMDBSource
-
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "data.mdb")):
-            return LMDBSource(path)
-        return FileSource.from_folder(path)
-    if path.endswith((".lmdb", ".mdb")):
-        return LMDBSource(path)
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            head = f.read(4096)
-        if b"\0" in head:  # binary: most likely an LMDB file under another name
-            return LMDBSource(path)
-        return FileSource.from_list(path)
-    return LMDBSource(path)  # raises SourceNotFoundError naming the path
 
 
 def _storage_files(source: Source, indices: Sequence[int]) -> list[str]:
@@ -191,6 +151,8 @@ def _load_step(args: argparse.Namespace) -> tuple[Callable[[Any], None] | None, 
 
 
 def _timed_reads(source: Source, batches: list[list[int]]) -> tuple[float, int, Any]:
+    from fastfeed._procio import read_proc_io
+
     io0 = read_proc_io()
     t0 = time.perf_counter()
     nbytes = 0
@@ -208,7 +170,7 @@ def _run_loader(
     threads: int,
     step: Callable[[Any], None] | None,
 ) -> tuple[LoaderStats, float]:
-    from fastfeed.loader import Loader
+    from fastfeed import Loader, LoaderStats
 
     loader = Loader(
         source,
@@ -252,9 +214,20 @@ def _run_loader(
 
 def run(args: argparse.Namespace) -> int:
     """Run the phases, print the table and verdict, write the requested files."""
+    import importlib.util
+
+    from fastfeed.sources import open_source
+
+    assertable = _assertable()
     for name in args.assert_not:
-        if name.strip().lower() not in _ASSERTABLE:
-            raise ConfigError(f"--assert-not {name!r}: choose from {', '.join(_ASSERTABLE)}")
+        if name.strip().lower() not in assertable:
+            raise ConfigError(f"--assert-not {name!r}: choose from {', '.join(assertable)}")
+    # Every file the run will write or read is checked before the (long) run starts.
+    for option in ("json", "trace", "plot"):
+        check_output_file(getattr(args, option), f"--{option}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib: pip install matplotlib")
+    check_input_file(args.script, "--script")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.samples < 1:
@@ -278,11 +251,7 @@ def run(args: argparse.Namespace) -> int:
         stats.save_trace(args.trace)
         _progress(f"wrote {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
     if args.plot:
-        try:
-            stats.plot(args.plot)
-        except ImportError as exc:
-            print(f"fastfeed profile: error: {exc}", file=sys.stderr)
-            return 1
+        stats.plot(args.plot)
         _progress(f"wrote {args.plot}")
     for name in args.assert_not:
         if stats.verdict.matches(name):
@@ -307,7 +276,10 @@ def _measure(
     chosen = sorted(random.Random(args.seed).sample(range(len(base)), n))
     order = chosen[:]
     random.Random(args.seed + 1).shuffle(order)  # random access, as in training
-    sub = _Subset(base, order)
+    from fastfeed.sources.subset import Subset
+    from fastfeed.stats import cache_whatif
+
+    sub = Subset(base, order)
     bs = args.batch_size
     batches = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
     nb = len(batches)
@@ -317,6 +289,8 @@ def _measure(
     files = _storage_files(base, chosen)
     evicted = None
     if files and not args.no_evict:
+        from fastfeed._procio import evict, residency
+
         evict(files)
         evicted = residency(files)
         _progress(

@@ -169,7 +169,9 @@ class Prefetcher(Generic[T, R]):
     Args:
         tasks: The work items, pulled lazily (and under a lock) by the workers.
         fn: Called once per task on a worker thread.
-        num_threads: Worker threads; 0 runs ``fn`` inline in the consumer's thread.
+        num_threads: Worker threads; 0 runs ``fn`` inline in the consumer's thread (with
+            a ``timeout_s``, on one helper thread, one task at a time, so the wait can
+            time out).
         depth: Tasks in flight plus finished-but-unconsumed, at most (>= 1).
         in_order: Yield in task order (deterministic); False yields in completion order.
         timeout_s: Longest the consumer waits for the next result, seconds; None waits
@@ -206,14 +208,19 @@ class Prefetcher(Generic[T, R]):
         self.timeout_s = timeout_s or None  # torch semantics: 0 means no timeout
         self.describe = describe
         self.recorder = recorder if recorder is not None else Recorder(enabled=False)
+        # Inline work cannot be interrupted: with a timeout, run it one task at a time on
+        # one helper thread so the consumer's wait can end with LoaderTimeoutError.
+        threads = 1 if num_threads == 0 and self.timeout_s is not None else num_threads
+        depth = 1 if threads != num_threads else depth
+        self._inline = threads == 0
         self._shared: _Shared[T, R] = _Shared(iter(tasks), fn, depth, self.recorder, thread_init)
         self._next_out = 0
         self._closed = False
-        if num_threads > 0:
+        if threads > 0:
             sh = self._shared
             with sh.cond:
-                sh.live_workers = num_threads
-            for _ in range(num_threads):
+                sh.live_workers = threads
+            for _ in range(threads):
                 sh.threads.append(start_thread(role, sh.worker))
         self._finalizer = weakref.finalize(self, _Shared.shutdown, self._shared)
 
@@ -224,7 +231,7 @@ class Prefetcher(Generic[T, R]):
         if self._closed:
             raise StopIteration
         t_enter = time.perf_counter()
-        if self.num_threads == 0:
+        if self._inline:
             item = self._next_inline()
         else:
             item = self._next_threaded(t_enter)

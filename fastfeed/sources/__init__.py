@@ -1,9 +1,13 @@
-"""Sources: random access to raw records by index (files, LMDB, an in-RAM cache)."""
+"""Sources: random access to raw records by index (files, LMDB, an in-RAM cache).
+
+:func:`open_source` turns any supported path into the right source.
+"""
 
 from fastfeed.sources.base import Record, Source, SourceCounters
 from fastfeed.sources.files import IMG_EXTENSIONS, FileSource
 from fastfeed.sources.lmdb import LMDBSource
 from fastfeed.sources.memory import MemoryCache
+from fastfeed.sources.open import is_lmdb, open_source
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -13,4 +17,6 @@ __all__ = [
     "Record",
     "Source",
     "SourceCounters",
+    "is_lmdb",
+    "open_source",
 ]

@@ -15,6 +15,7 @@ import itertools
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ except ImportError:  # pragma: no cover - Windows
 
 from fastfeed.errors import (
     ConfigError,
+    CorruptSourceError,
     EmptySourceError,
     RecordReadError,
     ResourceLimitError,
@@ -59,50 +61,71 @@ class _WorkerPool:
     ``map(fn, n)`` runs ``fn(k)`` for ``k in range(n)``: the calling thread and up to
     ``n - 1`` pool threads pull ``k`` from a shared counter, so load balances itself and a
     call costs one queue put per helper. The first exception stops the others and is
-    re-raised in the caller. Threads start on first use and stop on :meth:`close`.
+    re-raised in the caller. Threads start on first use, end after ``idle_s`` without work
+    (the next ``map`` starts them again) and stop on :meth:`close` or :meth:`stop`.
 
     Args:
         size: Number of pool threads (the caller is an extra participant).
         role: Thread names are ``fastfeed-<role>-<n>``.
+        idle_s: Seconds a thread waits for work before it ends.
     """
 
     _POLL_S = 0.5  # how often idle workers check the stop flag
+    IDLE_S = 60.0  # an idle read pool costs nothing but its threads; end them after this
 
-    def __init__(self, size: int, role: str) -> None:
+    def __init__(self, size: int, role: str, idle_s: float | None = None) -> None:
         self.size = max(0, int(size))
         self.role = role
+        self.idle_s = float(self.IDLE_S if idle_s is None else idle_s)
         self._tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        # Held while threads start or end and while a map hands out its jobs, so an idle
+        # thread never ends between a map seeing it alive and putting its job.
         self._start_lock = threading.Lock()
+        self._serial = itertools.count()
 
-    def _start(self) -> None:
+    def threads(self) -> list[threading.Thread]:
+        """The pool threads now alive."""
         with self._start_lock:
-            if self._threads or self._stop.is_set():
-                return
-            for n in range(self.size):
-                t = threading.Thread(
-                    target=self._worker, name=f"fastfeed-{self.role}-{n}", daemon=True
-                )
-                t.start()
-                self._threads.append(t)
+            return [t for t in self._threads if t.is_alive()]
+
+    def _start_locked(self) -> None:
+        self._threads = [t for t in self._threads if t.is_alive()]
+        while len(self._threads) < self.size:
+            t = threading.Thread(
+                target=self._worker,
+                name=f"fastfeed-{self.role}-{next(self._serial)}",
+                daemon=True,
+            )
+            t.start()
+            self._threads.append(t)
 
     def _worker(self) -> None:
+        idle = 0.0
         while not self._stop.is_set():
             try:
-                job = self._tasks.get(timeout=self._POLL_S)
+                job = self._tasks.get(timeout=min(self._POLL_S, self.idle_s))
             except queue.Empty:
+                idle += min(self._POLL_S, self.idle_s)
+                if idle >= self.idle_s:
+                    with self._start_lock:
+                        if self._tasks.empty():
+                            me = threading.current_thread()
+                            self._threads = [t for t in self._threads if t is not me]
+                            return
                 continue
             if job is None:
                 return
+            idle = 0.0
             job()
+            del job  # drop the closure (and the source it holds) while idle
 
     def map(self, fn: Callable[[int], _T], n: int) -> list[_T]:
         """Return ``[fn(0), ..., fn(n-1)]``, computed by the caller and the pool threads."""
         helpers = min(self.size, n - 1)
         if helpers <= 0 or self._stop.is_set():
             return [fn(k) for k in range(n)]
-        self._start()
         results: list[Any] = [None] * n
         counter = itertools.count()
         errors: list[BaseException] = []
@@ -124,38 +147,49 @@ class _WorkerPool:
             finally:
                 done.release()
 
-        for _ in range(helpers):
-            self._tasks.put(helper)
+        with self._start_lock:
+            self._start_locked()
+            for _ in range(helpers):
+                self._tasks.put(helper)
         participate()
         for _ in range(helpers):
             # Helpers finish within one fn() call of the counter running out; the timeout
             # loop only guards against a pool closed under our feet.
             while not done.acquire(timeout=self._POLL_S):
-                if not any(t.is_alive() for t in self._threads):
+                if not self.threads():
                     raise SourceError(f"the {self.role} thread pool stopped during a call")
         if errors:
             raise errors[0]
         return results
 
+    def stop(self) -> None:
+        """Tell every thread to end without waiting (safe from a finalizer, any thread)."""
+        self._stop.set()
+        for _ in range(self.size):
+            self._tasks.put(None)
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop and join every thread (idempotent)."""
-        self._stop.set()
-        for _ in self._threads:
-            self._tasks.put(None)
-        for t in self._threads:
-            t.join(timeout_s)
-        self._threads = []
+        self.stop()
+        me = threading.current_thread()
+        for t in self.threads():
+            if t is not me:
+                t.join(timeout_s)
+        with self._start_lock:
+            self._threads = []
 
 
 class FileSource(Source):
     """Records are whole files; labels optional.
 
-    Construct from explicit paths, or with :meth:`from_folder` (torchvision ImageFolder
-    layout and label mapping), :meth:`from_glob` or :meth:`from_list` (a text file of
-    ``path`` or ``path<TAB>label`` lines).
+    ``FileSource(path)`` indexes what ``path`` is: a directory is an ImageFolder root
+    (:meth:`from_folder`), a pattern with ``*``, ``?`` or ``[`` that is not an existing
+    path is a glob (:meth:`from_glob`), any other file is a file list (:meth:`from_list`).
+    A list of paths is used as given, one record per path.
 
     Args:
-        paths: File paths, one per record (kept in this order).
+        paths: One path to index (see above), or file paths, one per record (kept in
+            this order).
         labels: Optional integer labels, one per path.
         classes: Optional class names indexed by label.
         root: Optional common root, used to shorten paths in :meth:`describe` and by ``pack``.
@@ -170,13 +204,15 @@ class FileSource(Source):
         root: The folder the paths came from, or ``None``.
 
     Raises:
-        EmptySourceError: ``paths`` is empty.
-        ConfigError: ``labels`` does not match ``paths`` in length.
+        SourceNotFoundError: A single ``path`` that does not exist.
+        EmptySourceError: ``paths`` is empty, or the folder, list or glob finds nothing.
+        ConfigError: ``labels`` does not match ``paths`` in length; a single ``path`` that
+            is an LMDB (use :class:`~fastfeed.sources.LMDBSource`) or a binary file.
     """
 
     def __init__(
         self,
-        paths: Sequence[str | os.PathLike[str]],
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         labels: Sequence[int] | None = None,
         *,
         classes: Sequence[str] | None = None,
@@ -184,6 +220,17 @@ class FileSource(Source):
         num_threads: int = 16,
     ) -> None:
         super().__init__()
+        if isinstance(paths, (str, bytes, os.PathLike)):
+            # One path: index what it is (a folder, a glob, a file list), never iterate
+            # its characters.
+            if labels is not None or classes is not None or root is not None:
+                raise ConfigError(
+                    "FileSource(path) takes its labels from the folder or list; pass "
+                    "labels/classes/root only with a list of paths"
+                )
+            indexed = _index_path(os.fsdecode(paths), num_threads)
+            paths, labels = indexed.paths, indexed.labels
+            classes, root = indexed.classes, indexed.root
         self.paths: list[str] = [os.fspath(p) for p in paths]
         if not self.paths:
             raise EmptySourceError("FileSource got an empty list of paths")
@@ -201,6 +248,7 @@ class FileSource(Source):
         self.root: str | None = os.fspath(root) if root is not None else None
         self.num_threads = int(num_threads)
         self._pool: _WorkerPool | None = None
+        self._pool_finalizer: weakref.finalize | None = None
         self._pool_lock = threading.Lock()
 
     # -- constructors ---------------------------------------------------------------
@@ -282,17 +330,26 @@ class FileSource(Source):
             SourceNotFoundError: The list file does not exist.
             EmptySourceError: It lists no path.
             ConfigError: A malformed label, or labels on only some lines.
+            CorruptSourceError: The file is binary (an image, an archive), not a list.
         """
         list_file = os.fspath(list_file)
         try:
-            with open(list_file, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with open(list_file, "rb") as f:
+                raw = f.read()
         except FileNotFoundError as exc:
             raise SourceNotFoundError(f"file list not found: {list_file}", path=list_file) from exc
         except OSError as exc:
             raise SourceNotFoundError(
                 f"cannot read file list {list_file}: {exc}", path=list_file
             ) from exc
+        if b"\0" in raw[:8192]:
+            raise CorruptSourceError(
+                f"{list_file} is a binary file, not a file list of path[<TAB>label] lines "
+                "(for images, pass their folder or a glob pattern)",
+                path=list_file,
+            )
+        # Names on POSIX are bytes: undecodable ones survive as surrogates (os.fsdecode).
+        lines = raw.decode("utf-8", "surrogateescape").splitlines()
         base = os.path.dirname(os.path.abspath(list_file))
         paths: list[str] = []
         labels: list[int | None] = []
@@ -394,16 +451,22 @@ class FileSource(Source):
     def _close(self) -> None:
         with self._pool_lock:
             pool, self._pool = self._pool, None
+            fin, self._pool_finalizer = self._pool_finalizer, None
+        if fin is not None:
+            fin.detach()
         if pool is not None:
             pool.close()
 
     def _after_fork_in_child(self) -> None:
         # The parent's pool threads do not exist here; forget the pool without joining.
+        if self._pool_finalizer is not None:
+            self._pool_finalizer.detach()
         self._pool = None
+        self._pool_finalizer = None
         self._pool_lock = threading.Lock()
 
     def _unpicklable(self) -> tuple[str, ...]:
-        return ("_pool",)
+        return ("_pool", "_pool_finalizer")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -426,6 +489,9 @@ class FileSource(Source):
             with self._pool_lock:
                 if self._pool is None:
                     self._pool = _WorkerPool(self.num_threads, "read")
+                    # A source dropped without close() stops its threads when collected.
+                    # stop() does not join: the finalizer may run on any thread.
+                    self._pool_finalizer = weakref.finalize(self, self._pool.stop)
                 pool = self._pool
         return pool
 
@@ -518,6 +584,33 @@ class FileSource(Source):
         )
         err.errno = exc.errno  # for `except OSError as e: e.errno == errno.EMFILE`
         return err
+
+
+def _index_path(path: str, num_threads: int) -> FileSource:
+    """``FileSource(path)``: a folder, a glob or a file list, by what ``path`` is."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "data.mdb")):
+            raise ConfigError(
+                f"{path} is an LMDB directory: open it with LMDBSource({path!r}) "
+                "(or fastfeed.open_source)"
+            )
+        return FileSource.from_folder(path, num_threads=num_threads)
+    if os.path.exists(path):
+        from fastfeed.sources.open import is_lmdb_file
+
+        if is_lmdb_file(path):
+            raise ConfigError(
+                f"{path} is an LMDB file: open it with LMDBSource({path!r}) "
+                "(or fastfeed.open_source)"
+            )
+        return FileSource.from_list(path, num_threads=num_threads)
+    if set("*?[") & set(path):
+        return FileSource.from_glob(path, num_threads=num_threads)
+    raise SourceNotFoundError(
+        f"FileSource: {path} does not exist (expected an image folder, a file list or a "
+        "glob pattern)",
+        path=path,
+    )
 
 
 def _limit_text(value: int) -> str:

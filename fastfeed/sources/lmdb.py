@@ -1,4 +1,4 @@
-"""``LMDBSource``: records stored in one LMDB (as written by :func:`fastfeed.pack.pack`).
+"""``LMDBSource``: records stored in one LMDB (as written by :func:`fastfeed.pack`).
 
 The environment is opened read-only with ``lock=False`` (no lock file, no reader table:
 nothing is written next to the data, so read-only media and many processes work) in the
@@ -13,7 +13,7 @@ with a read already past the check can still fault; nothing short of a SIGBUS ha
 (which Python cannot install safely) closes that window.
 
 A database written by fastfeed carries its labels, class names and original paths (see
-:mod:`fastfeed.pack` for the format). Any other LMDB is readable too: its keys are listed at
+:mod:`fastfeed.packing` for the format). Any other LMDB is readable too: its keys are listed at
 open in LMDB order, index ``i`` is the ``i``-th key, and there are no labels.
 """
 
@@ -43,7 +43,7 @@ __all__ = [
     "record_key",
 ]
 
-#: Version of the on-disk layout written by :func:`fastfeed.pack.pack`.
+#: Version of the on-disk layout written by :func:`fastfeed.pack`.
 FORMAT_VERSION = 1
 #: JSON metadata: ``{"format_version", "count", "classes", "has_labels", "has_paths", ...}``.
 META_KEY = b"__fastfeed__"
@@ -211,7 +211,9 @@ class LMDBSource(Source):
             data = os.path.join(path, "data.mdb")
             if not os.path.isfile(data):
                 raise CorruptSourceError(
-                    f"{path} is not an LMDB: the directory has no data.mdb", path=path
+                    f"{path} is not an LMDB: the directory has no data.mdb (for a folder of "
+                    "images or class folders use FileSource, or fastfeed.open_source)",
+                    path=path,
                 )
             return True, data
         return False, path

@@ -23,8 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tqdm import tqdm
-
+from fastfeed._progress import progress_bar
 from fastfeed._size import parse_size
 from fastfeed.errors import ConfigError
 from fastfeed.sources.base import Record, Source
@@ -32,12 +31,6 @@ from fastfeed.sources.base import Record, Source
 __all__ = ["MemoryCache"]
 
 _POLICIES = ("static", "lru")
-
-
-class _Bar(tqdm):
-    """tqdm without its monitor thread (an unnamed thread that would outlive the bar)."""
-
-    monitor_interval = 0
 
 
 class MemoryCache(Source):
@@ -219,7 +212,8 @@ class MemoryCache(Source):
         """
         self._ensure_open()
         added = 0
-        with _Bar(total=self._n, unit="rec", desc="preload", disable=not progress) as bar:
+        bar = progress_bar(total=self._n, unit="rec", desc="preload", enabled=progress, leave=True)
+        with bar:
             for start in range(0, self._n, batch):
                 todo = [i for i in range(start, min(self._n, start + batch)) if not self.cached(i)]
                 bar.update(min(self._n, start + batch) - start - len(todo))

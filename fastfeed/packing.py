@@ -1,0 +1,648 @@
+"""Pack any source (an ImageFolder, a file list, an LMDB, a :class:`Source`) into one LMDB.
+
+On-disk format (``format_version`` 1)
+-------------------------------------
+The output is an LMDB **directory** (``subdir=True``) holding a single ``data.mdb`` (written
+with ``lock=False``, so there is no ``lock.mdb``; :class:`~fastfeed.sources.LMDBSource`
+also opens with ``lock=False``). It has one unnamed database with these keys:
+
+``b"0000000000"`` ... ``b"%010d" % (count - 1)``
+    The raw record bytes, byte-identical to what the input source returned (unless
+    ``max_side`` re-encoded an image). Ten ASCII digits sort in index order.
+``b"__fastfeed__"``
+    UTF-8 JSON: ``{"format_version": 1, "count": int, "classes": [str] | null,
+    "has_labels": bool, "has_paths": bool, "max_side": int | null, "quality": int,
+    "writer": "fastfeed <version>"}``.
+``b"__fastfeed__/labels"`` (when the input has labels)
+    ``count`` little-endian int64 labels; ``-1`` marks a record without a label.
+``b"__fastfeed__/paths"``
+    UTF-8 JSON list of each record's origin: the path relative to the ImageFolder root or
+    file-list folder, the original path carried over from an input LMDB, or the input
+    source's :meth:`~fastfeed.sources.Source.describe` text. Error messages quote it.
+
+``_`` sorts after the digits, so a cursor walk meets every record before the metadata.
+
+Writing is atomic: everything goes to a temporary directory next to the output
+(``.OUT.<host>-<pid>-<random>.packing``), which is renamed into place only after a
+successful ``sync``; any failure (Ctrl-C, and SIGTERM/SIGHUP when ``pack`` runs on the main
+thread) removes the temporary directory and leaves no output. A temporary directory left by
+a run that was killed outright (SIGKILL, power loss) is removed by the next ``pack`` to the
+same OUT on the same host once its process is gone, and reported otherwise. The map size
+starts from an estimate and doubles on ``MapFullError`` (the batch is retried), so no size
+needs to be given.
+
+Safety: the input and the output may not overlap (SRC == OUT, OUT inside SRC, SRC inside
+OUT are refused, also with ``overwrite``); a symlinked OUT is written through to its target
+(the link stays); the output is created with the permissions the umask allows, like
+``mkdir``; ``pack`` never touches global state such as warning filters, so it is safe to call
+from several threads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+import numpy as np
+from PIL import Image
+
+from fastfeed._progress import progress_bar
+from fastfeed._size import format_size
+from fastfeed.errors import (
+    ConfigError,
+    DecodeError,
+    OutputExistsError,
+    PackError,
+    SourceError,
+)
+from fastfeed.sources.base import Record, Source
+from fastfeed.sources.files import FileSource, _WorkerPool
+from fastfeed.sources.lmdb import (
+    FORMAT_VERSION,
+    LABELS_KEY,
+    META_KEY,
+    PATHS_KEY,
+    LMDBSource,
+    record_key,
+)
+from fastfeed.sources.open import open_source
+
+__all__ = ["PackReport", "pack"]
+
+_MIN_MAP_BYTES = 64 << 20
+_BATCH_RECORDS = 64
+_TERM_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@dataclass
+class PackReport:
+    """What :func:`pack` did.
+
+    Attributes:
+        output: The output LMDB directory.
+        records: Records written.
+        skipped: ``(index, where, reason)`` of every input record left out
+            (``on_error="skip"``).
+        reencoded: Images re-encoded because their longer side exceeded ``max_side``.
+        bytes_in: Record bytes read from the input.
+        bytes_out: Record bytes written.
+        file_bytes: Size of the output ``data.mdb``.
+        seconds: Wall time of the whole pack.
+        classes: Class names written, or ``None``.
+        verified: Records whose image decoded in the ``verify`` / ``max_side`` check.
+        stale_removed: Temporary directories of earlier killed runs that were removed.
+        stale_left: Temporary directories of other runs left in place (another host, or
+            a run still going), with why.
+    """
+
+    output: str
+    records: int = 0
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    reencoded: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    file_bytes: int = 0
+    seconds: float = 0.0
+    classes: list[str] | None = None
+    verified: int = 0
+    stale_removed: list[str] = field(default_factory=list)
+    stale_left: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few human-readable lines: counts, MB in/out, time, skipped files."""
+        mb = 1e6
+        rate = self.records / self.seconds if self.seconds > 0 else 0.0
+        classes = f", {len(self.classes)} classes" if self.classes else ""
+        lines = [
+            f"packed {self.records} records{classes} into {self.output} in "
+            f"{self.seconds:.1f} s ({rate:.0f} records/s)",
+            f"  {self.bytes_in / mb:.1f} MB in, {self.bytes_out / mb:.1f} MB out "
+            f"(data.mdb {format_size(self.file_bytes)}), {self.reencoded} re-encoded, "
+            f"{len(self.skipped)} skipped",
+        ]
+        for index, where, reason in self.skipped:
+            lines.append(f"  skipped {index} ({where}): {reason}")
+        for path in self.stale_removed:
+            lines.append(f"  removed {path} (left by a killed pack)")
+        for text in self.stale_left:
+            lines.append(f"  left {text}")
+        return "\n".join(lines)
+
+
+def _origin(src: Source, index: int) -> str:
+    if isinstance(src, FileSource):
+        return src.relpath(index)
+    if isinstance(src, LMDBSource) and src.origins is not None:
+        return src.origins[index]
+    return src.describe(index)
+
+
+def _shrink(data: bytes, max_side: int | None, quality: int) -> bytes | None:
+    """Decode-check an image and re-encode it to ``max_side``; ``None`` = keep the bytes.
+
+    Images that need no resizing (or every image when ``max_side`` is ``None``: the
+    ``verify`` check) are still decoded, at 1/8 scale where JPEG allows (which is cheap,
+    and still reads every coded byte), so a corrupt file is caught at pack time rather
+    than in the middle of training.
+
+    Pillow's decompression-bomb guard is applied here without changing warning filters
+    (``warnings.catch_warnings`` is process-global and not thread-safe): an image over
+    ``Image.MAX_IMAGE_PIXELS`` is refused with :class:`DecodeError`.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and w * h > limit:
+            raise DecodeError(
+                f"image of {w}x{h} = {w * h} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS "
+                f"({limit}): a possible decompression bomb"
+            )
+        if max_side is None or max(w, h) <= max_side:
+            img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+            img.load()
+            return None
+        scale = max_side / max(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if w >= h:
+            size = (max_side, size[1])
+        else:
+            size = (size[0], max_side)
+        img.draft("RGB", size)  # JPEG DCT scaling: decode at >= size, much faster
+        out = img if img.mode in ("RGB", "L") else img.convert("RGB")
+        out = out.resize(size, Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        out.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue()
+
+
+def _read_batch(
+    src: Source, indices: Sequence[int], skip: bool
+) -> list[tuple[int, Record | BaseException]]:
+    try:
+        return list(zip(indices, src.read_many(indices), strict=True))
+    except SourceError:
+        if not skip:
+            raise
+    out: list[tuple[int, Record | BaseException]] = []
+    for i in indices:  # find which record failed; keep the others
+        try:
+            out.append((i, src.read(i)))
+        except SourceError as exc:
+            out.append((i, exc))
+    return out
+
+
+def pack(
+    src: str | os.PathLike[str] | Source,
+    out: str | os.PathLike[str],
+    *,
+    max_side: int | None = None,
+    quality: int = 90,
+    verify: bool = False,
+    workers: int | None = None,
+    overwrite: bool = False,
+    on_error: str = "raise",
+    progress: bool = True,
+    map_bytes: int | None = None,
+) -> PackReport:
+    """Write every record of ``src`` (bytes + label) and its metadata into one LMDB.
+
+    Args:
+        src: An ImageFolder root, a file list (``path[<TAB>label]`` lines), an LMDB, or
+            any :class:`Source`.
+        out: The output LMDB directory (must not exist unless ``overwrite``). Missing
+            parent directories are created. A symlink is written through: its target
+            becomes the LMDB and the link stays.
+        max_side: Re-encode images whose longer side exceeds this many pixels (Pillow,
+            aspect kept, JPEG ``quality``); smaller images are copied byte for byte after
+            a decode check. ``None`` copies every record unchanged.
+        quality: JPEG quality of re-encoded images (1-100).
+        verify: Decode every image (at 1/8 scale where JPEG allows) and treat one that
+            fails as a bad record, without re-encoding anything. ``max_side`` implies it.
+        workers: Threads that decode/re-encode (default: CPU count).
+        overwrite: Replace an existing ``out``.
+        on_error: ``"raise"`` (stop with :class:`PackError`) or ``"skip"`` (leave the
+            record out and list it in the report).
+        progress: Show a tqdm bar, then the summary, on stderr.
+        map_bytes: Initial LMDB map size; grows automatically (default: from the input).
+
+    Returns:
+        A :class:`PackReport`.
+
+    Raises:
+        ConfigError: A bad argument, or ``src`` and ``out`` overlap (same path, or one
+            inside the other), also with ``overwrite``.
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+        PackError: A record could not be read or decoded (names the file), the output
+            cannot be created, or writing failed; no output is left behind.
+        SourceError: The input could not be opened.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ConfigError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    if max_side is not None and max_side < 1:
+        raise ConfigError(f"max_side must be a positive number of pixels, not {max_side}")
+    if not 1 <= quality <= 100:
+        raise ConfigError(f"quality must be in 1..100, not {quality}")
+    given = os.path.abspath(os.fspath(out))
+    # Write through a symlink (and symlinked parents) to the real location.
+    out = os.path.realpath(given)
+    if os.path.lexists(out) and not overwrite:
+        raise OutputExistsError(f"{given} already exists (pass overwrite=True / --overwrite)")
+    _check_no_overlap(src, out)
+    parent = os.path.dirname(out)
+    _make_parent(parent, given)
+    skip = on_error == "skip"
+    decode = verify or max_side is not None
+    t0 = time.perf_counter()
+    report = PackReport(output=given)
+    _clean_stale(parent, os.path.basename(out), report)
+    owns_source = not isinstance(src, Source)
+    source = open_source(src)
+    with _cleanup_on_termination():  # outermost: the cleanup below runs first
+        pool: _WorkerPool | None = None
+        env: lmdb.Environment | None = None
+        tmp: str | None = None
+        try:
+            report.classes = list(source.classes) if source.classes else None
+            tmp = _make_tmp_dir(parent, os.path.basename(out))
+            if decode:
+                pool = _WorkerPool((workers or os.cpu_count() or 1) - 1, "pack")
+            env = lmdb.open(
+                tmp,
+                subdir=True,
+                map_size=map_bytes if map_bytes is not None else _MIN_MAP_BYTES,
+                lock=False,
+                sync=False,
+                metasync=False,
+                readahead=False,
+                meminit=False,
+                max_dbs=0,
+                mode=0o666,  # data.mdb gets what the umask allows, like any new file
+            )
+            labels, origins = _write_records(
+                env,
+                source,
+                report,
+                pool,
+                max_side,
+                decode,
+                quality,
+                skip,
+                progress,
+                map_bytes is None,
+            )
+            meta: dict[str, Any] = {
+                "format_version": FORMAT_VERSION,
+                "count": report.records,
+                "classes": report.classes,
+                "has_labels": any(x >= 0 for x in labels),
+                "has_paths": True,
+                "max_side": max_side,
+                "quality": quality,
+                "writer": f"fastfeed {_version()}",
+            }
+            extra = {
+                META_KEY: json.dumps(meta).encode("utf-8"),
+                PATHS_KEY: json.dumps(origins).encode("utf-8"),
+            }
+            if meta["has_labels"]:
+                extra[LABELS_KEY] = np.asarray(labels, dtype="<i8").tobytes()
+            _put_batch(env, list(extra.items()))
+            env.sync(True)
+            env.close()
+            env = None
+            report.file_bytes = os.path.getsize(os.path.join(tmp, "data.mdb"))
+            _move_into_place(tmp, out, overwrite)
+            tmp = None
+        except BaseException as exc:
+            if env is not None:
+                env.close()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, lmdb.Error):
+                raise PackError(f"writing {given} failed: {exc}") from exc
+            if isinstance(exc, OSError) and not isinstance(exc, SourceError):
+                raise PackError(f"writing {given} failed: {exc.strerror or exc}") from exc
+            raise
+        finally:
+            if pool is not None:
+                pool.close()
+            if owns_source:
+                source.close()
+    report.seconds = time.perf_counter() - t0
+    if progress:
+        print(report.summary(), file=sys.stderr, flush=True)
+    return report
+
+
+def _input_paths(src: str | os.PathLike[str] | Source) -> list[str]:
+    """The files and folders ``src`` reads from (for the overlap check)."""
+    if isinstance(src, FileSource):
+        # An ImageFolder's root; a list file's folder (also its root) is not an input.
+        return [src.root] if src.root is not None and src.classes is not None else []
+    if isinstance(src, LMDBSource):
+        return [src.path]
+    if isinstance(src, Source):
+        return []
+    return [os.fspath(src)]
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def _check_no_overlap(src: str | os.PathLike[str] | Source, out: str) -> None:
+    """Refuse SRC == OUT, OUT inside SRC and SRC inside OUT (``out`` is a real path)."""
+    for path in _input_paths(src):
+        real = os.path.realpath(path)
+        if real == out:
+            raise ConfigError(f"the input and the output are the same path: {path}")
+        if _inside(out, real):
+            raise ConfigError(
+                f"the output {out} is inside the input {path}: packing would read its own "
+                "output; choose an OUT outside the input"
+            )
+        if _inside(real, out):
+            raise ConfigError(
+                f"the input {path} is inside the output {out}: replacing the output would "
+                "delete the input; choose another OUT"
+            )
+
+
+def _make_parent(parent: str, given: str) -> None:
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise PackError(
+            f"cannot create the folder of {given}: {parent}: {exc.strerror or exc}"
+        ) from exc
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PackError(f"cannot write {given}: no write permission in {parent}")
+
+
+_STALE_RE = re.compile(r"^\.(?P<base>.+)\.(?P<host>[^./]+)-(?P<pid>\d+)-[0-9a-f]+\.packing$")
+
+
+def _tmp_owner() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _make_tmp_dir(parent: str, base: str) -> str:
+    """``.BASE.<host>-<pid>-<random>.packing`` in ``parent``, created with the umask's mode.
+
+    ``tempfile.mkdtemp`` would create it 0700 whatever the umask (and the rename would
+    publish that mode), so teammates could not read a shared dataset.
+    """
+    for _ in range(100):
+        path = os.path.join(parent, f".{base}.{_tmp_owner()}-{secrets.token_hex(4)}.packing")
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise PackError(f"cannot create a temporary directory in {parent}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _clean_stale(parent: str, base: str, report: PackReport) -> None:
+    """Remove temporary directories of killed packs to this OUT; report the others."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    host = _tmp_owner().rsplit("-", 1)[0]
+    prefix = f".{base}."
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".packing")):
+            continue
+        path = os.path.join(parent, name)
+        m = _STALE_RE.match(name)
+        if m is None or m.group("base") != base:
+            report.stale_left.append(f"{path} (from an older fastfeed; remove it if no pack runs)")
+        elif m.group("host") != host:
+            report.stale_left.append(
+                f"{path} (from host {m.group('host')}; remove it if no pack runs there)"
+            )
+        elif _pid_alive(int(m.group("pid"))):
+            report.stale_left.append(f"{path} (process {m.group('pid')} is still running)")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            report.stale_removed.append(path)
+
+
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived during :func:`pack`; unwinds it so cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+@contextmanager
+def _cleanup_on_termination() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into an exception while packing, then die of the signal.
+
+    ``kill``, ``timeout``, Slurm and Docker send SIGTERM; its default action ends the
+    process at once and would leave the temporary directory behind. Handlers can only be
+    installed on the main thread; elsewhere the next pack cleans up (see
+    :func:`_clean_stale`). After the cleanup the caller's own handler (or the default
+    action: the process ends by the signal, as without fastfeed) gets the signal.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated(signum)
+
+    previous = {}
+    for sig in _TERM_SIGNALS:
+        old = signal.getsignal(sig)
+        if old is signal.SIG_IGN or old is None:
+            # Ignored (nohup and friends) or owned by non-Python code: leave it alone.
+            continue
+        previous[sig] = old
+        signal.signal(sig, handler)
+    try:
+        yield
+    except _Terminated as exc:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        previous.clear()
+        signal.raise_signal(exc.signum)  # the default action ends the process here
+        raise  # a handler that returned: unwind the caller as an interruption would
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _write_records(
+    env: lmdb.Environment,
+    source: Source,
+    report: PackReport,
+    pool: _WorkerPool | None,
+    max_side: int | None,
+    decode: bool,
+    quality: int,
+    skip: bool,
+    progress: bool,
+    estimate_map: bool,
+) -> tuple[list[int], list[str]]:
+    n = len(source)
+    labels: list[int] = []
+    origins: list[str] = []
+    with progress_bar(total=n, unit="rec", desc="pack", enabled=progress) as bar:
+        for start in range(0, n, _BATCH_RECORDS):
+            indices = list(range(start, min(n, start + _BATCH_RECORDS)))
+            try:
+                batch = _read_batch(source, indices, skip)
+            except SourceError as exc:
+                raise PackError(f"reading the input failed: {exc}") from exc
+            if decode:
+                batch = _reencode(batch, pool, max_side, quality, report)
+            items: list[tuple[bytes, bytes]] = []
+            for i, rec in batch:
+                if isinstance(rec, BaseException):
+                    where = source.describe(i)
+                    reason = f"{type(rec).__name__}: {rec}"
+                    if not skip:
+                        raise PackError(f"record {i} ({where}) failed: {reason}") from rec
+                    report.skipped.append((i, where, reason))
+                    continue
+                report.bytes_in += _record_in_bytes(rec)
+                data = rec.data
+                items.append((record_key(len(labels) + len(items)), data))
+                report.bytes_out += len(data)
+            if estimate_map and start == 0 and items:
+                # Size the map from the first batch (virtual address space only: the
+                # file grows with the data), leaving room for the tail to vary.
+                per = report.bytes_out / len(items)
+                want = int(per * n * 2) + _MIN_MAP_BYTES
+                if want > env.info()["map_size"]:
+                    env.set_mapsize(want)
+            _put_batch(env, items)
+            for i, rec in batch:
+                if not isinstance(rec, BaseException):
+                    labels.append(-1 if rec.label is None else int(rec.label))
+                    origins.append(_origin(source, i))
+            report.records = len(labels)
+            bar.update(len(indices))
+    if not labels:
+        raise PackError(f"no record of {source!r} could be packed (all {n} failed)")
+    return labels, origins
+
+
+def _record_in_bytes(rec: Record) -> int:
+    # _reencode stashes the input size on re-encoded records (see there).
+    return getattr(rec, "_in_bytes", len(rec.data))
+
+
+class _Reencoded(Record):
+    """A record whose data was re-encoded; remembers the input size for the report."""
+
+    _in_bytes: int
+
+
+def _reencode(
+    batch: list[tuple[int, Record | BaseException]],
+    pool: _WorkerPool | None,
+    max_side: int | None,
+    quality: int,
+    report: PackReport,
+) -> list[tuple[int, Record | BaseException]]:
+    def work(k: int) -> Record | BaseException:
+        rec = batch[k][1]
+        if isinstance(rec, BaseException):
+            return rec
+        try:
+            new = _shrink(rec.data, max_side, quality)
+        except Exception as exc:  # any decoder error: reported with the file's name
+            return exc
+        if new is None:
+            return rec
+        out = _Reencoded(new, rec.label)
+        out._in_bytes = len(rec.data)
+        return out
+
+    results = (
+        pool.map(work, len(batch)) if pool is not None else [work(k) for k in range(len(batch))]
+    )
+    report.reencoded += sum(isinstance(r, _Reencoded) for r in results)
+    report.verified += sum(not isinstance(r, BaseException) for r in results)
+    return [(i, r) for (i, _), r in zip(batch, results, strict=True)]
+
+
+def _put_batch(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
+    """Write one batch in one transaction, doubling the map size while it does not fit."""
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                for key, value in items:
+                    txn.put(key, value, overwrite=True, append=False)
+            return
+        except lmdb.MapFullError:
+            # The aborted transaction wrote nothing; grow and redo the whole batch.
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def _move_into_place(tmp: str, out: str, overwrite: bool) -> None:
+    if not os.path.lexists(out):
+        try:
+            os.rename(tmp, out)
+        except FileExistsError as exc:
+            raise OutputExistsError(f"{out} appeared while packing; not replacing it") from exc
+        except OSError as exc:
+            if not os.path.lexists(out):
+                raise PackError(f"cannot move the packed LMDB to {out}: {exc}") from exc
+            if not overwrite:
+                raise OutputExistsError(f"{out} appeared while packing; not replacing it") from exc
+        else:
+            return
+    if not overwrite:
+        raise OutputExistsError(f"{out} appeared while packing; not replacing it")
+    # Replace: move the old output aside first so OUT is never half-written.
+    old = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(out)}.", suffix=".old", dir=os.path.dirname(out)
+    )
+    aside = os.path.join(old, "previous")
+    os.rename(out, aside)
+    try:
+        os.rename(tmp, out)
+    except OSError as exc:
+        os.rename(aside, out)
+        raise PackError(f"cannot move the packed LMDB to {out}: {exc}") from exc
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _version() -> str:
+    from fastfeed import __version__
+
+    return __version__
