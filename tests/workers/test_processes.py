@@ -221,16 +221,17 @@ def test_training_process_sigkilled_leaves_no_workers_and_no_shared_memory():
                            num_threads=1, processes=2)
             it = iter(ld)
             next(it)
-            print("PIDS", *ld._pipeline._pool.pids, flush=True)
+            print("PIDS " + " ".join(map(str, ld._pipeline._pool.pids)) + " END", flush=True)
             import time; time.sleep(60)
             """
         ),
         timeout_s=60,
     )
     try:
-        child.wait_for("PIDS")
+        child.wait_for(" END")
         out = bytes(child._out).decode()
-        pids = [int(p) for p in out.split("PIDS", 1)[1].splitlines()[0].split()]
+        pids = [int(p) for p in out.split("PIDS", 1)[1].split("END")[0].split()]
+        assert len(pids) == 2
         child.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 3
         alive = pids
