@@ -133,7 +133,8 @@ class Loader:
             (no GIL shared with the training loop; one GIL per process). 0 runs the
             threads in this process. ``"auto"``: processes when batches go to a CUDA
             device and there are at least 4 cores, else threads (the rule and its
-            measurements: :func:`fastfeed.pipeline.assemble.choose_processes`).
+            measurements: :func:`fastfeed.pipeline.assemble.choose_processes`); the
+            default. ``"auto"`` falls back to threads when the work does not pickle.
             Batches are identical in every mode. The source, transforms and
             ``collate_fn`` must pickle under ``start_method="spawn"``.
         start_method: How worker processes start: ``"fork"`` (default where CUDA is
@@ -175,7 +176,7 @@ class Loader:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         channels_last: bool = False,
-        processes: int | str = 0,
+        processes: int | str = "auto",
         start_method: str | None = None,
     ) -> None:
         if not isinstance(source, Source):
@@ -275,6 +276,7 @@ class Loader:
                 start_method=start_method,
             )
         )
+        self._pipeline.settle(source, transform, batch_transform)
         #: Worker threads (in each worker process when :attr:`processes` > 0).
         self.num_threads = self._pipeline.num_threads
         #: Worker processes (0: threads of this process); see ``stats().execution``.

@@ -213,6 +213,12 @@ class Pipeline:
     def __init__(self, spec: PipelineSpec, pinned: bool, processes: int, reason: str) -> None:
         self.spec = spec
         self.pinned = pinned
+        self._set_mode(processes, reason)
+        self._pool: Any = None
+        self._ring: Any = None
+
+    def _set_mode(self, processes: int, reason: str) -> None:
+        spec = self.spec
         self.processes = processes
         self.mode_reason = reason
         cores = usable_cores()
@@ -225,9 +231,28 @@ class Pipeline:
         workers = self.num_threads * max(processes, 1)
         self.in_flight = spec.in_flight if spec.in_flight is not None else max(2, 2 * workers)
         self.slots = ring_slots(self.in_flight)
-        self.collator = Collator(spec.collate_fn, pin_memory=pinned, slots=self.slots)
-        self._pool: Any = None
-        self._ring: Any = None
+        self.collator = Collator(spec.collate_fn, pin_memory=self.pinned, slots=self.slots)
+
+    def settle(self, *work: Any) -> None:
+        """``processes="auto"`` only: fall back to threads when the work cannot travel.
+
+        Worker processes started with spawn (the default once CUDA is initialised)
+        receive the source, transforms and ``collate_fn`` pickled; a lambda or a local
+        class cannot be. An explicit ``processes=K`` keeps K and fails at ``iter()``
+        with pickle's own error; ``"auto"`` chooses threads instead and says why.
+        """
+        if self.spec.processes != "auto" or self.processes == 0:
+            return
+        import pickle
+
+        try:
+            pickle.dumps((*work, self.spec.collate_fn))
+        except Exception as exc:
+            self._set_mode(
+                0,
+                f"auto: the loader's work does not pickle for worker processes "
+                f"({type(exc).__name__}: {exc}): in-process threads",
+            )
 
     @property
     def mode(self) -> str:

@@ -349,3 +349,26 @@ def test_held_batches_never_change_while_slots_are_reused():
     for indices, data in kept:
         assert data[:, 0].tolist() == indices
     assert stats["reuses"] > 0
+
+
+def test_auto_keeps_threads_when_the_work_does_not_pickle(monkeypatch):
+    import fastfeed.pipeline.assemble as asm
+
+    monkeypatch.setattr(asm, "choose_processes", lambda requested, device: (2, "auto: test"))
+    ld = ff.Loader(LedgerSource(16), lambda data: LedgerDecode()(data), batch_size=4)
+    assert ld.processes == 0
+    assert (
+        ld.stats()
+        .extra["execution"]["reason"]
+        .startswith("auto: the loader's work does not pickle")
+    )
+    assert len(list(ld)) == 4
+    picklable = ff.Loader(LedgerSource(16), LedgerDecode(), batch_size=4, num_threads=1)
+    assert picklable.processes == 2
+    assert [b.indices for b in picklable] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9, 10, 11],
+        [12, 13, 14, 15],
+    ]
+    picklable.close()
