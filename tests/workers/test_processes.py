@@ -372,3 +372,67 @@ def test_auto_keeps_threads_when_the_work_does_not_pickle(monkeypatch):
         [12, 13, 14, 15],
     ]
     picklable.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_interpreter_exit_mid_epoch_stops_the_workers(method):
+    res = run_child(
+        textwrap.dedent(
+            f"""
+            import fastfeed as ff
+            from harness import LedgerSource, LedgerDecode
+            if __name__ == "__main__":
+                ld = ff.Loader(LedgerSource(100000, delay_s=0.001), LedgerDecode(),
+                               batch_size=8, num_threads=2, processes=2,
+                               start_method={method!r})
+                it = iter(ld)
+                next(it)
+                print("PIDS " + " ".join(map(str, ld._pipeline._pool.pids)) + " END")
+            """
+        ),
+        timeout_s=60,
+    )
+    assert res.returncode == 0, res.stderr
+    pids = [int(p) for p in res.stdout.split("PIDS", 1)[1].split("END")[0].split()]
+    deadline = time.monotonic() + 3
+    while any(os.path.exists(f"/proc/{p}") and not _zombie(p) for p in pids):
+        assert time.monotonic() < deadline, "workers outlived the training process"
+        time.sleep(0.05)
+
+
+def test_a_codec_segfault_in_a_worker_is_a_worker_error_naming_the_signal():
+    decode = LedgerDecode()
+
+    class Crashy:
+        def sample_spec(self):
+            return decode.sample_spec()
+
+        def __call__(self, data, out=None):
+            row = decode(data, out)
+            if int(row[0]) == 77:
+                os.kill(os.getpid(), signal.SIGSEGV)  # what a crashing C decoder does
+            return row
+
+    ld = ff.Loader(
+        LedgerSource(200),
+        Crashy(),
+        batch_size=8,
+        num_threads=1,
+        processes=2,
+        start_method="fork",
+    )
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match="SIGSEGV") as info:
+        list(ld)
+    assert time.monotonic() - t0 < 10
+    assert 77 in info.value.in_flight and "indices [72, 73, 74, 75, 76, 77" in str(info.value)
+    ld.close()
+
+
+def test_distributed_shards_are_the_same_in_process_mode():
+    src = LedgerSource(103)
+    kw = dict(batch_size=8, shuffle=True, seed=2, world_size=2)
+    for rank in (0, 1):
+        ref = [b.indices for b in ff.Loader(src, LedgerDecode(), rank=rank, num_threads=1, **kw)]
+        with ff.Loader(src, LedgerDecode(), rank=rank, num_threads=1, processes=2, **kw) as ld:
+            assert [b.indices for b in ld] == ref
