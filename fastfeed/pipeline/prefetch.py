@@ -38,15 +38,6 @@ _POLL_S = 0.05  # how often blocked threads look at the stop event, seconds
 _JOIN_S = 2.0  # close() waits at most this long for workers, seconds
 
 
-class _IteratorFailed:
-    """Stands in for the task that the task iterator failed to produce."""
-
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
 class _Shared(Generic[T, R]):
     """State shared by the workers and the consumer.
 
@@ -94,7 +85,7 @@ class _Shared(Generic[T, R]):
                 # The iterator itself failed: deliver the error at this position (the
                 # worker does not call fn on it), and take nothing more.
                 self.exhausted = True
-                task = _IteratorFailed(exc)  # type: ignore[assignment]
+                task = ExceptionBox(exc)  # type: ignore[assignment]  # the iterator failed here
             seq = next(self.seq)
             self.dispatched += 1
             # Registered before task_lock is released: a consumer must never see the
@@ -124,7 +115,7 @@ class _Shared(Generic[T, R]):
                     return
                 seq, task = item
                 try:
-                    if isinstance(task, _IteratorFailed):
+                    if isinstance(task, ExceptionBox):
                         raise task.exc
                     result: R | ExceptionBox = self.fn(task)
                 except BaseException as exc:  # travels to the consumer, re-raised there
@@ -247,7 +238,7 @@ class Prefetcher(Generic[T, R]):
             raise StopIteration
         seq, task = got
         try:
-            if isinstance(task, _IteratorFailed):
+            if isinstance(task, ExceptionBox):
                 raise task.exc
             return task, sh.fn(task)
         except BaseException as exc:
@@ -291,7 +282,7 @@ class Prefetcher(Generic[T, R]):
         return item
 
     def _timeout_error(self) -> LoaderTimeoutError:
-        tasks = [t for t in self._shared.in_flight.values() if not isinstance(t, _IteratorFailed)]
+        tasks = [t for t in self._shared.in_flight.values() if not isinstance(t, ExceptionBox)]
         shown = "; ".join(self.describe(t) for t in tasks[:4])
         more = f" and {len(tasks) - 4} more" if len(tasks) > 4 else ""
         return LoaderTimeoutError(

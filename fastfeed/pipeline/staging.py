@@ -38,7 +38,13 @@ from typing import Any
 import torch
 
 from fastfeed._threads import ExceptionBox, join_all, start_thread
-from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError, SampleError
+from fastfeed.errors import (
+    ConfigError,
+    FastFeedError,
+    LoaderTimeoutError,
+    SampleError,
+    describe_indices,
+)
 from fastfeed.pipeline.buffers import map_tensors, tensor_leaves
 from fastfeed.profiling import Recorder
 
@@ -451,8 +457,9 @@ def _copy_error(host: Any, exc: BaseException) -> BaseException:
     if isinstance(exc, FastFeedError):
         return exc
     indices = _indices_of(host) or []
-    shown = ", ".join(str(i) for i in indices[:8]) + (", ..." if len(indices) > 8 else "")
-    where = f"batch of indices [{shown}]" if indices else "batch (indices unknown)"
+    where = (
+        f"batch of indices {describe_indices(indices)}" if indices else "batch (indices unknown)"
+    )
     err = SampleError(indices[0] if indices else None, where, "copy", exc)
     err.__cause__ = exc
     return err

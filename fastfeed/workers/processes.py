@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from fastfeed._threads import ExceptionBox
 from fastfeed.errors import LoaderTimeoutError, WorkerError
 from fastfeed.pipeline.batch import BatchResult, BatchTask, describe_task
 from fastfeed.profiling import Recorder
@@ -279,7 +280,7 @@ class PoolRun:
             result = BatchResult(msg[4], None, None, [], msg[5])
         elif kind == "err":
             self.pool.ring.abandon(slot)
-            result = _Raised(pickle.loads(msg[4]))
+            result = ExceptionBox(pickle.loads(msg[4]))
         else:  # "skip": cancelled before it ran (cannot happen for the live generation)
             self.pool.ring.abandon(slot)
             return
@@ -315,8 +316,8 @@ class PoolRun:
             if item is not None:
                 self._outstanding -= 1
                 task, result = item
-                if isinstance(result, _Raised):
-                    raise result.exc
+                if isinstance(result, ExceptionBox):
+                    result.reraise()
                 return task, result
             if self._exhausted and self._outstanding == 0:
                 raise StopIteration
@@ -364,12 +365,3 @@ class PoolRun:
             if isinstance(result, BatchResult) and result.data is not None:
                 self.pool.ring.discard((result.data, result.labels))
         self._done.clear()
-
-
-class _Raised:
-    """An exception from a worker process, re-raised at its batch's position."""
-
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
