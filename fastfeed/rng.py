@@ -16,6 +16,7 @@ whose transforms draw nothing pay nothing.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def sample_rng() -> np.random.Generator:
     if not _local.keyed:
         seed, epoch, index = key
         # Lists, not arrays: the state setter converts them faster than it copies arrays.
-        bits.state = {
+        state: dict[str, Any] = {
             "bit_generator": "Philox",
             "state": {
                 "counter": [0, 0, index & _MASK_64, epoch & _MASK_64],
@@ -69,5 +70,6 @@ def sample_rng() -> np.random.Generator:
             "has_uint32": 0,
             "uinteger": 0,
         }
+        bits.state = state  # type: ignore[assignment]  # lists: faster than arrays
         _local.keyed = True
     return gen

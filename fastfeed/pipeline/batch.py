@@ -60,7 +60,7 @@ class SkippedSample(NamedTuple):
         message: ``"ExceptionType: message"`` of the original error.
     """
 
-    index: int
+    index: int  # type: ignore[assignment]  # the field shadows tuple.index, by design
     where: str
     stage: str
     message: str

@@ -318,7 +318,12 @@ def map_tensors(
 def tensor_leaves(batch: Any) -> list[torch.Tensor]:
     """Every tensor in a nested batch, depth first."""
     out: list[torch.Tensor] = []
-    map_tensors(batch, lambda t: out.append(t) or t)
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        out.append(t)
+        return t
+
+    map_tensors(batch, keep)
     return out
 
 

@@ -36,8 +36,8 @@ try:  # the building blocks of default_collate (public since torch 2.0, module p
     from torch.utils.data._utils.collate import collate_tensor_fn as _torch_collate_tensor
     from torch.utils.data._utils.collate import default_collate_fn_map as _torch_collate_map
 except ImportError:  # pragma: no cover - very old or very new torch: plain default_collate
-    _torch_collate = None
-    _torch_collate_tensor = None
+    _torch_collate = None  # type: ignore[assignment]
+    _torch_collate_tensor = None  # type: ignore[assignment]
     _torch_collate_map = {}
 
 __all__ = ["Collator"]

@@ -8,7 +8,7 @@ a parameter can be followed from the constructor down to the stage that uses it.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -155,7 +155,7 @@ class EpochRun:
         self._unyielded: list[int] = []
         self._unyielded_failures = 0
 
-    def results(self) -> Iterator[Batch]:
+    def results(self) -> Generator[Batch, None, None]:
         """Batches in hand-off order; applies the skip policy."""
         limit = self.work.failure_limit
         for _task, res in self.source:

@@ -116,7 +116,7 @@ class _Finisher:
     def __call__(self, batch: Any) -> Any:
         if not self.active:
             return batch
-        found = []
+        found: list[bool] = []
         out = map_tensors(batch, lambda t: self._finish(t, found))
         if not found:
             shapes = [tuple(t.shape) for t in tensor_leaves(batch)]

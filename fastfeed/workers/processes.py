@@ -147,7 +147,7 @@ class ProcessPool:
         for k in range(processes):
             task_r, task_w = ctx.Pipe(duplex=False)
             res_r, res_w = ctx.Pipe(duplex=False)
-            proc = ctx.Process(
+            proc = ctx.Process(  # type: ignore[attr-defined]
                 target=worker_main,
                 args=(recipe, k, os.getpid(), task_r, res_w),
                 name=f"fastfeed-worker-{k}",
@@ -249,7 +249,7 @@ class PoolRun:
             w = by_conn.get(obj)  # type: ignore[call-overload]
             if w is not None:
                 try:
-                    msg = obj.recv()  # type: ignore[union-attr]
+                    msg = w.results.recv()
                 except (EOFError, OSError):
                     continue  # its sentinel tells why
                 self._handle(w, msg)
