@@ -898,7 +898,13 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
                 slowest rank. A collective call: every rank must make it.
         """
         return LoaderStats.collect(
-            self.recorder, num_threads=self.num_workers, device=self.device, gather=gather
+            self.recorder,
+            batch_size=self.batch_size,
+            num_threads=self.num_workers,
+            source=self.dataset,
+            source_kind="dataset",
+            device=self.device,
+            gather=gather,
         )
 
     def close(self) -> None:

@@ -13,7 +13,13 @@ Cost per batch of the Loader's hooks (``mark`` + three ``add_since``): the run-q
 on every :data:`SCHED_SAMPLE_EVERY`-th chain of marks per thread and scaled up to every
 span of the stage (:class:`StageStats`); wall and CPU time are measured on every span.
 
-The analysis of these numbers (verdict, summary, JSON) lives in :mod:`fastfeed.stats.report`,
+The consumer's own clocks are read at every hand-over (:meth:`Recorder.consumer_step`):
+its CPU time, run-queue wait and blocking switches during the steps tell how much the
+loader's threads slow the training step. A GIL probe thread (:mod:`.gil`) runs while the
+recorder records and measures what one GIL acquisition costs, which splits blocked time
+into GIL wait and IO wait.
+
+The analysis of these numbers (verdict, summary, JSON) lives in :mod:`fastfeed.stats`,
 the Chrome trace export in :mod:`fastfeed.profiling.trace`, the plots in :mod:`fastfeed.stats.plot`.
 
 Stage spans also appear in ``torch.profiler`` traces as ``fastfeed/<stage>`` ranges while
@@ -31,6 +37,7 @@ import random
 import sys
 import threading
 import time
+import weakref
 from array import array
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -39,6 +46,8 @@ from types import MappingProxyType
 from typing import Any
 
 from fastfeed._procio import ProcIO, cpu_times, read_proc_io
+from fastfeed.profiling.gil import GilProbeTotals, start_probe
+from fastfeed.profiling.stages import Stage
 
 try:  # Linux: per-thread rusage (voluntary context switches)
     import resource
@@ -68,6 +77,7 @@ _NOT_SAMPLED = -2  # run delay / switches of a mark that did not read them
 
 
 _tls = threading.local()
+_PROBE_IDLE_S = 0.5  # the GIL probe exits after this long without a span or a step
 
 
 class _SchedFd:
@@ -480,7 +490,27 @@ class Recorder:
         self._events = _EventRing(max_events)
         self._counters = _CounterRing(max_events)
         self.extra: dict[str, Any] = {}
+        self._probe: threading.Thread | None = None
+        self._last_activity = time.perf_counter()
         self._zero()
+        _RECORDERS.add(self)
+
+    # -- the GIL probe ----------------------------------------------------------------
+
+    def _start_probe(self) -> None:
+        """Start the GIL probe thread unless it runs (it exits when recording idles)."""
+        with self._lock:
+            if self._probe is not None:
+                return
+            self._probe = start_probe(self, _probe_report, _run_delay_s)
+
+    def _probe_report(self, late_s: float, runq_s: float) -> bool:
+        with self._lock:
+            if not self.enabled or time.perf_counter() - self._last_activity > _PROBE_IDLE_S:
+                self._probe = None
+                return False
+            self.gil.add(late_s, runq_s)
+            return True
 
     @property
     def events(self) -> list[TraceEvent]:
@@ -509,6 +539,16 @@ class Recorder:
         self.started_cpu_s = time.process_time()
         self.started_io: ProcIO | None = read_proc_io()
         self.started_machine = cpu_times()
+        self.gil = GilProbeTotals()
+        # The training loop's thread during steps: wall outside the wait, CPU, run-queue
+        # wait, voluntary switches (see consumer_step).
+        self.consumer_compute_s = 0.0
+        self.consumer_cpu_s = 0.0
+        self.consumer_runq_s = 0.0
+        self.consumer_switches = 0
+        self.consumer_steps = 0
+        self._consumer_prev: tuple[int, float, float, int] | None = None
+        self._consumer_enter: tuple[int, float, float, int] | None = None
 
     # -- stage spans ----------------------------------------------------------------
 
@@ -519,7 +559,7 @@ class Recorder:
         Always reads the run-queue wait and context switches too (~6 us per span).
 
         Args:
-            stage: ``"read"``, ``"transform"``, ``"collate"``, ``"copy"`` or any name.
+            stage: A :class:`~fastfeed.profiling.stages.Stage` or any name.
             items: Samples in the span (spans are per batch, not per sample).
             nbytes: Bytes the span handled (for MB/s).
         """
@@ -584,7 +624,10 @@ class Recorder:
             return
         wall = end_s - start_s
         name = threading.current_thread().name
+        if self._probe is None:
+            self._start_probe()
         with self._lock:
+            self._last_activity = end_s
             st = self.stages.get(stage)
             if st is None:
                 st = self.stages[stage] = StageStats()
@@ -684,6 +727,22 @@ class Recorder:
 
     # -- consumer ---------------------------------------------------------------------
 
+    def consumer_enter(self) -> None:
+        """Note the training loop's clocks as it asks for the next batch (the tap calls it).
+
+        The loop's work is then measured from the previous hand-over to here, so the
+        time it spends waiting (and being woken up) for the batch is not counted as its
+        own. Without this call the whole interval between hand-overs is used.
+        """
+        if not self.enabled:
+            return
+        self._consumer_enter = (
+            threading.get_ident(),
+            time.thread_time(),
+            _run_delay_s(),
+            _voluntary_switches(),
+        )
+
     def consumer_step(self, wait_s: float, step_s: float | None) -> None:
         """Report one batch handed to the training loop (call right after the hand-over).
 
@@ -695,8 +754,34 @@ class Recorder:
         if not self.enabled:
             return
         now = time.perf_counter()
+        cpu = time.thread_time()
+        runq = _run_delay_s()
+        switches = _voluntary_switches()
         name = threading.current_thread().name
+        ident = threading.get_ident()
+        enter, self._consumer_enter = self._consumer_enter, None
         with self._lock:
+            self._last_activity = now
+            prev, self._consumer_prev = self._consumer_prev, (ident, cpu, runq, switches)
+            if step_s is not None and prev is not None and prev[0] == ident:
+                # The loop's own work: from the previous hand-over to asking for this
+                # batch (consumer_enter); without that mark, to the hand-over, less one
+                # switch for the blocking wait.
+                end, less = (
+                    (enter, 0)
+                    if enter is not None and enter[0] == ident
+                    else (
+                        (ident, cpu, runq, switches),
+                        int(wait_s > 0),
+                    )
+                )
+                self.consumer_steps += 1
+                self.consumer_compute_s += max(0.0, step_s - wait_s)
+                self.consumer_cpu_s += end[1] - prev[1]
+                if end[2] >= 0 and prev[2] >= 0:
+                    self.consumer_runq_s += end[2] - prev[2]
+                if end[3] >= 0 and prev[3] >= 0:
+                    self.consumer_switches += max(0, end[3] - prev[3] - less)
             self.wait_s += wait_s
             self.step_waits.add(wait_s)
             if step_s is not None:
@@ -708,7 +793,7 @@ class Recorder:
             else:
                 self.first_batches += 1
             if wait_s > 0:
-                self._events.append("wait", name, now - wait_s, now, _NO_ITEMS, 0, False)
+                self._events.append(Stage.WAIT, name, now - wait_s, now, _NO_ITEMS, 0, False)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -760,6 +845,14 @@ class Recorder:
                 "step_time": self.step_times.percentiles(),
                 "stages": {k: v.to_dict() for k, v in self.stages.items()},
                 "queues": {k: v.to_dict() for k, v in self.queues.items()},
+                "gil": {**self.gil.to_dict(), "switch_interval_s": sys.getswitchinterval()},
+                "consumer": {
+                    "steps": self.consumer_steps,
+                    "compute_s": self.consumer_compute_s,
+                    "cpu_s": self.consumer_cpu_s,
+                    "runq_s": self.consumer_runq_s,
+                    "switches": self.consumer_switches,
+                },
                 **self.extra,
             }
 
@@ -781,3 +874,22 @@ class Recorder:
             self._events.clear()
             self._counters.clear()
             self._zero()
+
+
+def _probe_report(rec: Recorder, late_s: float, runq_s: float) -> bool:
+    return rec._probe_report(late_s, runq_s)
+
+
+_RECORDERS: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The probe thread did not survive the fork: let the next span start a new one.
+    for rec in list(_RECORDERS):
+        rec._probe = None
+        rec._lock = threading.Lock()
+        rec._consumer_prev = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

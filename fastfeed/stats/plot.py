@@ -11,7 +11,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fastfeed.stats.report import LoaderStats
+    from fastfeed.stats.model import LoaderStats
 
 __all__ = ["plot_stats"]
 
