@@ -36,12 +36,12 @@ import os
 import sys
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
 from fastfeed._procio import ProcIO, cpu_times, read_proc_io
+from fastfeed.profiling import gil
 from fastfeed.profiling.clocks import (
     _NO_MARK,
     _NOT_SAMPLED,
@@ -56,7 +56,6 @@ from fastfeed.profiling.clocks import (
     _voluntary_switches,
 )
 from fastfeed.profiling.figures import QueueStats, StageStats
-from fastfeed.profiling.gil import GilProbeTotals, start_probe
 from fastfeed.profiling.rings import _NO_ITEMS, TraceEvent, _CounterRing, _EventRing, _Reservoir
 from fastfeed.profiling.stages import Stage
 
@@ -73,7 +72,6 @@ __all__ = [
 _STEP_LOG = 20_000  # per-step (wait, step) pairs kept for plots, count
 #: Timeline events (and, separately, queue-depth samples) a Recorder keeps by default.
 DEFAULT_MAX_EVENTS = 20_000
-_PROBE_IDLE_S = 0.5  # the GIL probe exits after this long without a span or a step
 
 
 class Recorder:
@@ -110,27 +108,7 @@ class Recorder:
         self._events = _EventRing(max_events)
         self._counters = _CounterRing(max_events)
         self.extra: dict[str, Any] = {}
-        self._probe: threading.Thread | None = None
-        self._last_activity = time.perf_counter()
         self._zero()
-        _RECORDERS.add(self)
-
-    # -- the GIL probe ----------------------------------------------------------------
-
-    def _start_probe(self) -> None:
-        """Start the GIL probe thread unless it runs (it exits when recording idles)."""
-        with self._lock:
-            if self._probe is not None:
-                return
-            self._probe = start_probe(self, _probe_report, _run_delay_s)
-
-    def _probe_report(self, late_s: float, runq_s: float) -> bool:
-        with self._lock:
-            if not self.enabled or time.perf_counter() - self._last_activity > _PROBE_IDLE_S:
-                self._probe = None
-                return False
-            self.gil.add(late_s, runq_s)
-            return True
 
     @property
     def events(self) -> list[TraceEvent]:
@@ -159,7 +137,7 @@ class Recorder:
         self.started_cpu_s = time.process_time()
         self.started_io: ProcIO | None = read_proc_io()
         self.started_machine = cpu_times()
-        self.gil = GilProbeTotals()
+        self._gil_start = gil.totals()
         # The training loop's thread during steps: wall outside the wait, CPU, run-queue
         # wait, voluntary switches (see consumer_step).
         self.consumer_compute_s = 0.0
@@ -244,10 +222,10 @@ class Recorder:
             return
         wall = end_s - start_s
         name = threading.current_thread().name
-        if self._probe is None:
-            self._start_probe()
+        if not gil.running():
+            gil.ensure_running(_run_delay_s)
+        gil.touch(time.perf_counter())  # not end_s: callers may pass any clock
         with self._lock:
-            self._last_activity = end_s
             st = self.stages.get(stage)
             if st is None:
                 st = self.stages[stage] = StageStats()
@@ -380,8 +358,8 @@ class Recorder:
         name = threading.current_thread().name
         ident = threading.get_ident()
         enter, self._consumer_enter = self._consumer_enter, None
+        gil.touch(now)
         with self._lock:
-            self._last_activity = now
             prev, self._consumer_prev = self._consumer_prev, (ident, cpu, runq, switches)
             if step_s is not None and prev is not None and prev[0] == ident:
                 # The loop's own work: from the previous hand-over to asking for this
@@ -465,7 +443,10 @@ class Recorder:
                 "step_time": self.step_times.percentiles(),
                 "stages": {k: v.to_dict() for k, v in self.stages.items()},
                 "queues": {k: v.to_dict() for k, v in self.queues.items()},
-                "gil": {**self.gil.to_dict(), "switch_interval_s": sys.getswitchinterval()},
+                "gil": {
+                    **gil.totals().since(self._gil_start),
+                    "switch_interval_s": sys.getswitchinterval(),
+                },
                 "consumer": {
                     "steps": self.consumer_steps,
                     "compute_s": self.consumer_compute_s,
@@ -494,22 +475,3 @@ class Recorder:
             self._events.clear()
             self._counters.clear()
             self._zero()
-
-
-def _probe_report(rec: Recorder, late_s: float, runq_s: float) -> bool:
-    return rec._probe_report(late_s, runq_s)
-
-
-_RECORDERS: weakref.WeakSet[Recorder] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # The probe thread did not survive the fork: let the next span start a new one.
-    for rec in list(_RECORDERS):
-        rec._probe = None
-        rec._lock = threading.Lock()
-        rec._consumer_prev = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -58,30 +58,35 @@ def _probe_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "fastfeed-gilprobe-0"]
 
 
-def test_gil_probe_runs_while_stages_record_and_exits_when_idle() -> None:
-    before = len(_probe_threads())
-    rec = Recorder()
+def _wait_probe_gone(timeout_s: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _probe_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_one_gil_probe_per_process_runs_while_stages_record_and_exits_when_idle() -> None:
+    _wait_probe_gone()
+    assert _probe_threads() == []
+    rec, other = Recorder(), Recorder()
     rec.consumer_step(0.0, None)
-    assert len(_probe_threads()) == before  # a step alone starts no probe
-    t = time.perf_counter()
-    rec.add(Stage.READ, t, t + 0.001, 0.001)
-    assert len(_probe_threads()) == before + 1
+    assert _probe_threads() == []  # a step alone starts no probe
     deadline = time.monotonic() + 0.3
-    while time.monotonic() < deadline:  # keep it busy: spans every 10 ms
+    while time.monotonic() < deadline:  # keep both busy: spans every 10 ms
         t = time.perf_counter()
         rec.add(Stage.READ, t, t, 0.0)
+        other.add(Stage.READ, t, t, 0.0)
         time.sleep(0.01)
+    assert len(_probe_threads()) == 1  # shared by both recorders
     assert rec.snapshot()["gil"]["wakeups"] >= 5
-    deadline = time.monotonic() + 3.0
-    while len(_probe_threads()) > before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(_probe_threads()) == before
-    assert rec._probe is None
+    other.reset()
+    assert other.snapshot()["gil"]["wakeups"] == 0  # counted from the reset
+    _wait_probe_gone()
+    assert _probe_threads() == []
 
 
 def test_disabled_recorder_starts_no_probe() -> None:
-    before = len(_probe_threads())
+    _wait_probe_gone()
     rec = Recorder(enabled=False)
     with rec.span(Stage.READ):
         pass
-    assert len(_probe_threads()) == before
+    assert _probe_threads() == []
