@@ -40,7 +40,7 @@ import torch
 from fastfeed._threads import ExceptionBox, join_all, start_thread
 from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError, SampleError
 from fastfeed.pipeline.buffers import map_tensors, tensor_leaves
-from fastfeed.profiling import Recorder
+from fastfeed.profiling import Queue, Recorder, Stage
 
 __all__ = ["COPIES_IN_FLIGHT", "DeviceStager", "resolve_device"]
 
@@ -251,7 +251,7 @@ class _StagerState:
         else:
             end = time.perf_counter()
             start = f.issued_at
-        self.recorder.add("copy", start, end, f.cpu_s, items=f.items, nbytes=f.nbytes)
+        self.recorder.add(Stage.COPY, start, end, f.cpu_s, items=f.items, nbytes=f.nbytes)
         if self.collator is not None:
             # The copy is complete and nothing else saw these host buffers: the ring may
             # rewrite them as soon as the references below are gone.
@@ -271,7 +271,7 @@ class _StagerState:
             self.cond.notify_all()
         if item is not _END:
             self.recorder.queue(
-                "staged", depth=depth, capacity=self.depth, put_wait_s=time.perf_counter() - t0
+                Queue.STAGED, depth=depth, capacity=self.depth, put_wait_s=time.perf_counter() - t0
             )
 
     # -- consumer ------------------------------------------------------------------------
@@ -296,7 +296,7 @@ class _StagerState:
             self.cond.notify_all()
         if item is not _END:
             self.recorder.queue(
-                "staged", depth=depth, capacity=self.depth, get_wait_s=time.perf_counter() - t0
+                Queue.STAGED, depth=depth, capacity=self.depth, get_wait_s=time.perf_counter() - t0
             )
         return item
 
@@ -453,7 +453,7 @@ def _copy_error(host: Any, exc: BaseException) -> BaseException:
     indices = _indices_of(host) or []
     shown = ", ".join(str(i) for i in indices[:8]) + (", ..." if len(indices) > 8 else "")
     where = f"batch of indices [{shown}]" if indices else "batch (indices unknown)"
-    err = SampleError(indices[0] if indices else None, where, "copy", exc)
+    err = SampleError(indices[0] if indices else None, where, Stage.COPY, exc)
     err.__cause__ = exc
     return err
 
