@@ -84,7 +84,7 @@ from fastfeed.pipeline.assemble import Pipeline, PipelineSpec, assemble
 from fastfeed.pipeline.collate import Collator
 from fastfeed.pipeline.prefetch import Prefetcher
 from fastfeed.pipeline.staging import resolve_device
-from fastfeed.profiling import Recorder
+from fastfeed.profiling import Recorder, Stage
 from fastfeed.stats import LoaderStats
 
 __all__ = ["DataLoader", "get_worker_info"]
@@ -310,17 +310,17 @@ class _Fetch:
         except (StopIteration, SampleError):
             raise
         except Exception as exc:
-            raise _sample_error(_as_int(i), f"{self.name}[{i!r}]", "read", exc) from exc
+            raise _sample_error(_as_int(i), f"{self.name}[{i!r}]", Stage.READ, exc) from exc
 
     def _map(self, task: _Task) -> Any:
         index = task.index
         rec = self.recorder
         if not self.auto_collation:
-            with rec.span("read", items=1):
+            with rec.span(Stage.READ, items=1):
                 data = self._get(index)
             return self._collate(data, index, 1)
         n = len(index)
-        with rec.span("read", items=n):
+        with rec.span(Stage.READ, items=n):
             if self.getitems is not None:
                 try:
                     data = self.getitems(index)
@@ -328,7 +328,7 @@ class _Fetch:
                     raise
                 except Exception as exc:
                     where = f"{self.name}.__getitems__({_short(index)})"
-                    raise _sample_error(None, where, "read", exc) from exc
+                    raise _sample_error(None, where, Stage.READ, exc) from exc
             else:
                 data = [self._get(i) for i in index]
         return self._collate(data, index, n)
@@ -342,14 +342,14 @@ class _Fetch:
             return _END
         rec = self.recorder
         if not self.auto_collation:
-            with rec.span("read", items=1):
+            with rec.span(Stage.READ, items=1):
                 data = self._next_sample(stream)
             if data is _END:
                 return _END
             return self._collate(data, stream.count - 1, 1)
         n = len(task.index)
         samples: list[Any] = []
-        with rec.span("read", items=n):
+        with rec.span(Stage.READ, items=n):
             for _ in range(n):
                 sample = self._next_sample(stream)
                 if sample is _END:
@@ -371,19 +371,19 @@ class _Fetch:
             raise
         except Exception as exc:
             where = f"{self.name} iterator, sample {stream.count}"
-            raise _sample_error(stream.count, where, "read", exc) from exc
+            raise _sample_error(stream.count, where, Stage.READ, exc) from exc
         stream.count += 1
         return sample
 
     def _collate(self, data: Any, index: Any, n: int) -> Any:
-        with self.recorder.span("collate", items=n):
+        with self.recorder.span(Stage.COLLATE, items=n):
             try:
                 return self.collator.collate(data)
             except (StopIteration, SampleError):
                 raise
             except Exception as exc:
                 where = f"batch {_short(index)}" if not isinstance(index, str) else index
-                raise _sample_error(None, where, "collate", exc) from exc
+                raise _sample_error(None, where, Stage.COLLATE, exc) from exc
 
 
 def _as_int(i: Any) -> int | None:
@@ -898,7 +898,13 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
                 slowest rank. A collective call: every rank must make it.
         """
         return LoaderStats.collect(
-            self.recorder, num_threads=self.num_workers, device=self.device, gather=gather
+            self.recorder,
+            batch_size=self.batch_size,
+            num_threads=self.num_workers,
+            source=self.dataset,
+            source_kind="dataset",
+            device=self.device,
+            gather=gather,
         )
 
     def close(self) -> None:

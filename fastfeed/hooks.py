@@ -16,7 +16,7 @@ It times, on the consumer's side only, each ``next()`` (the *wait*: the loop is 
 on the loader) and the time between two hand-overs (the *step*: wait + the loop's own
 work), and reports both to a :class:`~fastfeed.profiling.Recorder` exactly as fastfeed's
 loaders do. :meth:`Watched.stats` turns that into a
-:class:`~fastfeed.stats.report.LoaderStats`: stall fraction, step and wait percentiles,
+:class:`~fastfeed.stats.LoaderStats`: stall fraction, step and wait percentiles,
 samples/s and the verdict (compute-bound below 5% stall, partially input-bound below
 20%, input-bound from 20%). Which *stage* of an opaque loader is slow cannot be seen
 from outside; fastfeed's own loaders record their stages and name it.
@@ -106,7 +106,13 @@ class Watched(Generic[_T]):
             gather: Also gather every rank's figures under ``torch.distributed`` and name
                 the slowest rank (a collective: every rank must call it).
         """
-        stats = LoaderStats.collect(self.recorder, num_threads=self.num_threads, gather=gather)
+        stats = LoaderStats.collect(
+            self.recorder,
+            batch_size=None,
+            num_threads=self.num_threads,
+            source_kind="opaque",
+            gather=gather,
+        )
         # An opaque loader reports no stages, from which LoaderStats estimates samples.
         if stats.samples == 0 and self.samples:
             stats.samples = self.samples

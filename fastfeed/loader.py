@@ -344,11 +344,12 @@ class Loader:
                 slowest rank. A collective call: every rank must make it.
 
         Returns:
-            A :class:`~fastfeed.stats.report.LoaderStats` (``.stall_fraction``, ``.verdict``,
+            A :class:`~fastfeed.stats.LoaderStats` (``.stall_fraction``, ``.verdict``,
             ``.summary()``, ``.to_dict()``, ``.save_trace(path)``).
         """
         stats = LoaderStats.collect(
             self.recorder,
+            batch_size=self.batch_size,
             source=self.source,
             num_threads=self.num_threads * max(1, self.processes),
             skipped=self.skipped,

@@ -68,7 +68,12 @@ def jittery(max_delay_s: float, seed: int = 0):
 
 
 def _fastfeed_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("fastfeed-")}
+    # The process-wide GIL probe is not the loader's: it exits 0.5 s after recording stops.
+    return {
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("fastfeed-") and t.name != "fastfeed-gilprobe-0"
+    }
 
 
 def _wait_no_new_threads(before: set[threading.Thread], timeout_s: float = 2.0) -> set[str]:

@@ -200,12 +200,22 @@ def _run_loader(
             )
             events, counters = rec.timeline()
             stats = LoaderStats.from_snapshot(
-                snap, source=source, num_threads=threads, skipped=skipped, events=events
+                snap,
+                batch_size=args.batch_size,
+                source=source,
+                num_threads=threads,
+                skipped=skipped,
+                events=events,
             )
             stats._events, stats._counters, stats._t0 = events, counters, rec.started_at
         else:
             stats = LoaderStats.collect(
-                loader.recorder, source=source, num_threads=threads, skipped=skipped, gather=False
+                loader.recorder,
+                batch_size=args.batch_size,
+                source=source,
+                num_threads=threads,
+                skipped=skipped,
+                gather=False,
             )
     finally:
         loader.close()

@@ -27,7 +27,7 @@ from fastfeed.errors import (
 )
 from fastfeed.pipeline.batch import BatchResult, BatchTask, SkippedSample
 from fastfeed.pipeline.collate import Collator
-from fastfeed.profiling import Mark, Recorder
+from fastfeed.profiling import Mark, Recorder, Stage
 from fastfeed.rng import set_sample_key
 from fastfeed.sources.base import Record, Source
 
@@ -81,8 +81,8 @@ class BatchBuilder:
         self, index: int | None, stage: str, exc: BaseException, failures: list[SkippedSample]
     ) -> None:
         """Raise SampleError (raise mode) or record the failure (skip mode)."""
-        if isinstance(exc, DecodeError) and stage == "transform":
-            stage = "decode"
+        if isinstance(exc, DecodeError) and stage == Stage.TRANSFORM:
+            stage = Stage.DECODE
         where = self._where(index) if index is not None else "batch"
         # Not the sample's fault, so never skipped: an open-file limit (the record is
         # fine) or a source broken as a whole (every later read fails the same way).
@@ -107,7 +107,7 @@ class BatchBuilder:
             try:
                 rec = src.read(i)
             except Exception as exc:
-                self._fail(i, "read", exc, failures)
+                self._fail(i, Stage.READ, exc, failures)
             else:
                 ok.append(i)
                 records.append(rec)
@@ -172,7 +172,7 @@ class BatchBuilder:
         # a large share of the batch's cost.
         datas = [r.data for r in records]
         labels = [r.label for r in records]
-        mark = rec.add_since("read", mark, items=len(task.indices), nbytes=sum(map(len, datas)))
+        mark = rec.add_since(Stage.READ, mark, items=len(task.indices), nbytes=sum(map(len, datas)))
 
         if self.spec is not None:
             data, labels_t, kept = self._fill(mark, indices, datas, labels, failures)
@@ -205,7 +205,7 @@ class BatchBuilder:
                 try:
                     samples.append(transform(d))
                 except Exception as exc:
-                    self._fail(i, "transform", exc, failures)
+                    self._fail(i, Stage.TRANSFORM, exc, failures)
                     continue
                 kept.append(i)
                 labels.append(lab)
@@ -216,23 +216,23 @@ class BatchBuilder:
             set_sample_key((seed, epoch, -(number + 1)))
             try:
                 data, kept2 = self._run_batch_fn(
-                    self.batch_transform, "transform", kept, samples, failures, number
+                    self.batch_transform, Stage.TRANSFORM, kept, samples, failures, number
                 )
             finally:
                 set_sample_key(None)
             labels, kept = _select(labels, kept, kept2), kept2
         if transform is not None or self.batch_transform is not None:
-            mark = rec.add_since("transform", mark, items=len(datas))
+            mark = rec.add_since(Stage.TRANSFORM, mark, items=len(datas))
         if kept and self.batch_transform is None:
             if transform is None:
                 data = samples  # raw record bytes: a list (documented)
             else:
                 data, kept2 = self._run_batch_fn(
-                    self.collator.collate, "collate", kept, samples, failures, number
+                    self.collator.collate, Stage.COLLATE, kept, samples, failures, number
                 )
                 labels, kept = _select(labels, kept, kept2), kept2
         labels_t = self.collator.labels(labels) if kept else None
-        rec.add_since("collate", mark, items=len(kept))
+        rec.add_since(Stage.COLLATE, mark, items=len(kept))
         return (data if kept else None), labels_t, kept
 
     def _fill(
@@ -262,23 +262,23 @@ class BatchBuilder:
                 if isinstance(res, torch.Tensor) and res.data_ptr() != dst.data_ptr():
                     dst.copy_(res)  # a transform that returned a new tensor instead
             except Exception as exc:
-                self._fail(i, "transform", exc, failures)
+                self._fail(i, Stage.TRANSFORM, exc, failures)
                 continue  # the next sample overwrites this row
             kept.append(i)
             labels.append(lab)
             row += 1
         set_sample_key(None)
-        mark = rec.add_since("transform", mark, items=len(datas))
+        mark = rec.add_since(Stage.TRANSFORM, mark, items=len(datas))
         if not kept:
             if out is not None:
                 self.collator.release(out)
-            rec.add_since("collate", mark, items=0)
+            rec.add_since(Stage.COLLATE, mark, items=0)
             return None, None, []
         assert out is not None
         if row < len(datas):
             out = out[:row]  # a view: skipped samples shrink the batch, never substituted
         labels_t = self.collator.labels(labels)
-        rec.add_since("collate", mark, items=row)
+        rec.add_since(Stage.COLLATE, mark, items=row)
         return out, labels_t, kept
 
 

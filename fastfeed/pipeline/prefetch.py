@@ -27,7 +27,7 @@ from typing import Generic, TypeVar
 
 from fastfeed._threads import ExceptionBox, join_all, start_thread
 from fastfeed.errors import ConfigError, LoaderTimeoutError
-from fastfeed.profiling import Recorder
+from fastfeed.profiling import Queue, Recorder
 
 __all__ = ["Prefetcher"]
 
@@ -126,7 +126,7 @@ class _Shared(Generic[T, R]):
                     depth = len(self.done)
                     self.cond.notify_all()
                 self.recorder.queue(
-                    "batches", depth=depth, capacity=self.depth, put_wait_s=put_wait
+                    Queue.BATCHES, depth=depth, capacity=self.depth, put_wait_s=put_wait
                 )
                 # Hold no reference to the handed-over batch while waiting for room: a
                 # pinned-ring slot is reused only once nothing outside the ring holds it.
@@ -274,7 +274,7 @@ class Prefetcher(Generic[T, R]):
                 sh.cond.wait(min(remaining, _POLL_S))
         sh.slots.release()
         self.recorder.queue(
-            "batches",
+            Queue.BATCHES,
             depth=depth,
             capacity=sh.depth,
             get_wait_s=time.perf_counter() - t_enter,

@@ -46,7 +46,7 @@ from fastfeed.errors import (
     describe_indices,
 )
 from fastfeed.pipeline.buffers import map_tensors, tensor_leaves
-from fastfeed.profiling import Recorder
+from fastfeed.profiling import Queue, Recorder, Stage
 
 __all__ = ["COPIES_IN_FLIGHT", "DeviceStager", "resolve_device"]
 
@@ -257,7 +257,7 @@ class _StagerState:
         else:
             end = time.perf_counter()
             start = f.issued_at
-        self.recorder.add("copy", start, end, f.cpu_s, items=f.items, nbytes=f.nbytes)
+        self.recorder.add(Stage.COPY, start, end, f.cpu_s, items=f.items, nbytes=f.nbytes)
         if self.collator is not None:
             # The copy is complete and nothing else saw these host buffers: the ring may
             # rewrite them as soon as the references below are gone.
@@ -277,7 +277,7 @@ class _StagerState:
             self.cond.notify_all()
         if item is not _END:
             self.recorder.queue(
-                "staged", depth=depth, capacity=self.depth, put_wait_s=time.perf_counter() - t0
+                Queue.STAGED, depth=depth, capacity=self.depth, put_wait_s=time.perf_counter() - t0
             )
 
     # -- consumer ------------------------------------------------------------------------
@@ -302,7 +302,7 @@ class _StagerState:
             self.cond.notify_all()
         if item is not _END:
             self.recorder.queue(
-                "staged", depth=depth, capacity=self.depth, get_wait_s=time.perf_counter() - t0
+                Queue.STAGED, depth=depth, capacity=self.depth, get_wait_s=time.perf_counter() - t0
             )
         return item
 
@@ -460,7 +460,7 @@ def _copy_error(host: Any, exc: BaseException) -> BaseException:
     where = (
         f"batch of indices {describe_indices(indices)}" if indices else "batch (indices unknown)"
     )
-    err = SampleError(indices[0] if indices else None, where, "copy", exc)
+    err = SampleError(indices[0] if indices else None, where, Stage.COPY, exc)
     err.__cause__ = exc
     return err
 

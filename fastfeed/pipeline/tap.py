@@ -67,6 +67,7 @@ class Tap(Generic[_T]):
             self._release(held)  # type: ignore[misc]
         if self._closed:
             raise StopIteration
+        self._recorder.consumer_enter()
         t_enter = time.perf_counter()
         if self._started_s is not None:
             t_enter, self._started_s = self._started_s, None

@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fastfeed.profiling.recorder import TraceEvent
+from fastfeed.profiling.rings import TraceEvent
 
 __all__ = ["chrome_trace", "write_chrome_trace"]
 

@@ -1,19 +1,37 @@
 """LoaderStats: what a loader measured, and the verdict on what bounds training.
 
-The result types, the analysis of a :class:`~fastfeed.profiling.Recorder` snapshot, the
-diagnosis rules, the rendering (summary, table, JSON, trace, plot) and the distributed
-gather live in the modules of this package; users import from here.
+- :mod:`.model`: the result types (:class:`LoaderStats`, :class:`Verdict`, ...);
+- :mod:`.probe`: the environment and source facts, read once at collection;
+- :mod:`.analyze`: a recorder snapshot -> :class:`LoaderStats` (pure: the batch size and
+  thread count are passed in);
+- :mod:`.diagnose`: the rules (bound, bottleneck, actions, the noisy neighbour);
+- :mod:`.render`: summary, table, JSON; :mod:`.plot`: the PNG;
+- :mod:`.gather`: every rank's figures under ``torch.distributed``;
+- :mod:`.collect`: a live recorder -> stats (probe, analyze, gather).
+
+Users import from here.
 """
 
 from __future__ import annotations
 
-from fastfeed.stats.report import (
+from fastfeed.stats.analyze import cache_whatif
+from fastfeed.stats.model import (
     Action,
     Bottleneck,
     Bound,
     LoaderStats,
+    Neighbour,
+    TimeSplit,
     Verdict,
-    cache_whatif,
 )
 
-__all__ = ["Action", "Bottleneck", "Bound", "LoaderStats", "Verdict", "cache_whatif"]
+__all__ = [
+    "Action",
+    "Bottleneck",
+    "Bound",
+    "LoaderStats",
+    "Neighbour",
+    "TimeSplit",
+    "Verdict",
+    "cache_whatif",
+]

@@ -1,8 +1,9 @@
 """One PNG that answers "what bounds my input pipeline?" at a glance (needs matplotlib).
 
-Three panels: the time per batch of each stage (CPU vs waiting), the training loop's
-wait vs compute per step, and the cache what-if curve. matplotlib is imported only
-here, lazily: ``pip install fastfeed[plot]``.
+Up to three panels, each drawn only when it has something to show (:func:`panels`):
+the time per batch of each stage by what it was spent on (CPU, waiting for a core, the
+GIL, IO), the training loop's wait vs compute per step, and the cache what-if curve.
+matplotlib is imported only here, lazily: ``pip install fastfeed[plot]``.
 """
 
 from __future__ import annotations
@@ -10,12 +11,19 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from fastfeed.profiling.stages import ORDER, Stage
+
 if TYPE_CHECKING:
-    from fastfeed.stats.report import LoaderStats
+    from fastfeed.stats.model import LoaderStats
 
-__all__ = ["plot_stats"]
+__all__ = ["panels", "plot_stats"]
 
-_STAGE_ORDER = ("read", "decode", "transform", "collate", "copy")
+_CLASSES = (
+    ("cpu", "CPU", "#3b7dd8"),
+    ("runq", "waiting for a core", "#a0a0a0"),
+    ("gil", "waiting for the GIL", "#d04040"),
+    ("io", "waiting on IO", "#f0a030"),
+)
 
 
 def _pyplot() -> Any:
@@ -31,19 +39,38 @@ def _pyplot() -> Any:
     return plt
 
 
+def panels(stats: LoaderStats) -> list[str]:
+    """The panels that have data: ``"stages"``, ``"steps"``, ``"whatif"`` (in that order)."""
+    out = []
+    if any(n != Stage.WAIT and s.busy_s > 0 for n, s in stats.stages.items()):
+        out.append("stages")
+    if stats._step_log:
+        out.append("steps")
+    if stats.whatif:
+        out.append("whatif")
+    return out
+
+
 def plot_stats(stats: LoaderStats, path: str | os.PathLike[str]) -> None:
-    """Save a PNG of ``stats`` to ``path``.
+    """Save a PNG of ``stats`` to ``path`` (a single note when nothing was measured).
 
     Raises:
         ImportError: matplotlib is not installed (the message says how to install it).
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), constrained_layout=True)
+    names = panels(stats)
+    fig, axes = plt.subplots(
+        1, max(1, len(names)), figsize=(5.4 * max(1, len(names)), 5.2), constrained_layout=True
+    )
+    axes = list(axes) if len(names) > 1 else [axes]
     v = stats.verdict
-    fig.suptitle(_wrap(v.sentence or v.bound.value, 150), fontsize=11)
-    _stage_panel(axes[0], stats)
-    _steps_panel(axes[1], stats)
-    _whatif_panel(axes[2], stats)
+    fig.suptitle(_wrap(v.sentence or v.bound.value, 50 * max(1, len(names))), fontsize=10)
+    draw = {"stages": _stage_panel, "steps": _steps_panel, "whatif": _whatif_panel}
+    for ax, name in zip(axes, names, strict=False):
+        draw[name](ax, stats)
+    if not names:
+        axes[0].text(0.5, 0.5, "nothing measured yet", ha="center", va="center")
+        axes[0].set_axis_off()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -61,61 +88,51 @@ def _wrap(text: str, width: int) -> str:
 
 
 def _stage_panel(ax: Any, stats: LoaderStats) -> None:
-    batch = stats.samples / stats.batches if stats.batches else 1.0
     names = sorted(
-        (n for n in stats.stages if n != "wait"),
-        key=lambda n: _STAGE_ORDER.index(n) if n in _STAGE_ORDER else 99,
+        (n for n, s in stats.stages.items() if n != Stage.WAIT and s.busy_s > 0),
+        key=lambda n: ORDER.get(n, 99),
     )
-    cpu_ms, wait_ms = [], []
-    for n in names:
-        s = stats.stages[n]
-        per_batch = s.per_item_s * batch * 1e3
-        cpu_ms.append(per_batch * min(1.0, s.cpu_per_wall))
-        wait_ms.append(per_batch - cpu_ms[-1])
     y = list(range(len(names)))
-    ax.barh(y, cpu_ms, color="#3b7dd8", label="CPU")
-    ax.barh(y, wait_ms, left=cpu_ms, color="#f0a030", label="waiting (IO, GIL, cores)")
-    if stats.steps:
-        ax.axvline(
-            stats.compute_per_step_s * 1e3 * max(1, stats.num_threads or 1),
-            color="#c03030",
-            ls="--",
-            label=f"model step x {max(1, stats.num_threads or 1)} threads",
-        )
+    left = [0.0] * len(names)
+    for key, label, color in _CLASSES:
+        widths = []
+        for n in names:
+            s = stats.stages[n]
+            share = s.split().shares().get(key, 0.0)
+            if key == "io" and s.runq_s is None:  # unclassified waiting
+                share = max(0.0, 1.0 - s.cpu_per_wall)
+            widths.append(1e3 * s.busy_s / max(1, s.count) * share)
+        if any(widths):
+            ax.barh(y, widths, left=left, color=color, label=label)
+            left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.set_yticks(y, names)
     ax.invert_yaxis()
-    ax.set_xlabel("ms per batch (one thread)")
-    ax.set_title("Where a batch's time goes")
+    ax.set_xlabel("ms per span (usually one batch, one thread)")
+    ax.set_title("What each stage's time was spent on")
     ax.legend(loc="lower right", fontsize=8)
 
 
 def _steps_panel(ax: Any, stats: LoaderStats) -> None:
     log = stats.step_log
-    if log:
-        x = list(range(1, len(log) + 1))
-        wait = [w * 1e3 for _, w, _ in log]
-        comp = [max(0.0, (s - w) * 1e3) for _, w, s in log]
-        ax.bar(x, comp, width=1.0, color="#4a9a4a", label="compute")
-        ax.bar(x, wait, width=1.0, bottom=comp, color="#d04040", label="waiting for data")
-        ax.set_xlabel("step")
-        ax.legend(loc="upper right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no training steps measured", ha="center", va="center")
+    x = list(range(1, len(log) + 1))
+    wait = [w * 1e3 for _, w, _ in log]
+    comp = [max(0.0, (s - w) * 1e3) for _, w, s in log]
+    ax.bar(x, comp, width=1.0, color="#4a9a4a", label="computing")
+    ax.bar(x, wait, width=1.0, bottom=comp, color="#d04040", label="waiting for data")
+    ax.set_xlabel("step")
     ax.set_ylabel("ms")
-    ax.set_title(f"Wait vs compute per step (stall {stats.stall_fraction:.0%})")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"Each step: waiting vs computing ({stats.stall_fraction:.0%} waiting)")
 
 
 def _whatif_panel(ax: Any, stats: LoaderStats) -> None:
-    if stats.whatif:
-        xs = [100 * f for f, _ in stats.whatif]
-        ys = [r for _, r in stats.whatif]
-        ax.plot(xs, ys, marker="o", color="#7040b0", label="predicted")
-        if stats.samples_per_s:
-            ax.axhline(stats.samples_per_s, color="gray", ls=":", label="measured now")
-        ax.set_xlabel("dataset cached in RAM (%)")
-        ax.set_ylim(bottom=0)
-        ax.legend(loc="lower right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no read stage measured", ha="center", va="center")
+    xs = [100 * f for f, _ in stats.whatif]
+    ys = [r for _, r in stats.whatif]
+    ax.plot(xs, ys, marker="o", color="#7040b0", label="predicted")
+    if stats.samples_per_s:
+        ax.axhline(stats.samples_per_s, color="gray", ls=":", label="measured now")
+    ax.set_xlabel("dataset cached in RAM (%)")
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("samples/s")
-    ax.set_title("Cache what-if")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("If part of the dataset were cached in RAM")

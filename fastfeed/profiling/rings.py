@@ -1,0 +1,193 @@
+"""The recorder's bounded memory: percentile reservoirs and preallocated event rings."""
+
+from __future__ import annotations
+
+import random
+from array import array
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["TraceEvent"]
+
+_RESERVOIR = 2048
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+class _Reservoir:
+    """Uniform sample of at most ``_RESERVOIR`` values (Vitter's algorithm R)."""
+
+    __slots__ = ("_rng", "seen", "values")
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self.seen = 0
+        self._rng = random.Random(0)
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        if len(self.values) < _RESERVOIR:
+            self.values.append(value)
+        else:
+            j = int(self._rng.random() * self.seen)  # cheaper than randrange
+            if j < _RESERVOIR:
+                self.values[j] = value
+
+    def percentiles(self) -> dict[str, float]:
+        v = sorted(self.values)
+        return {"p50": _percentile(v, 50), "p90": _percentile(v, 90), "p99": _percentile(v, 99)}
+
+
+class TraceEvent(tuple):
+    """``(name, thread_name, start_s, end_s, args)``: one slice of the timeline."""
+
+    __slots__ = ()
+
+
+_NO_ARGS: Mapping[str, Any] = MappingProxyType({})  # shared by every event without args
+_NO_ITEMS = -1  # an event without args (consumer waits)
+
+
+class _EventRing:
+    """The latest ``capacity`` timeline events in preallocated parallel arrays.
+
+    About 49 bytes per event (two name references, two doubles, items, bytes, a flag),
+    allocated on the first event and never grown: no object is created per event.
+    Names are references to the callers' (shared) strings. Not thread-safe: the
+    :class:`Recorder` holds its lock around every call.
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_end",
+        "_failed",
+        "_items",
+        "_n",
+        "_stage",
+        "_start",
+        "_thread",
+        "capacity",
+    )
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self._n = 0  # events ever appended
+        self._stage: list[str | None] = []
+
+    def _allocate(self) -> None:
+        cap = self.capacity
+        self._stage = [None] * cap
+        self._thread: list[str | None] = [None] * cap
+        self._start = array("d", bytes(8 * cap))
+        self._end = array("d", bytes(8 * cap))
+        self._items = array("q", bytes(8 * cap))
+        self._bytes = array("q", bytes(8 * cap))
+        self._failed = array("B", bytes(cap))
+
+    def append(
+        self,
+        stage: str,
+        thread: str,
+        start_s: float,
+        end_s: float,
+        items: int,
+        nbytes: int,
+        failed: bool,
+    ) -> None:
+        """Keep one event (``items == -1``: no args), overwriting the oldest when full."""
+        cap = self.capacity
+        if cap == 0:
+            return
+        if not self._stage:
+            self._allocate()
+        i = self._n % cap
+        self._n += 1
+        self._stage[i] = stage
+        self._thread[i] = thread
+        self._start[i] = start_s
+        self._end[i] = end_s
+        self._items[i] = items
+        self._bytes[i] = nbytes
+        self._failed[i] = failed
+
+    def __len__(self) -> int:
+        return min(self._n, self.capacity)
+
+    def clear(self) -> None:
+        """Forget every event and release the arrays (re-allocated by the next event)."""
+        self._n = 0
+        self._stage = []
+        self._thread = []
+        self._start = self._end = array("d")
+        self._items = self._bytes = array("q")
+        self._failed = array("B")
+
+    def events(self) -> list[TraceEvent]:
+        """The kept events, oldest first, with their ``args`` mappings built now."""
+        n, cap = len(self), self.capacity
+        first = self._n - n
+        out = []
+        for k in range(first, first + n):
+            i = k % cap
+            items = self._items[i]
+            if items == _NO_ITEMS:
+                args: Mapping[str, Any] = _NO_ARGS
+            else:
+                args = {"items": items}
+                if self._bytes[i]:
+                    args["bytes"] = self._bytes[i]
+                if self._failed[i]:
+                    args["failed"] = True
+            ev = (self._stage[i], self._thread[i], self._start[i], self._end[i], args)
+            out.append(TraceEvent(ev))
+        return out
+
+
+class _CounterRing:
+    """The latest ``capacity`` ``(queue_name, time_s, depth)`` samples, preallocated (24 B each)."""
+
+    __slots__ = ("_depth", "_n", "_name", "_t", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self._n = 0
+        self._name: list[str | None] = []
+
+    def append(self, name: str, t_s: float, depth: float) -> None:
+        """Keep one sample, overwriting the oldest when full."""
+        cap = self.capacity
+        if cap == 0:
+            return
+        if not self._name:
+            self._name = [None] * cap
+            self._t = array("d", bytes(8 * cap))
+            self._depth = array("d", bytes(8 * cap))
+        i = self._n % cap
+        self._n += 1
+        self._name[i] = name
+        self._t[i] = t_s
+        self._depth[i] = depth
+
+    def __len__(self) -> int:
+        return min(self._n, self.capacity)
+
+    def clear(self) -> None:
+        """Forget every sample and release the arrays (re-allocated by the next one)."""
+        self._n = 0
+        self._name = []
+        self._t = self._depth = array("d")
+
+    def samples(self) -> list[tuple[str, float, float]]:
+        """The kept samples, oldest first."""
+        n, cap = len(self), self.capacity
+        first = self._n - n
+        return [
+            (self._name[k % cap], self._t[k % cap], self._depth[k % cap])  # type: ignore[misc]
+            for k in range(first, first + n)
+        ]
