@@ -347,17 +347,16 @@ class Loader:
             A :class:`~fastfeed.stats.LoaderStats` (``.stall_fraction``, ``.verdict``,
             ``.summary()``, ``.to_dict()``, ``.save_trace(path)``).
         """
-        stats = LoaderStats.collect(
+        return LoaderStats.collect(
             self.recorder,
             batch_size=self.batch_size,
             source=self.source,
             num_threads=self.num_threads * max(1, self.processes),
             skipped=self.skipped,
             device=self.device,
+            execution=self._pipeline.describe_mode(),
             gather=gather,
         )
-        stats.extra["execution"] = self._pipeline.describe_mode()
-        return stats
 
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-serializable resume state; counts batches handed to the consumer."""
