@@ -203,7 +203,7 @@ def test_python_step_beside_gil_heavy_loader_names_the_noisy_neighbour() -> None
 
 def test_pack_at_400_gets_no_repack_advice(tmp_path) -> None:
     from fastfeed.image import RandomResizedCrop
-    from fastfeed.pack import pack
+    from fastfeed.packing import pack
     from fastfeed.sources import FileSource, LMDBSource
     from fastfeed.stats.probe import source_facts
 
