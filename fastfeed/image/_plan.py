@@ -11,6 +11,7 @@ transpose ride along in the single strided copy into the caller's tensor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,16 @@ from PIL import Image
 from fastfeed.errors import ConfigError
 from fastfeed.image._decode import hwc_array, pixel_view, write_hwc
 
-__all__ = ["DRAFT_GAP", "Plan", "draft_factor", "execute_into", "execute_pil", "resampling"]
+__all__ = [
+    "DRAFT_GAP",
+    "Plan",
+    "draft_factor",
+    "execute_into",
+    "execute_pil",
+    "execute_region_into",
+    "region_box",
+    "resampling",
+]
 
 # Decode a JPEG reduced by f only while the reduced source box keeps DRAFT_GAP x the
 # resized resolution: the antialiasing resize then still does a true downscale, and
@@ -234,6 +244,96 @@ def execute_into(
             plan.size, _PIL_RESAMPLING[plan.interpolation], box=_crop_source_box(plan, factor)
         )
         hwc = hwc_array(resized_img)
+    if plan.flip:
+        hwc = hwc[:, ::-1]
+    return write_hwc(hwc, out, layout)
+
+
+# Reach of each filter's kernel in source pixels at scale 1 (Pillow's supports);
+# downscaling by s widens it s times.
+_FILTER_SUPPORT = {
+    "nearest": 0.5,
+    "box": 0.5,
+    "bilinear": 1.0,
+    "hamming": 1.0,
+    "bicubic": 2.0,
+    "lanczos": 3.0,
+}
+
+
+def region_box(plan: Plan, size: tuple[int, int]) -> Box:
+    """The source pixels a partial decode must deliver for ``plan`` on an image of ``size``.
+
+    Unscaled: the kept crop. Scaled with torch's kernel: the source box (torch resamples
+    the whole box, then crops). Scaled with Pillow: from the image's top-left corner to
+    the far edge of the source pixels under the kept crop plus the filter's reach, so
+    the region's edge never clips a kernel that the full image would have filled
+    (Pillow renormalizes kernels at the image border), and Pillow computes the same
+    floating-point box as on a full decode (a box shifted by the region's origin rounds
+    differently: NEAREST then picks the neighbouring pixel in ~1% of columns).
+    """
+    x0, y0, x1, y1 = plan.src_box
+    cx0, cy0, cx1, cy1 = plan.crop
+    if not plan.scaled:
+        return x0 + cx0, y0 + cy0, x0 + cx1, y0 + cy1
+    if plan.interpolation in _TORCH_MODES:
+        return plan.src_box
+    _, _, fx1, fy1 = _crop_source_box(plan, 1.0)
+    scale_x = max((x1 - x0) / plan.resize_to[0], 1.0)
+    scale_y = max((y1 - y0) / plan.resize_to[1], 1.0)
+    reach = _FILTER_SUPPORT[plan.interpolation]
+    width, height = size
+    return (
+        0,
+        0,
+        min(width, math.ceil(fx1) + math.ceil(reach * scale_x) + 1),
+        min(height, math.ceil(fy1) + math.ceil(reach * scale_y) + 1),
+    )
+
+
+def execute_region_into(
+    region: np.ndarray,
+    origin: tuple[int, int],
+    plan: Plan,
+    out: torch.Tensor,
+    layout: str,
+) -> torch.Tensor:
+    """Run ``plan`` on ``region``, the pixels of :func:`region_box`, and write into ``out``.
+
+    The pixels equal :func:`execute_into` on a full decode (factor 1): the same kernel
+    runs on the same source pixels.
+
+    Args:
+        region: uint8 (h, w, 3 or 1) pixels of ``region_box(plan, size)``; writable
+            memory (torch wraps it) that nothing else writes meanwhile.
+        origin: (x, y) of the region's top-left pixel in the image.
+        plan: The fused geometry, in full-image coordinates.
+        out: uint8 tensor of the plan's output shape in ``layout``.
+        layout: ``"CHW"`` or ``"HWC"``.
+
+    Returns:
+        ``out``.
+    """
+    if not plan.scaled:
+        hwc = region
+    elif plan.interpolation in _TORCH_MODES:
+        nchw = torch.from_numpy(region[None].transpose(0, 3, 1, 2))
+        size = [plan.resize_to[1], plan.resize_to[0]]
+        kernel = _AA_KERNELS.get(plan.interpolation)
+        if kernel is not None:
+            resized = kernel(nchw, size, False, None)
+        else:
+            resized = F.interpolate(
+                nchw, size=size, mode=plan.interpolation, align_corners=False, antialias=True
+            )
+        cx0, cy0, cx1, cy1 = plan.crop
+        hwc = resized.numpy()[0].transpose(1, 2, 0)[cy0:cy1, cx0:cx1]
+    else:
+        img = Image.fromarray(region[:, :, 0] if region.shape[2] == 1 else region)
+        fx0, fy0, fx1, fy1 = _crop_source_box(plan, 1.0)
+        ox, oy = origin
+        box = (fx0 - ox, fy0 - oy, fx1 - ox, fy1 - oy) if origin != (0, 0) else (fx0, fy0, fx1, fy1)
+        hwc = hwc_array(img.resize(plan.size, _PIL_RESAMPLING[plan.interpolation], box=box))
     if plan.flip:
         hwc = hwc[:, ::-1]
     return write_hwc(hwc, out, layout)
