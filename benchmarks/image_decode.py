@@ -67,6 +67,7 @@ from PIL import Image
 
 import fastfeed.image as ffi
 from fastfeed import _rng
+from fastfeed.image import _jpeg
 
 _OUT = 224
 
@@ -152,11 +153,38 @@ def decode_only(data: bytes, row: torch.Tensor, rnd: random.Random) -> None:
     Image.open(io.BytesIO(data)).load()
 
 
-def _fastfeed(pipeline: ffi.ImagePipeline) -> Callable[[bytes, torch.Tensor, random.Random], None]:
+def _fastfeed(
+    pipeline: ffi.ImagePipeline, partial: bool = True
+) -> Callable[[bytes, torch.Tensor, random.Random], None]:
+    """``pipeline(data, out=row)``; ``partial=False`` turns partial JPEG decode off (Pillow)."""
+
     def run(data: bytes, row: torch.Tensor, rnd: random.Random) -> None:
-        pipeline(data, out=row)
+        old = _jpeg.set_enabled(partial)
+        try:
+            pipeline(data, out=row)
+        finally:
+            _jpeg.set_enabled(old)
 
     return run
+
+
+def _train() -> ffi.ImagePipeline:
+    return ffi.Compose([ffi.RandomResizedCrop(_OUT), ffi.RandomHorizontalFlip()])
+
+
+def _eval() -> ffi.ImagePipeline:
+    return ffi.Compose([ffi.Resize(256), ffi.CenterCrop(_OUT)])
+
+
+def _fastfeed_pipelines() -> dict[str, Callable[[bytes, torch.Tensor, random.Random], None]]:
+    """fastfeed's train and eval pipelines, with partial JPEG decode (when nvImageCodec is
+    installed) and on the Pillow path (what fastfeed did before partial decode)."""
+    rows = {}
+    for kind, make in (("train (RRC+flip)", _train), ("eval (Resize+CenterCrop)", _eval)):
+        rows[f"fastfeed {kind}, Pillow"] = _fastfeed(make(), partial=False)
+        if _jpeg.available():
+            rows[f"fastfeed {kind}"] = _fastfeed(make(), partial=True)
+    return rows
 
 
 def measure(
@@ -181,13 +209,11 @@ def measure(
 
 _GIL_PIPELINES = {
     "naive train (RRC+flip)": lambda: naive_train,
-    "fastfeed train (RRC+flip)": lambda: _fastfeed(
-        ffi.Compose([ffi.RandomResizedCrop(_OUT), ffi.RandomHorizontalFlip()])
-    ),
+    "fastfeed train (RRC+flip), Pillow": lambda: _fastfeed(_train(), partial=False),
+    "fastfeed train (RRC+flip)": lambda: _fastfeed(_train()),
     "naive eval (Resize+CenterCrop)": lambda: naive_eval,
-    "fastfeed eval (Resize+CenterCrop)": lambda: _fastfeed(
-        ffi.Compose([ffi.Resize(256), ffi.CenterCrop(_OUT)])
-    ),
+    "fastfeed eval (Resize+CenterCrop), Pillow": lambda: _fastfeed(_eval(), partial=False),
+    "fastfeed eval (Resize+CenterCrop)": lambda: _fastfeed(_eval()),
 }
 _GIL_IMAGES = 32
 
@@ -322,6 +348,8 @@ def gil_rows(method: str, seconds: float, single_ms: dict[str, float]) -> list[d
         raise SystemExit("--gil-method py-spy: py-spy is not on PATH (pip install py-spy)")
     rows = []
     for pipeline in _GIL_PIPELINES:
+        if pipeline not in single_ms:  # partial decode unavailable here
+            continue
         if method == "py-spy":
             fraction = gil_fraction_pyspy(pipeline, seconds, py_spy)  # type: ignore[arg-type]
         else:
@@ -362,16 +390,13 @@ def main() -> None:
     original = make_jpegs(args.count)
     small = pre_resize(original)
     datasets = {"original": original, "max-side 320": small}
+    fast = _fastfeed_pipelines()
     pipelines = {
         "decode only": decode_only,
         "naive train (RRC+flip)": naive_train,
-        "fastfeed train (RRC+flip)": _fastfeed(
-            ffi.Compose([ffi.RandomResizedCrop(_OUT), ffi.RandomHorizontalFlip()])
-        ),
+        **{k: v for k, v in fast.items() if "train" in k},
         "naive eval (Resize+CenterCrop)": naive_eval,
-        "fastfeed eval (Resize+CenterCrop)": _fastfeed(
-            ffi.Compose([ffi.Resize(256), ffi.CenterCrop(_OUT)])
-        ),
+        **{k: v for k, v in fast.items() if "eval" in k},
     }
     rows = []
     for set_name, payloads in datasets.items():
@@ -379,7 +404,7 @@ def main() -> None:
         naive_ms: dict[str, float] = {}
         for name, fn in pipelines.items():
             wall_ms, cpu_ms = measure(fn, payloads, args.repeats)
-            kind = name.split(" ", 1)[1]
+            kind = name.split(" ", 1)[1].removesuffix(", Pillow")
             if name.startswith("naive"):
                 naive_ms[kind] = cpu_ms
             speedup = naive_ms.get(kind, 0.0) / cpu_ms if name.startswith("fastfeed") else None

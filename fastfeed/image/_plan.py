@@ -265,30 +265,24 @@ def region_box(plan: Plan, size: tuple[int, int]) -> Box:
     """The source pixels a partial decode must deliver for ``plan`` on an image of ``size``.
 
     Unscaled: the kept crop. Scaled with torch's kernel: the source box (torch resamples
-    the whole box, then crops). Scaled with Pillow: from the image's top-left corner to
-    the far edge of the source pixels under the kept crop plus the filter's reach, so
-    the region's edge never clips a kernel that the full image would have filled
-    (Pillow renormalizes kernels at the image border), and Pillow computes the same
-    floating-point box as on a full decode (a box shifted by the region's origin rounds
-    differently: NEAREST then picks the neighbouring pixel in ~1% of columns).
+    the whole box, then crops). Scaled with Pillow: full rows from the top down to the
+    source pixels under the kept crop plus the filter's reach. Full width and the top
+    row keep Pillow's result identical to the full decode's: a box shifted by the
+    region's origin rounds differently (NEAREST then picks the neighbouring pixel in ~1%
+    of columns), and a narrower image changes Pillow's upscaling results (measured: up
+    to 37 grey levels with LANCZOS, 105 -> 160 px), though no kernel reaches the cut.
     """
-    x0, y0, x1, y1 = plan.src_box
+    x0, y0, _, y1 = plan.src_box
     cx0, cy0, cx1, cy1 = plan.crop
     if not plan.scaled:
         return x0 + cx0, y0 + cy0, x0 + cx1, y0 + cy1
     if plan.interpolation in _TORCH_MODES:
         return plan.src_box
-    _, _, fx1, fy1 = _crop_source_box(plan, 1.0)
-    scale_x = max((x1 - x0) / plan.resize_to[0], 1.0)
+    fy1 = _crop_source_box(plan, 1.0)[3]
     scale_y = max((y1 - y0) / plan.resize_to[1], 1.0)
     reach = _FILTER_SUPPORT[plan.interpolation]
     width, height = size
-    return (
-        0,
-        0,
-        min(width, math.ceil(fx1) + math.ceil(reach * scale_x) + 1),
-        min(height, math.ceil(fy1) + math.ceil(reach * scale_y) + 1),
-    )
+    return 0, 0, width, min(height, math.ceil(fy1) + math.ceil(reach * scale_y) + 1)
 
 
 def execute_region_into(
@@ -327,7 +321,12 @@ def execute_region_into(
                 nchw, size=size, mode=plan.interpolation, align_corners=False, antialias=True
             )
         cx0, cy0, cx1, cy1 = plan.crop
-        hwc = resized.numpy()[0].transpose(1, 2, 0)[cy0:cy1, cx0:cx1]
+        chw = resized[0, :, cy0:cy1, cx0:cx1]
+        if plan.flip:
+            chw = chw.flip(-1)
+        # torch's copy out of the channels-last result: ~4x faster than numpy's strided
+        # copyto (14 vs 51 us for 224x224x3), and it runs without the GIL.
+        return out.copy_(chw if layout == "CHW" else chw.permute(1, 2, 0))
     else:
         img = Image.fromarray(region[:, :, 0] if region.shape[2] == 1 else region)
         fx0, fy0, fx1, fy1 = _crop_source_box(plan, 1.0)
