@@ -207,6 +207,115 @@ def measure(
     return best_wall / len(payloads) * 1e3, best_cpu / len(payloads) * 1e3
 
 
+def _rrc_windows(payloads: list[bytes], seed: int = 0) -> list[tuple[int, int, int, int]]:
+    """One torchvision RandomResizedCrop window (x0, y0, x1, y1) per image."""
+    rnd = random.Random(seed)
+    boxes = []
+    for data in payloads:
+        width, height = Image.open(io.BytesIO(data)).size
+        top, left, h, w = _tv_get_params(width, height, rnd)
+        boxes.append((left, top, left + w, top + h))
+    return boxes
+
+
+def decoder_rows(payloads: list[bytes], repeats: int) -> list[dict]:
+    """The decoder survey: each library that imports here, on the same images.
+
+    CPU ms per image of the whole process (``time.process_time``), so a decoder that
+    works on threads of its own is charged in full; one core (torch and OpenCV told so).
+    "RRC window" rows decode only each image's RandomResizedCrop window where the
+    library can (the others would decode everything and crop).
+    """
+    boxes = _rrc_windows(payloads)
+    candidates: list[tuple[str, str, Callable[[], Callable[[bytes, tuple], object]]]] = []
+
+    def pillow_full() -> Callable:
+        return lambda data, box: Image.open(io.BytesIO(data)).load()
+
+    candidates.append(("Pillow", "full decode", pillow_full))
+
+    def simplejpeg_full() -> Callable:
+        import simplejpeg
+
+        return lambda data, box: simplejpeg.decode_jpeg(data)
+
+    candidates.append(("simplejpeg", "full decode", simplejpeg_full))
+
+    def opencv_full() -> Callable:
+        import cv2
+
+        cv2.setNumThreads(1)
+        return lambda data, box: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+    candidates.append(("opencv-python-headless", "full decode", opencv_full))
+
+    def imagecodecs_full() -> Callable:
+        import imagecodecs
+
+        return lambda data, box: imagecodecs.jpeg8_decode(data)
+
+    candidates.append(("imagecodecs (jpeg8)", "full decode", imagecodecs_full))
+
+    def turbojpeg_full() -> Callable:
+        from turbojpeg import TurboJPEG  # needs a system libturbojpeg
+
+        jpeg = TurboJPEG()
+        return lambda data, box: jpeg.decode(data)
+
+    candidates.append(("PyTurboJPEG", "full decode", turbojpeg_full))
+
+    def nv_full() -> Callable:
+        if not _jpeg.available():
+            raise ImportError("nvidia-nvimgcodec-cu12 is not installed")
+
+        def run(data: bytes, box: tuple) -> object:
+            header = _jpeg.open_jpeg(data)
+            return _jpeg.decode_region(header, (0, 0, *header.size), "RGB")
+
+        return run
+
+    def nv_region() -> Callable:
+        nv_full()
+
+        def run(data: bytes, box: tuple) -> object:
+            return _jpeg.decode_region(_jpeg.open_jpeg(data), box, "RGB")
+
+        return run
+
+    candidates.append(("nvImageCodec CPU", "full decode", nv_full))
+    candidates.append(("nvImageCodec CPU", "RRC window", nv_region))
+    rows = []
+    for library, what, make in candidates:
+        try:
+            fn = make()
+            fn(payloads[0], boxes[0])
+        except Exception as exc:  # not installed, or no system library
+            rows.append(
+                {
+                    "decoder": library,
+                    "decodes": what,
+                    "cpu ms/img": None,
+                    "note": f"unavailable: {type(exc).__name__}: {str(exc)[:60]}",
+                }
+            )
+            continue
+        best = float("inf")
+        for _ in range(repeats):
+            cpu0 = time.process_time()
+            for data, box in zip(payloads, boxes, strict=True):
+                fn(data, box)
+            best = min(best, time.process_time() - cpu0)
+        rows.append(
+            {
+                "decoder": library,
+                "decodes": what,
+                "cpu ms/img": round(best / len(payloads) * 1e3, 3),
+                "note": "",
+            }
+        )
+    return rows
+
+
 _GIL_PIPELINES = {
     "naive train (RRC+flip)": lambda: naive_train,
     "fastfeed train (RRC+flip), Pillow": lambda: _fastfeed(_train(), partial=False),
@@ -381,6 +490,11 @@ def main() -> None:
         help="how to measure the GIL-held fraction (auto: py-spy if on PATH, else counter)",
     )
     ap.add_argument("--gil-seconds", type=float, default=3.0, help="run time per measurement")
+    ap.add_argument(
+        "--decoders",
+        action="store_true",
+        help="also survey JPEG decoder libraries (those that import) on the same images",
+    )
     ap.add_argument("--gil-child", help=argparse.SUPPRESS)  # internal: py-spy's target
     args = ap.parse_args()
     if args.gil_child:
@@ -420,6 +534,10 @@ def main() -> None:
                 }
             )
     print_table(rows, title=f"single-core decode+crop cost, {args.count} images, 224x224 uint8")
+    survey = []
+    if args.decoders:
+        survey = decoder_rows(original, args.repeats)
+        print_table(survey, title="JPEG decoders on the original images (one core)")
     gil = []
     if args.gil_method != "none":
         single_ms = {r["pipeline"]: r["cpu ms/img"] for r in rows if r["images"] == "original"}
@@ -432,6 +550,7 @@ def main() -> None:
         "count": args.count,
         "rows": rows,
         "gil": gil,
+        "decoders": survey,
         "loadavg": os.getloadavg(),
     }
     path = write_json(args.json, record)

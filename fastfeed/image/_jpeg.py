@@ -230,7 +230,7 @@ def _scan_is_clean(buffer: Any, nbytes: int) -> bool:
     stream" when it finishes the file) would go unnoticed: the sample would decode to
     grey instead of failing. In valid scan data every 0xFF is followed by 0x00 (a
     stuffed byte) or RST0-7, with the file's final EOI after it. The segment walk is a
-    handful of steps; the scan check is two numpy passes that release the GIL (~20 us
+    handful of steps; the scan check is a few numpy passes that release the GIL (~16 us
     for 90 KB).
     """
     data = buffer if isinstance(buffer, bytes) else memoryview(buffer)
@@ -253,7 +253,16 @@ def _scan_is_clean(buffer: Any, nbytes: int) -> bool:
     if frame not in _SEQUENTIAL:
         return False
     scan = np.frombuffer(buffer, np.uint8, count=nbytes - 2 - scan_start, offset=scan_start)
-    after = scan[np.flatnonzero(scan[:-1] == 0xFF) + 1]
+    # Common case first, with no index arrays (np.flatnonzero alone costs ~18 us on
+    # 90 KB): every 0xFF is a stuffed 0xFF00.
+    marks = scan[:-1] == 0xFF
+    count = np.count_nonzero(marks)
+    if count == 0:
+        return True
+    np.logical_and(marks, scan[1:] == 0, out=marks)
+    if np.count_nonzero(marks) == count:
+        return True
+    after = scan[1:][scan[:-1] == 0xFF]  # restart markers, or a stray marker
     return bool(np.all((after == 0) | ((after & 0xF8) == 0xD0)))
 
 
