@@ -364,3 +364,31 @@ def test_exif_thumbnail_and_restart_markers_keep_the_partial_path():
             _run(pipeline, data, (2, 0, 1), partial=True),
             _run(pipeline, data, (2, 0, 1), partial=False),
         )
+
+
+@needs_partial
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_eval_transform_decodes_only_the_part_its_crop_needs_with_identical_pixels(
+    interpolation: str,
+):
+    rng = np.random.default_rng(11)
+    pipeline = ffi.Compose([ffi.Resize(256, interpolation=interpolation), ffi.CenterCrop(224)])
+    partial_regions = 0
+    for _ in range(24):
+        width, height = int(rng.integers(120, 700)), int(rng.integers(120, 700))
+        data = _jpeg_bytes(random_image(rng, width, height))
+        plan = Plan.start((width, height))
+        for op in pipeline.transforms:
+            assert op.fuse(plan)
+        box = region_box(plan, (width, height))
+        downscale = width > plan.resize_to[0] and height > plan.resize_to[1]
+        if downscale:
+            # Top-left anchored, short of the full image on at least one side.
+            assert box[:2] == (0, 0) and box[2:] != (width, height), (width, height, box)
+            partial_regions += 1
+        else:
+            assert box == (0, 0, width, height)
+        fast = _run(pipeline, data, (0, 0, 0), partial=True)
+        slow = _run(pipeline, data, (0, 0, 0), partial=False)
+        assert torch.equal(fast, slow), (width, height, interpolation)
+    assert partial_regions >= 8
