@@ -161,7 +161,7 @@ def _decoder() -> Any:
 
 
 class JpegHeader:
-    """A JPEG whose header nvImageCodec parsed (in C++, no Python marker walking).
+    """A JPEG checked for partial decode, with nvImageCodec's handle on its stream.
 
     Attributes:
         size: (width, height) in pixels.
@@ -171,20 +171,27 @@ class JpegHeader:
 
     __slots__ = ("_buffer", "_stream", "channels", "nbytes", "size")
 
-    def __init__(self, stream: Any, buffer: Any, nbytes: int) -> None:
+    def __init__(
+        self, stream: Any, buffer: Any, size: tuple[int, int], channels: int, nbytes: int
+    ) -> None:
         self._stream = stream
         self._buffer = buffer  # the stream may point into it: keep it alive as long
-        self.size: tuple[int, int] = (stream.width, stream.height)
-        self.channels: int = stream.num_channels
+        self.size = size
+        self.channels = channels
         self.nbytes = nbytes
 
 
 def open_jpeg(data: Any) -> JpegHeader | None:
-    """Parse a JPEG header for partial decode, or None where the Pillow path must run.
+    """Check a JPEG for partial decode, or None where the Pillow path must run.
+
+    The header is read by a walk over segment lengths (a handful of steps, ~3 us: no
+    segment's content is parsed, unlike Pillow's ``Image.open``) that finds the frame
+    and the first scan; nvImageCodec parses the stream in C++ (~1 us).
 
     None for: the backend off or missing, not a JPEG, a stream that does not end in EOI
     (truncated, or trailing bytes: Pillow reports or tolerates those precisely), not
-    8-bit, or not 1 or 3 components (CMYK and YCCK convert through Pillow's formula).
+    baseline/extended/progressive Huffman, not 8-bit, not 1 or 3 components (CMYK and
+    YCCK convert through Pillow's formula), or a stray marker in sequential scan data.
     """
     if not _enabled:
         return None
@@ -198,59 +205,79 @@ def open_jpeg(data: Any) -> JpegHeader | None:
         view = memoryview(data).cast("B")
         buffer, nbytes = np.frombuffer(view, np.uint8), view.nbytes
         framed = nbytes >= 4 and view[:2] == _SOI and view[-2:] == _EOI
-    if not framed or nbytes < 4 or not _scan_is_clean(buffer, nbytes):
+    if not framed:
+        return None
+    frame = _read_frame(buffer)
+    if frame is None:
+        return None
+    marker, precision, height, width, channels, scan_start = frame
+    if (
+        precision != 8
+        or channels not in (1, 3)
+        or height == 0  # the height comes later (DNL): Pillow's business
+        or width == 0
+        or (marker != _PROGRESSIVE and not _scan_is_clean(buffer, nbytes, scan_start))
+    ):
         return None
     try:
         stream = nv.CodeStream(buffer)
-        if (
-            stream.codec_name != "jpeg"
-            or stream.precision != 8
-            or stream.num_channels not in (1, 3)
-        ):
-            return None
-        return JpegHeader(stream, buffer, nbytes)
     except Exception:  # nvImageCodec raises RuntimeError on what it cannot parse
         return None
+    return JpegHeader(stream, buffer, (width, height), channels, nbytes)
 
 
 # Frame types the partial path takes: baseline, extended sequential, progressive (Huffman).
-_SEQUENTIAL = frozenset({0xC0, 0xC1})
 _PROGRESSIVE = 0xC2
+_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
 # Segments at most this many lie before the first scan of a sane file (APPn, DQT, DHT,
 # SOF, DRI, COM, ...); more, and the Pillow path judges the file.
 _MAX_SEGMENTS = 64
 
 
-def _scan_is_clean(buffer: Any, nbytes: int) -> bool:
-    """Whether a sequential JPEG's entropy-coded data holds no stray marker (or it is
-    progressive, whose scans the decoder reads whole).
+def _read_frame(buffer: Any) -> tuple[int, int, int, int, int, int] | None:
+    """(SOF marker, precision, height, width, components, first scan's data offset).
+
+    None where the segments before the first scan do not chain up, there is no SOF
+    before it, or the frame is not one of :data:`_FRAMES` (lossless, arithmetic, ...).
+    """
+    data = buffer if isinstance(buffer, bytes) else memoryview(buffer)
+    size = len(data)
+    pos, sof = 2, None
+    for _ in range(_MAX_SEGMENTS):
+        if pos + 4 > size or data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if marker not in _FRAMES or pos + 10 > size:
+                return None
+            sof = (
+                marker,
+                data[pos + 4],
+                (data[pos + 5] << 8) | data[pos + 6],
+                (data[pos + 7] << 8) | data[pos + 8],
+                data[pos + 9],
+            )
+        if marker == 0xDA:
+            if sof is None:
+                return None
+            return (*sof, pos + 2 + length)
+        pos += 2 + length
+    return None
+
+
+def _scan_is_clean(buffer: Any, nbytes: int, scan_start: int) -> bool:
+    """Whether sequential JPEG scan data from ``scan_start`` holds no stray marker.
 
     Why: a region decode stops after the region's last row and never reads the rest, so
     a marker where pixels should be (corruption that makes Pillow raise "broken data
     stream" when it finishes the file) would go unnoticed: the sample would decode to
     grey instead of failing. In valid scan data every 0xFF is followed by 0x00 (a
-    stuffed byte) or RST0-7, with the file's final EOI after it. The segment walk is a
-    handful of steps; the scan check is a few numpy passes that release the GIL (~16 us
-    for 90 KB).
+    stuffed byte) or RST0-7, with the file's final EOI after it. A few numpy passes
+    that release the GIL (~16 us for 90 KB). Progressive files need no check: their
+    scans are all read before the first row comes out.
     """
-    data = buffer if isinstance(buffer, bytes) else memoryview(buffer)
-    pos, frame = 2, None
-    for _ in range(_MAX_SEGMENTS):
-        if pos + 4 > len(data) or data[pos] != 0xFF:
-            return False
-        marker = data[pos + 1]
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            frame = marker
-        if marker == 0xDA:
-            scan_start = pos + 2 + length
-            break
-        pos += 2 + length
-    else:
-        return False
-    if frame == _PROGRESSIVE:
-        return True
-    if frame not in _SEQUENTIAL:
+    if scan_start >= nbytes - 2:
         return False
     scan = np.frombuffer(buffer, np.uint8, count=nbytes - 2 - scan_start, offset=scan_start)
     # Common case first, with no index arrays (np.flatnonzero alone costs ~18 us on

@@ -358,7 +358,10 @@ def execute_region_into(
                 nchw, size=size, mode=plan.interpolation, align_corners=False, antialias=True
             )
         cx0, cy0, cx1, cy1 = plan.crop
-        chw = resized[0, :, cy0:cy1, cx0:cx1]
+        if cx0 == 0 and cy0 == 0 and resized.shape[2:] == (cy1, cx1):
+            chw = resized[0]  # RandomResizedCrop keeps all: one index op, not four
+        else:
+            chw = resized[0, :, cy0:cy1, cx0:cx1]
         if plan.flip:
             chw = chw.flip(-1)
         # torch's copy out of the channels-last result: ~4x faster than numpy's strided
