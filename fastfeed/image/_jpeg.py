@@ -4,27 +4,41 @@ Why: RandomResizedCrop keeps about half of an image's area, yet a full decode pa
 inverse DCT, upsampling and colour conversion for every pixel. libjpeg-turbo can skip the
 scanlines below the window, entropy-decode only (no IDCT) the ones above it, and crop the
 columns to iMCU boundaries (``jpeg_skip_scanlines`` / ``jpeg_crop_scanline``); DALI decodes
-this way. nvImageCodec's CPU backend (``pip install nvidia-nvimgcodec-cu12``, a wheel with
-libjpeg-turbo inside, no CUDA needed for ``CPU_ONLY``) exposes it as a region decode that
-releases the GIL, and parses the header in C++ (~1 us, against ~15 us of Python marker
-walking in Pillow's ``Image.open``).
+this way. nvImageCodec's CPU backend (``pip install nvidia-nvimgcodec-cu12``, one 32 MB
+``py3-none`` wheel per platform, manylinux x86_64 and aarch64, CPython 3.9-3.14,
+libjpeg-turbo inside, Apache-2.0, no CUDA needed for ``CPU_ONLY``) exposes it as a region
+decode that releases the GIL.
 
-Survey (``benchmarks/image_decode.py --decoders``, 150 ImageNet-like JPEGs, CPU ms/image of
-all threads, one core): Pillow full decode 0.85; simplejpeg 0.79, OpenCV 0.81, imagecodecs
-0.80 (full decodes: none of them crops); nvImageCodec full 0.80, region (the RRC window)
-0.63. The region's pixels equal a full decode's (same libjpeg-turbo, islow IDCT, fancy
-upsampling): max difference 0 on baseline, progressive, 4:4:4, 4:2:2, 4:2:0, grey, CMYK.
+Survey (``benchmarks/image_decode.py --decoders``: 200 ImageNet-like JPEGs of 320-640 px,
+CPU ms per image of the whole process, one core, shared machine, one run)::
+
+    decoder                 decodes              cpu ms/img
+    Pillow 13 (fastfeed's)  full decode          0.834
+    simplejpeg 1.9          full decode          0.767   (no region; DCT scaling only)
+    opencv-headless 5.0     full decode          0.792   (no region; IMREAD_REDUCED_*)
+    imagecodecs 2026.3      full decode          0.771   (no region)
+    PyTurboJPEG 2.6         -                    needs a system libturbojpeg >= 3.0
+    nvImageCodec 0.9 CPU    full decode          0.827
+    nvImageCodec 0.9 CPU    RandomResizedCrop    0.661
+
+Only nvImageCodec decodes a region. Its pixels equal a full decode's (same libjpeg-turbo,
+islow IDCT, fancy upsampling): identical on baseline, progressive, 4:4:4, 4:2:2, 4:2:0,
+grey and CMYK. Where the time goes: skipping the rows below the window is most of the
+win; the rows above still cost their entropy decoding, and cropping columns saves little
+(a bottom-half region costs more than a full decode; the exact window is cheapest).
+Progressive files gain little (every scan is entropy-decoded first) but release the GIL.
 
 Why not ctypes over the libjpeg-turbo inside Pillow's wheel: it has ``jpeg_crop_scanline``
 and ``jpeg_skip_scanlines`` but only the libjpeg API, whose ``error_exit`` must not return
 (it ``longjmp``\\s in C); a ctypes callback cannot, so a corrupt file would ``exit()`` the
-process. The TurboJPEG API (which returns error codes) ships in no wheel we can rely on:
-PyTurboJPEG loads a system ``libturbojpeg``.
+process. The TurboJPEG API (which returns error codes) ships in no wheel we can rely on.
 
 Everything this backend does not take (no nvImageCodec, not a JPEG, a truncated stream or
-bytes after EOI, more than 8 bits, CMYK/YCCK, an EXIF-oriented request, a failed decode)
-returns None and the caller takes the Pillow path, which raises the precise
-:class:`~fastfeed.errors.DecodeError`.
+bytes after EOI, not 8-bit, CMYK/YCCK, lossless/arithmetic frames, a stray marker in the
+scan data, an EXIF-oriented request, a failed decode) returns None and the caller takes
+the Pillow path, which raises the precise :class:`~fastfeed.errors.DecodeError`. A file
+that passes these checks and still fails makes nvImageCodec print two log lines to stderr
+(it has no switch for them) before the Pillow path reports it.
 """
 
 from __future__ import annotations
