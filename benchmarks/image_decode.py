@@ -17,8 +17,16 @@ Pipelines, each ending in a (3, 224, 224) uint8 row of a preallocated batch:
 - ``fastfeed``: ``fastfeed.image.Compose([RandomResizedCrop(224), RandomHorizontalFlip()])``
   with ``out=row``: header-first crop planning, JPEG draft when the crop allows, one
   resample of the crop box, flip + transpose folded into the copy into the row.
+- ``fastfeed ..., Pillow``: the same pipeline with partial JPEG decode turned off
+  (``fastfeed.image._jpeg.set_enabled(False)``): every JPEG through Pillow, as before
+  partial decode. The rows without ``, Pillow`` decode only the crop window through
+  nvImageCodec (present only where ``nvidia-nvimgcodec-cu12`` is installed).
 - ``eval`` variants: Resize(256) + CenterCrop(224), naive vs fastfeed.
 - ``decode only``: ``Image.open`` + ``load`` (the floor both pipelines share).
+
+``--decoders`` adds a survey of JPEG decoder libraries on the same images (each one that
+imports: Pillow, simplejpeg, OpenCV, imagecodecs, PyTurboJPEG, nvImageCodec full and
+RandomResizedCrop window), CPU ms per image of the whole process.
 
 Each figure is the best of ``--repeats`` passes (wall ms and this thread's CPU ms per
 image); the CPU figure is less disturbed by other processes sharing the machine.
