@@ -216,7 +216,10 @@ def open_jpeg(data: Any) -> JpegHeader | None:
         buffer, nbytes = data, len(data)
         framed = data.startswith(_SOI) and data.endswith(_EOI)
     else:
-        view = memoryview(data).cast("B")
+        try:
+            view = memoryview(data).cast("B")
+        except TypeError:  # not bytes-like, or not contiguous: EncodedImage says which
+            return None
         buffer, nbytes = np.frombuffer(view, np.uint8), view.nbytes
         framed = nbytes >= 4 and view[:2] == _SOI and view[-2:] == _EOI
     if not framed:

@@ -398,3 +398,17 @@ def test_eval_transform_decodes_only_the_part_its_crop_needs_with_identical_pixe
         slow = _run(pipeline, data, (0, 0, 0), partial=False)
         assert torch.equal(fast, slow), (width, height, interpolation)
     assert partial_regions >= 8
+
+
+@needs_partial
+def test_bytes_likes_take_the_partial_path_and_non_bytes_keep_their_error():
+    data, _ = VARIANTS["baseline 4:2:0"]
+    pipeline = ffi.Compose(TRAIN)
+    expected = _run(pipeline, data, (4, 0, 2), partial=False)
+    for wrapped in (bytearray(data), memoryview(data), np.frombuffer(data, np.uint8)):
+        header = _jpeg.open_jpeg(wrapped)
+        assert header is not None and header.nbytes == len(data)
+        assert torch.equal(_run(pipeline, wrapped, (4, 0, 2), partial=True), expected)
+    assert _jpeg.open_jpeg("not bytes") is None
+    with pytest.raises(TypeError, match="expected encoded image bytes"):
+        pipeline("not bytes")
