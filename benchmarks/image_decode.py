@@ -559,6 +559,8 @@ def main() -> None:
         "rows": rows,
         "gil": gil,
         "decoders": survey,
+        "partial_jpeg": _jpeg.available(),
+        "nvimgcodec": getattr(_jpeg._nv(), "__version__", None),
         "loadavg": os.getloadavg(),
     }
     path = write_json(args.json, record)
