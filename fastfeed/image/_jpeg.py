@@ -246,6 +246,9 @@ def open_jpeg(data: Any) -> JpegHeader | None:
 # Frame types the partial path takes: baseline, extended sequential, progressive (Huffman).
 _PROGRESSIVE = 0xC2
 _FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+# Luma sampling factors (h << 4 | v) of 4:4:4, 4:2:2 and 4:2:0 with chroma at 1x1: the
+# layouts whose region pixels are checked equal to Pillow's (tests/image).
+_LUMA_SAMPLING = frozenset({0x11, 0x21, 0x22})
 # Segments at most this many lie before the first scan of a sane file (APPn, DQT, DHT,
 # SOF, DRI, COM, ...); more, and the Pillow path judges the file.
 _MAX_SEGMENTS = 64
@@ -255,7 +258,8 @@ def _read_frame(buffer: Any) -> tuple[int, int, int, int, int, int] | None:
     """(SOF marker, precision, height, width, components, first scan's data offset).
 
     None where the segments before the first scan do not chain up, there is no SOF
-    before it, or the frame is not one of :data:`_FRAMES` (lossless, arithmetic, ...).
+    before it, the frame is not one of :data:`_FRAMES` (lossless, arithmetic, ...), or
+    a colour frame's sampling is not 4:4:4, 4:2:2 or 4:2:0.
     """
     data = buffer if isinstance(buffer, bytes) else memoryview(buffer)
     size = len(data)
@@ -266,14 +270,21 @@ def _read_frame(buffer: Any) -> tuple[int, int, int, int, int, int] | None:
         marker = data[pos + 1]
         length = (data[pos + 2] << 8) | data[pos + 3]
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if marker not in _FRAMES or pos + 10 > size:
+            channels = data[pos + 9] if pos + 10 <= size else 0
+            if marker not in _FRAMES or pos + 10 + 3 * channels > size:
                 return None
+            if channels == 3 and (
+                data[pos + 11] not in _LUMA_SAMPLING
+                or data[pos + 14] != 0x11
+                or data[pos + 17] != 0x11
+            ):
+                return None  # 4:4:0, 4:1:1, subsampled chroma planes...: Pillow's path
             sof = (
                 marker,
                 data[pos + 4],
                 (data[pos + 5] << 8) | data[pos + 6],
                 (data[pos + 7] << 8) | data[pos + 8],
-                data[pos + 9],
+                channels,
             )
         if marker == 0xDA:
             if sof is None:

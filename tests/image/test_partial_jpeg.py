@@ -412,3 +412,19 @@ def test_bytes_likes_take_the_partial_path_and_non_bytes_keep_their_error():
     assert _jpeg.open_jpeg("not bytes") is None
     with pytest.raises(TypeError, match="expected encoded image bytes"):
         pipeline("not bytes")
+
+
+def test_unusual_chroma_sampling_takes_the_pillow_path():
+    data = _jpeg_bytes(random_image(np.random.default_rng(6), 64, 48), subsampling=0)
+    frame = _jpeg._read_frame(data)
+    assert frame is not None and frame[1:5] == (8, 48, 64, 3)
+    sof = data.index(b"\xff\xc0")
+    luma = sof + 11  # SOF: marker, length, precision, height, width, count, then components
+    assert data[luma] == 0x11
+    for factors in (0x12, 0x41, 0x14):  # 4:4:0, 4:1:1, 4:1:0
+        patched = data[:luma] + bytes([factors]) + data[luma + 1 :]
+        assert _jpeg._read_frame(patched) is None
+        assert _jpeg.open_jpeg(patched) is None
+    chroma = sof + 14
+    patched = data[:chroma] + bytes([0x21]) + data[chroma + 1 :]  # subsampled Cb plane
+    assert _jpeg._read_frame(patched) is None
