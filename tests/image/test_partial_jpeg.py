@@ -428,3 +428,40 @@ def test_unusual_chroma_sampling_takes_the_pillow_path():
     chroma = sof + 14
     patched = data[:chroma] + bytes([0x21]) + data[chroma + 1 :]  # subsampled Cb plane
     assert _jpeg._read_frame(patched) is None
+
+
+def _decode_in_child(data: bytes, queue: object) -> None:
+    out: list[tuple[int, ...]] = []
+
+    def in_thread() -> None:
+        region = _jpeg.decode_region(_jpeg.open_jpeg(data), (0, 0, 50, 40), "RGB")
+        out.append(region.shape)
+
+    region = _jpeg.decode_region(_jpeg.open_jpeg(data), (3, 4, 103, 84), "RGB")
+    worker = threading.Thread(target=in_thread, name="test-child-decode")
+    worker.start()
+    worker.join(timeout=30)
+    queue.put((region.shape, out))  # type: ignore[attr-defined]
+
+
+@needs_partial
+def test_forked_worker_decodes_after_the_parent_did():
+    # fastfeed's process workers may fork a parent that already decoded (its decoder and
+    # nvImageCodec's instance are copied): the child's threads must still decode.
+    import multiprocessing
+
+    data, _ = VARIANTS["baseline 4:2:0"]
+    assert _jpeg.decode_region(_jpeg.open_jpeg(data), (0, 0, 8, 8), "RGB") is not None
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_decode_in_child, args=(data, queue), name="test-fork-decode")
+    child.start()
+    try:
+        shapes = queue.get(timeout=60)
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=10)
+    assert shapes == ((80, 100, 3), [(40, 50, 3)])
+    assert child.exitcode == 0
