@@ -17,8 +17,16 @@ Pipelines, each ending in a (3, 224, 224) uint8 row of a preallocated batch:
 - ``fastfeed``: ``fastfeed.image.Compose([RandomResizedCrop(224), RandomHorizontalFlip()])``
   with ``out=row``: header-first crop planning, JPEG draft when the crop allows, one
   resample of the crop box, flip + transpose folded into the copy into the row.
+- ``fastfeed ..., Pillow``: the same pipeline with partial JPEG decode turned off
+  (``fastfeed.image._jpeg.set_enabled(False)``): every JPEG through Pillow, as before
+  partial decode. The rows without ``, Pillow`` decode only the crop window through
+  nvImageCodec (present only where ``nvidia-nvimgcodec-cu12`` is installed).
 - ``eval`` variants: Resize(256) + CenterCrop(224), naive vs fastfeed.
 - ``decode only``: ``Image.open`` + ``load`` (the floor both pipelines share).
+
+``--decoders`` adds a survey of JPEG decoder libraries on the same images (each one that
+imports: Pillow, simplejpeg, OpenCV, imagecodecs, PyTurboJPEG, nvImageCodec full and
+RandomResizedCrop window), CPU ms per image of the whole process.
 
 Each figure is the best of ``--repeats`` passes (wall ms and this thread's CPU ms per
 image); the CPU figure is less disturbed by other processes sharing the machine.
@@ -67,6 +75,7 @@ from PIL import Image
 
 import fastfeed.image as ffi
 from fastfeed import rng as _rng
+from fastfeed.image import _jpeg
 
 _OUT = 224
 
@@ -152,11 +161,38 @@ def decode_only(data: bytes, row: torch.Tensor, rnd: random.Random) -> None:
     Image.open(io.BytesIO(data)).load()
 
 
-def _fastfeed(pipeline: ffi.ImagePipeline) -> Callable[[bytes, torch.Tensor, random.Random], None]:
+def _fastfeed(
+    pipeline: ffi.ImagePipeline, partial: bool = True
+) -> Callable[[bytes, torch.Tensor, random.Random], None]:
+    """``pipeline(data, out=row)``; ``partial=False`` turns partial JPEG decode off (Pillow)."""
+
     def run(data: bytes, row: torch.Tensor, rnd: random.Random) -> None:
-        pipeline(data, out=row)
+        old = _jpeg.set_enabled(partial)
+        try:
+            pipeline(data, out=row)
+        finally:
+            _jpeg.set_enabled(old)
 
     return run
+
+
+def _train() -> ffi.ImagePipeline:
+    return ffi.Compose([ffi.RandomResizedCrop(_OUT), ffi.RandomHorizontalFlip()])
+
+
+def _eval() -> ffi.ImagePipeline:
+    return ffi.Compose([ffi.Resize(256), ffi.CenterCrop(_OUT)])
+
+
+def _fastfeed_pipelines() -> dict[str, Callable[[bytes, torch.Tensor, random.Random], None]]:
+    """fastfeed's train and eval pipelines, with partial JPEG decode (when nvImageCodec is
+    installed) and on the Pillow path (what fastfeed did before partial decode)."""
+    rows = {}
+    for kind, make in (("train (RRC+flip)", _train), ("eval (Resize+CenterCrop)", _eval)):
+        rows[f"fastfeed {kind}, Pillow"] = _fastfeed(make(), partial=False)
+        if _jpeg.available():
+            rows[f"fastfeed {kind}"] = _fastfeed(make(), partial=True)
+    return rows
 
 
 def measure(
@@ -179,15 +215,122 @@ def measure(
     return best_wall / len(payloads) * 1e3, best_cpu / len(payloads) * 1e3
 
 
+def _rrc_windows(payloads: list[bytes], seed: int = 0) -> list[tuple[int, int, int, int]]:
+    """One torchvision RandomResizedCrop window (x0, y0, x1, y1) per image."""
+    rnd = random.Random(seed)
+    boxes = []
+    for data in payloads:
+        width, height = Image.open(io.BytesIO(data)).size
+        top, left, h, w = _tv_get_params(width, height, rnd)
+        boxes.append((left, top, left + w, top + h))
+    return boxes
+
+
+def decoder_rows(payloads: list[bytes], repeats: int) -> list[dict]:
+    """The decoder survey: each library that imports here, on the same images.
+
+    CPU ms per image of the whole process (``time.process_time``), so a decoder that
+    works on threads of its own is charged in full; one core (torch and OpenCV told so).
+    "RRC window" rows decode only each image's RandomResizedCrop window where the
+    library can (the others would decode everything and crop).
+    """
+    boxes = _rrc_windows(payloads)
+    candidates: list[tuple[str, str, Callable[[], Callable[[bytes, tuple], object]]]] = []
+
+    def pillow_full() -> Callable:
+        return lambda data, box: Image.open(io.BytesIO(data)).load()
+
+    candidates.append(("Pillow", "full decode", pillow_full))
+
+    def simplejpeg_full() -> Callable:
+        import simplejpeg
+
+        return lambda data, box: simplejpeg.decode_jpeg(data)
+
+    candidates.append(("simplejpeg", "full decode", simplejpeg_full))
+
+    def opencv_full() -> Callable:
+        import cv2
+
+        cv2.setNumThreads(1)
+        return lambda data, box: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+    candidates.append(("opencv-python-headless", "full decode", opencv_full))
+
+    def imagecodecs_full() -> Callable:
+        import imagecodecs
+
+        return lambda data, box: imagecodecs.jpeg8_decode(data)
+
+    candidates.append(("imagecodecs (jpeg8)", "full decode", imagecodecs_full))
+
+    def turbojpeg_full() -> Callable:
+        from turbojpeg import TurboJPEG  # needs a system libturbojpeg
+
+        jpeg = TurboJPEG()
+        return lambda data, box: jpeg.decode(data)
+
+    candidates.append(("PyTurboJPEG", "full decode", turbojpeg_full))
+
+    def nv_full() -> Callable:
+        if not _jpeg.available():
+            raise ImportError("nvidia-nvimgcodec-cu12 is not installed")
+
+        def run(data: bytes, box: tuple) -> object:
+            header = _jpeg.open_jpeg(data)
+            return _jpeg.decode_region(header, (0, 0, *header.size), "RGB")
+
+        return run
+
+    def nv_region() -> Callable:
+        nv_full()
+
+        def run(data: bytes, box: tuple) -> object:
+            return _jpeg.decode_region(_jpeg.open_jpeg(data), box, "RGB")
+
+        return run
+
+    candidates.append(("nvImageCodec CPU", "full decode", nv_full))
+    candidates.append(("nvImageCodec CPU", "RRC window", nv_region))
+    rows = []
+    for library, what, make in candidates:
+        try:
+            fn = make()
+            fn(payloads[0], boxes[0])
+        except Exception as exc:  # not installed, or no system library
+            rows.append(
+                {
+                    "decoder": library,
+                    "decodes": what,
+                    "cpu ms/img": None,
+                    "note": f"unavailable: {type(exc).__name__}: {str(exc)[:60]}",
+                }
+            )
+            continue
+        best = float("inf")
+        for _ in range(repeats):
+            cpu0 = time.process_time()
+            for data, box in zip(payloads, boxes, strict=True):
+                fn(data, box)
+            best = min(best, time.process_time() - cpu0)
+        rows.append(
+            {
+                "decoder": library,
+                "decodes": what,
+                "cpu ms/img": round(best / len(payloads) * 1e3, 3),
+                "note": "",
+            }
+        )
+    return rows
+
+
 _GIL_PIPELINES = {
     "naive train (RRC+flip)": lambda: naive_train,
-    "fastfeed train (RRC+flip)": lambda: _fastfeed(
-        ffi.Compose([ffi.RandomResizedCrop(_OUT), ffi.RandomHorizontalFlip()])
-    ),
+    "fastfeed train (RRC+flip), Pillow": lambda: _fastfeed(_train(), partial=False),
+    "fastfeed train (RRC+flip)": lambda: _fastfeed(_train()),
     "naive eval (Resize+CenterCrop)": lambda: naive_eval,
-    "fastfeed eval (Resize+CenterCrop)": lambda: _fastfeed(
-        ffi.Compose([ffi.Resize(256), ffi.CenterCrop(_OUT)])
-    ),
+    "fastfeed eval (Resize+CenterCrop), Pillow": lambda: _fastfeed(_eval(), partial=False),
+    "fastfeed eval (Resize+CenterCrop)": lambda: _fastfeed(_eval()),
 }
 _GIL_IMAGES = 32
 
@@ -322,6 +465,8 @@ def gil_rows(method: str, seconds: float, single_ms: dict[str, float]) -> list[d
         raise SystemExit("--gil-method py-spy: py-spy is not on PATH (pip install py-spy)")
     rows = []
     for pipeline in _GIL_PIPELINES:
+        if pipeline not in single_ms:  # partial decode unavailable here
+            continue
         if method == "py-spy":
             fraction = gil_fraction_pyspy(pipeline, seconds, py_spy)  # type: ignore[arg-type]
         else:
@@ -353,6 +498,11 @@ def main() -> None:
         help="how to measure the GIL-held fraction (auto: py-spy if on PATH, else counter)",
     )
     ap.add_argument("--gil-seconds", type=float, default=3.0, help="run time per measurement")
+    ap.add_argument(
+        "--decoders",
+        action="store_true",
+        help="also survey JPEG decoder libraries (those that import) on the same images",
+    )
     ap.add_argument("--gil-child", help=argparse.SUPPRESS)  # internal: py-spy's target
     args = ap.parse_args()
     if args.gil_child:
@@ -362,16 +512,13 @@ def main() -> None:
     original = make_jpegs(args.count)
     small = pre_resize(original)
     datasets = {"original": original, "max-side 320": small}
+    fast = _fastfeed_pipelines()
     pipelines = {
         "decode only": decode_only,
         "naive train (RRC+flip)": naive_train,
-        "fastfeed train (RRC+flip)": _fastfeed(
-            ffi.Compose([ffi.RandomResizedCrop(_OUT), ffi.RandomHorizontalFlip()])
-        ),
+        **{k: v for k, v in fast.items() if "train" in k},
         "naive eval (Resize+CenterCrop)": naive_eval,
-        "fastfeed eval (Resize+CenterCrop)": _fastfeed(
-            ffi.Compose([ffi.Resize(256), ffi.CenterCrop(_OUT)])
-        ),
+        **{k: v for k, v in fast.items() if "eval" in k},
     }
     rows = []
     for set_name, payloads in datasets.items():
@@ -379,7 +526,7 @@ def main() -> None:
         naive_ms: dict[str, float] = {}
         for name, fn in pipelines.items():
             wall_ms, cpu_ms = measure(fn, payloads, args.repeats)
-            kind = name.split(" ", 1)[1]
+            kind = name.split(" ", 1)[1].removesuffix(", Pillow")
             if name.startswith("naive"):
                 naive_ms[kind] = cpu_ms
             speedup = naive_ms.get(kind, 0.0) / cpu_ms if name.startswith("fastfeed") else None
@@ -395,6 +542,10 @@ def main() -> None:
                 }
             )
     print_table(rows, title=f"single-core decode+crop cost, {args.count} images, 224x224 uint8")
+    survey = []
+    if args.decoders:
+        survey = decoder_rows(original, args.repeats)
+        print_table(survey, title="JPEG decoders on the original images (one core)")
     gil = []
     if args.gil_method != "none":
         single_ms = {r["pipeline"]: r["cpu ms/img"] for r in rows if r["images"] == "original"}
@@ -407,6 +558,9 @@ def main() -> None:
         "count": args.count,
         "rows": rows,
         "gil": gil,
+        "decoders": survey,
+        "partial_jpeg": _jpeg.available(),
+        "nvimgcodec": getattr(_jpeg._nv(), "__version__", None),
         "loadavg": os.getloadavg(),
     }
     path = write_json(args.json, record)

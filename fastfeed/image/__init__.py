@@ -1,12 +1,17 @@
 """Fast image path: decode + crop + resize + flip fused, written straight into a batch row.
 
 ``Compose([RandomResizedCrop(224), RandomHorizontalFlip()])`` applied to JPEG bytes reads
-the header, draws the crop, asks libjpeg-turbo for the smallest DCT-scaled decode (1/2,
-1/4, 1/8) that still covers the crop at the output resolution, resamples only the crop box
-once (torch's antialiased uint8 kernel for bilinear/bicubic, Pillow otherwise) and copies
-it, flipped and transposed to CHW in the same strided copy, into the loader's (pinned)
-batch row. Fixed-shape pipelines implement :class:`SlotWriter` (``sample_spec()`` plus
-``__call__(data, out=None)``).
+the header, draws the crop, and decodes only the crop window (partial decode: rows below
+it are never read, rows above only entropy-decoded, columns cut to iMCU boundaries; the
+GIL released throughout) when nvImageCodec is installed (``pip install fastfeed[jpeg]``,
+see :mod:`fastfeed.image._jpeg`), or else asks libjpeg-turbo through Pillow for the
+smallest DCT-scaled decode (1/2, 1/4, 1/8) that still covers the crop at the output
+resolution (also used for crops 2x the output or larger, where decoding fewer pixels in
+total is cheaper). It resamples only the crop box once (torch's antialiased uint8 kernel
+for bilinear/bicubic, Pillow otherwise) and copies it, flipped and transposed to CHW,
+into the loader's (pinned) batch row. The partial decode's pixels equal the full
+decode's; ``FASTFEED_PARTIAL_JPEG=0`` turns it off. Fixed-shape pipelines implement
+:class:`SlotWriter` (``sample_spec()`` plus ``__call__(data, out=None)``).
 
 Semantics follow torchvision: same parameter names, the same RandomResizedCrop sampling
 algorithm (drawn from :func:`fastfeed.rng.sample_rng`, so deterministic in (seed, epoch,

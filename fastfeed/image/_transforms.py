@@ -18,9 +18,14 @@ from fastfeed.image._decode import (
     convert_mode,
     to_tensor_uint8,
 )
+from fastfeed.image._jpeg import PartialJpeg, open_partial
 from fastfeed.image._plan import Plan, draft_factor, execute_into, execute_pil, pil_resample
 from fastfeed.image._plan import resampling as _resampling
 from fastfeed.rng import sample_rng
+
+# Not yet decoded, and either kind of image a fused plan starts from.
+_ENCODED = (EncodedImage, PartialJpeg)
+_IMAGES = (EncodedImage, PartialJpeg, Image.Image)
 
 __all__ = [
     "CenterCrop",
@@ -483,14 +488,18 @@ class Compose:
         if isinstance(data, Image.Image):
             current: Any = convert_mode(data, self.mode)
         else:
-            current = EncodedImage(
+            # A JPEG opens for partial decode (header parsed in C++); anything else, and
+            # whatever the partial path declines, goes through Pillow.
+            current = open_partial(
+                data, self.mode, exif_transpose=self.exif_transpose, max_pixels=self.max_pixels
+            ) or EncodedImage(
                 data, self.mode, exif_transpose=self.exif_transpose, max_pixels=self.max_pixels
             )
         u8_out = None if self._to_float else out
         ops, i = self._ops, 0
         while i < len(ops):
             op = ops[i]
-            if isinstance(op, _Geometric) and isinstance(current, (EncodedImage, Image.Image)):
+            if isinstance(op, _Geometric) and isinstance(current, _IMAGES):
                 plan = Plan.start(current.size)
                 j = i
                 while j < len(ops) and isinstance(ops[j], _Geometric) and ops[j].fuse(plan):
@@ -499,16 +508,21 @@ class Compose:
                     current, i = op(_decoded(current)), i + 1
                     continue
                 if j == len(ops):  # the fast path: one resample, one copy into the row
-                    pixels = None
-                    if isinstance(current, EncodedImage):
-                        # The image never leaves this branch: decode into scratch memory.
-                        img, factor, pixels = current.decode_scratch(draft_factor(plan))
-                    else:
-                        img, factor = current, 1.0
                     if u8_out is None:
                         u8_out = torch.empty(self._plan_shape(plan), dtype=torch.uint8)
                     elif not checked:
                         check_out(u8_out, self._plan_shape(plan), torch.uint8)
+                    if isinstance(current, PartialJpeg):
+                        # Decode only the plan's source region, the GIL released.
+                        written = current.execute(plan, u8_out, self.layout)
+                        if written is not None:
+                            return self._finish(written, out)
+                    pixels = None
+                    if isinstance(current, _ENCODED):
+                        # The image never leaves this branch: decode into scratch memory.
+                        img, factor, pixels = current.decode_scratch(draft_factor(plan))
+                    else:
+                        img, factor = current, 1.0
                     written = execute_into(img, factor, plan, u8_out, self.layout, pixels)
                     return self._finish(written, out)
                 img, factor = _decoded_for(current, plan)
@@ -576,10 +590,12 @@ class ImagePipeline(Compose):
 
 
 def _decoded(current: Any) -> Any:
-    return current.decode()[0] if isinstance(current, EncodedImage) else current
+    return current.decode()[0] if isinstance(current, _ENCODED) else current
 
 
-def _decoded_for(current: EncodedImage | Image.Image, plan: Plan) -> tuple[Image.Image, float]:
-    if isinstance(current, EncodedImage):
+def _decoded_for(
+    current: EncodedImage | PartialJpeg | Image.Image, plan: Plan
+) -> tuple[Image.Image, float]:
+    if isinstance(current, _ENCODED):
         return current.decode(draft_factor(plan))
     return current, 1.0
