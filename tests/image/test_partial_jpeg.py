@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import fastfeed.image as ffi
-from fastfeed import _rng
+from fastfeed import rng as _rng
 from fastfeed.errors import DecodeError
 from fastfeed.image import _jpeg
 from fastfeed.image._decode import EncodedImage
