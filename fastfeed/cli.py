@@ -59,8 +59,8 @@ def _build_parser(only: str | None) -> argparse.ArgumentParser:
 
 def _one_line(exc: BaseException) -> str:
     # Undecodable file-name bytes travel as surrogates: show them as \xNN.
-    text = " ".join(str(exc).split()).encode("utf-8", "surrogateescape")
-    text = text.decode("utf-8", "backslashreplace")
+    raw = " ".join(str(exc).split()).encode("utf-8", "surrogateescape")
+    text = raw.decode("utf-8", "backslashreplace")
     if isinstance(exc, FastFeedError):
         return text or type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:

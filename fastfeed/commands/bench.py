@@ -151,7 +151,7 @@ def bench(
         finally:
             loader.close()
         if vs == "torch":
-            torch_loader = TorchDataLoader(
+            torch_loader: TorchDataLoader[Any] = TorchDataLoader(
                 _TorchDataset(subset, transform),  # type: ignore[arg-type]
                 batch_size=batch_size,
                 num_workers=threads,

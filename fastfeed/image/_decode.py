@@ -197,7 +197,7 @@ class EncodedImage:
         if core is not None and img.im is not core:
             pixels = None  # a Pillow that ignores a preset target: the image has its own
         if self.orientation > 1:
-            img = ImageOps.exif_transpose(img)
+            img = ImageOps.exif_transpose(img)  # type: ignore[assignment]  # an Image now
         return convert_mode(img, self.mode), factor, pixels
 
 

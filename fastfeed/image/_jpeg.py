@@ -213,7 +213,8 @@ def open_jpeg(data: Any) -> JpegHeader | None:
     if nv is None:
         return None
     if isinstance(data, bytes):
-        buffer, nbytes = data, len(data)
+        buffer: Any = data
+        nbytes = len(data)
         framed = data.startswith(_SOI) and data.endswith(_EOI)
     else:
         try:

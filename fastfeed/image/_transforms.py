@@ -502,7 +502,7 @@ class Compose:
             if isinstance(op, _Geometric) and isinstance(current, _IMAGES):
                 plan = Plan.start(current.size)
                 j = i
-                while j < len(ops) and isinstance(ops[j], _Geometric) and ops[j].fuse(plan):
+                while j < len(ops) and isinstance(ops[j], _Geometric) and ops[j].fuse(plan):  # type: ignore[attr-defined]
                     j += 1
                 if j == i:  # cannot fuse even alone (CenterCrop that pads): PIL path
                     current, i = op(_decoded(current)), i + 1
