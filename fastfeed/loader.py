@@ -62,7 +62,7 @@ from fastfeed.errors import (
 from fastfeed.prefetch import Prefetcher
 from fastfeed.profiling import Mark, Recorder
 from fastfeed.report import LoaderStats
-from fastfeed.sampling import EpochProgress, EpochSampler
+from fastfeed.sampling import EpochProgress, EpochSampler, prepare_block_order
 from fastfeed.sources.base import Record, Source
 from fastfeed.staging import DeviceStager
 
@@ -576,7 +576,10 @@ class Loader:
             its outputs are collated with ``collate_fn``. None: samples are the raw record
             bytes (bytes-like, as the source returned them) and ``data`` is a list of them.
         batch_size: Samples per batch.
-        shuffle: Shuffle each epoch, seeded by ``(seed, epoch)``.
+        shuffle: Shuffle each epoch, seeded by ``(seed, epoch)``. ``"block"``: shuffle runs
+            of consecutive records and samples within windows of a few runs, so a packed
+            source reads each run with one large request (slow disks; see
+            :mod:`fastfeed.sampling`).
         seed: Seed of the shuffle and of per-sample random transforms
             (``fastfeed._rng.sample_rng()`` is keyed by ``(seed, epoch, index)``).
         drop_last: Drop the incomplete last batch of each epoch (per rank).
@@ -643,7 +646,7 @@ class Loader:
         source: Source,
         transform: Callable[..., Any] | None = None,
         batch_size: int = 1,
-        shuffle: bool = False,
+        shuffle: bool | str = False,
         seed: int = 0,
         drop_last: bool = False,
         num_threads: int | None = None,
@@ -711,7 +714,7 @@ class Loader:
         self.batch_transform = batch_transform
         self.collate_fn = collate_fn
         self.batch_size = _int_arg("batch_size", batch_size, 1)
-        self.shuffle = bool(shuffle)
+        self.shuffle = shuffle if shuffle == "block" else bool(shuffle)
         self.seed = seed
         self.drop_last = bool(drop_last)
         self.in_order = bool(in_order)
@@ -746,6 +749,7 @@ class Loader:
             rank=rank,
             world_size=world_size,
             even_batches=even_batches,
+            block_records=prepare_block_order(source) if self.shuffle == "block" else None,
         )
         self.rank = self.sampler.rank
         self.world_size = self.sampler.world_size
