@@ -261,19 +261,25 @@ class EpochSampler:
         num_runs = -(-n // r)
         runs = _generator(self.seed, epoch, _BLOCK_STREAM).permutation(num_runs)
         grid = np.arange(num_runs * r, dtype=np.int64).reshape(num_runs, r)[runs].ravel()
-        seq = grid[grid < n]
+        keep = grid < n
+        seq = grid[keep]
+        run_of = np.repeat(np.arange(num_runs, dtype=np.int64), r)[keep]  # position of its run
         share = self.samples_per_rank if w > 1 else n
         total = share * w
         if total > len(seq) and len(seq):
-            seq = np.tile(seq, -(-total // len(seq)))[:total]  # pad: repeat the head
+            reps = -(-total // len(seq))  # pad: repeat the head
+            seq = np.tile(seq, reps)[:total]
+            run_of = (np.arange(reps)[:, None] * num_runs + run_of[None, :]).ravel()[:total]
         else:
-            seq = seq[:total]
-        window = self.window_blocks * r
+            seq, run_of = seq[:total], run_of[:total]
         out = np.empty_like(seq)
         for k in range(w):
             part = seq[k * share : (k + 1) * share]
+            runs_here = run_of[k * share : (k + 1) * share]
+            # Windows of whole runs: the n-th run met in this share is in window n // W.
+            ordinal = np.concatenate(([0], np.cumsum(runs_here[1:] != runs_here[:-1])))
+            windows = ordinal // self.window_blocks
             keys = _generator(self.seed, epoch, _BLOCK_STREAM, k + 1).random(len(part))
-            windows = np.arange(len(part)) // window
             out[k * share : (k + 1) * share] = part[np.lexsort((keys, windows))]
         return out
 

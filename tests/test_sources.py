@@ -31,9 +31,9 @@ from fastfeed.errors import (
 )
 from fastfeed.pack import pack
 from fastfeed.sources import FileSource, LMDBSource, MemoryCache, Record, Source
+from fastfeed.sources import _lmdb_io as lmdb_io
 from fastfeed.sources import files as files_mod
 from fastfeed.sources import lmdb as lmdb_mod
-from fastfeed.sources import _lmdb_io as lmdb_io
 
 N_CLASSES, PER_CLASS = 3, 4
 N = N_CLASSES * PER_CLASS
