@@ -714,7 +714,7 @@ class Loader:
         self.batch_transform = batch_transform
         self.collate_fn = collate_fn
         self.batch_size = _int_arg("batch_size", batch_size, 1)
-        self.shuffle = shuffle if shuffle == "block" else bool(shuffle)
+        self.shuffle = shuffle if isinstance(shuffle, str) else bool(shuffle)  # sampler checks
         self.seed = seed
         self.drop_last = bool(drop_last)
         self.in_order = bool(in_order)

@@ -81,6 +81,8 @@ def test_block_config_is_validated_and_part_of_the_state() -> None:
         EpochSampler(10, batch_size=2, shuffle="blocks")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="block_records must be an int >= 1"):
         EpochSampler(10, batch_size=2, shuffle="block", block_records=0)
+    with pytest.raises(ConfigError, match="shuffle must be True, False or 'block', got 'blocks'"):
+        Loader(ledger_source(10), batch_size=2, shuffle="blocks")  # type: ignore[arg-type]
     desc = _block(100).describe()
     assert desc["shuffle"] == "block"
     assert desc["block_records"] == 10 and desc["window_blocks"] == 3
