@@ -167,6 +167,9 @@ def _batched_db(path: Path, payloads: list[bytes]) -> None:
             with env.begin(write=True) as txn:
                 for i in range(s, min(len(payloads), s + 64)):
                     txn.put(lmdb_mod.record_key(i), payloads[i])
+        meta = b'{"format_version": 1, "count": %d, "classes": null}' % len(payloads)
+        with env.begin(write=True) as txn:
+            txn.put(lmdb_mod.META_KEY, meta)
 
 
 def test_ensure_key_order_compacts_an_out_of_order_file(tmp_path: Path) -> None:

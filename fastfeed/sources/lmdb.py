@@ -12,6 +12,13 @@ file, ~1 us per call, not per record): the call raises
 with a read already past the check can still fault; nothing short of a SIGBUS handler
 (which Python cannot install safely) closes that window.
 
+Reads: a batch whose pages are in the page cache is copied out of the memory map in one
+transaction. A cold batch is read concurrently with ``pread`` at the values' file offsets
+(found in LMDB's own B-tree pages, without touching the values), and runs of consecutive
+records with one range each when the order asks for them (``shuffle="block"``); see
+:class:`LMDBSource`. A map grown by a writer is adopted; a file replaced under the source
+raises :class:`~fastfeed.errors.SourceChangedError`.
+
 A database written by fastfeed carries its labels, class names and original paths (see
 :mod:`fastfeed.pack` for the format). Any other LMDB is readable too: its keys are listed at
 open in LMDB order, index ``i`` is the ``i``-th key, and there are no labels.
@@ -98,25 +105,37 @@ def record_key(index: int) -> bytes:
 
 
 def values_in_key_order(path: str | os.PathLike[str]) -> bool:
-    """Whether the record values on overflow pages of an LMDB lie in key order in the file.
+    """Whether the record values on overflow pages of a fastfeed LMDB lie in key order.
 
-    Walks the keys (not the values' pages) of a database no process writes to, comparing
-    the addresses of values larger than a leaf can hold; fastfeed's metadata keys are
-    ignored. Small values live inside B-tree leaf pages, in the order of the leaves.
+    Reads the B-tree's pages (:class:`~fastfeed.sources._lmdb_io.RecordIndex`), not the
+    values, of a database directory no process writes to. Small values live inside leaf
+    pages, in the order of the leaves; they are not compared. True for a database without
+    fastfeed metadata (nothing to compare).
     """
-    env = lmdb.open(os.fspath(path), readonly=True, lock=False, max_dbs=0)
+    path = os.fspath(path)
+    env = lmdb.open(path, readonly=True, lock=False, max_dbs=0)
     try:
-        with env.begin(buffers=True) as txn:
-            last = -1
-            for key, value in txn.cursor().iternext(keys=True, values=True):
-                if len(value) <= _INLINE_BYTES or bytes(key[:2]) == b"__":
-                    continue
-                addr = io.address_of(value)
-                if addr < last:
-                    return False
-                last = addr
+        psize = env.stat()["psize"]
+        with env.begin() as txn:
+            raw_meta = txn.get(META_KEY)
     finally:
         env.close()
+    if raw_meta is None:
+        return True
+    count = int(json.loads(raw_meta)["count"])
+    fd = os.open(os.path.join(path, "data.mdb"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        ix = io.RecordIndex(fd, psize, count)
+        last = -1
+        for i in range(count):
+            where = ix.locate(i)
+            if where is None or where[1] <= _INLINE_BYTES:
+                continue
+            if where[0] < last:
+                return False
+            last = where[0]
+    finally:
+        os.close(fd)
     return True
 
 
