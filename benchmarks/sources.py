@@ -9,6 +9,9 @@ reads every record once in a shuffled order through ``read_many`` batches:
   ``posix_fadvise(POSIX_FADV_DONTNEED)``, checked with ``mincore``) and warm;
 * ``MemoryCache`` hits (preloaded).
 
+Every row runs ``--repeat`` rounds (default 3); the table shows medians, and each round's
+ratio to the ceiling measured in that round (the machine may be shared: compare ratios).
+
 Run by hand (not a test)::
 
     python benchmarks/sources.py --count 2000 --json sources.json
@@ -150,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=16, help="ceiling / FileSource threads")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of every row (a shared machine is noisy): medians are reported",
+    )
     args = ap.parse_args(argv)
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="fastfeed-bench-"))
@@ -170,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     _evict(paths + data_mdb)
     evict_check = {"files": resident_fraction(paths), "data.mdb": resident_fraction(data_mdb)}
     results: list[dict] = []
+    current_round = [0]
 
     def run(name: str, state: str, fn: Callable[[], int], evict: list[str]) -> None:
         resident = None
@@ -179,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         dt, nbytes = _time(fn)
         results.append(
             {
+                "round": current_round[0],
                 "source": name,
                 "state": state,
                 "seconds": dt,
@@ -213,42 +224,62 @@ def main(argv: list[str] | None = None) -> int:
 
         return go
 
-    for state in ("cold", "warm"):
-        run(
-            "ceiling: 16-thread pread",
-            state,
-            lambda: _pread_ceiling(paths, order, args.threads),
-            paths,
-        )
-        run("FileSource.read_many", state, read_all(files), paths)
-        run("FileSource.read_many+hint", state, hinted(files), paths)
-        run("LMDBSource(readahead=True)", state, fresh_lmdb(True, False), data_mdb)
-        run("LMDBSource(readahead=True)+hint", state, fresh_lmdb(True, True), data_mdb)
-        run("LMDBSource(readahead=False)", state, fresh_lmdb(False, False), data_mdb)
-        run("LMDBSource(readahead=False)+hint", state, fresh_lmdb(False, True), data_mdb)
     cache = MemoryCache(files, capacity=sum(sizes) + 1, policy="static")
     cache.preload(progress=False)
-    run("MemoryCache hits (static)", "warm", read_all(cache), [])
     cache_lru = MemoryCache(files, capacity=sum(sizes) + 1, policy="lru")
     cache_lru.preload(progress=False)
-    run("MemoryCache hits (lru)", "warm", read_all(cache_lru), [])
+    for k in range(args.repeat):
+        current_round[0] = k
+        for state in ("cold", "warm"):
+            run(
+                "ceiling: 16-thread pread",
+                state,
+                lambda: _pread_ceiling(paths, order, args.threads),
+                paths,
+            )
+            run("FileSource.read_many", state, read_all(files), paths)
+            run("FileSource.read_many+hint", state, hinted(files), paths)
+            run("LMDBSource(readahead=True)", state, fresh_lmdb(True, False), data_mdb)
+            run("LMDBSource(readahead=True)+hint", state, fresh_lmdb(True, True), data_mdb)
+            run("LMDBSource(readahead=False)", state, fresh_lmdb(False, False), data_mdb)
+            run("LMDBSource(readahead=False)+hint", state, fresh_lmdb(False, True), data_mdb)
+        run("MemoryCache hits (static)", "warm", read_all(cache), [])
+        run("MemoryCache hits (lru)", "warm", read_all(cache_lru), [])
     files.close()
 
-    ceiling = {r["state"]: r["MB_per_s"] for r in results if r["source"].startswith("ceiling")}
-    for r in results:
-        r["vs_ceiling"] = r["MB_per_s"] / ceiling[r["state"]]
+    ceiling = {
+        (r["round"], r["state"]): r["MB_per_s"]
+        for r in results
+        if r["source"].startswith("ceiling")
+    }
+    for r in results:  # each row against the ceiling of its own round
+        r["vs_ceiling"] = r["MB_per_s"] / ceiling[(r["round"], r["state"])]
+    summary: list[dict] = []
+    for key in dict.fromkeys((r["source"], r["state"]) for r in results):
+        rows = [r for r in results if (r["source"], r["state"]) == key]
+        summary.append(
+            {
+                "source": key[0],
+                "state": key[1],
+                "MB_per_s_median": float(np.median([r["MB_per_s"] for r in rows])),
+                "records_per_s_median": float(np.median([r["records_per_s"] for r in rows])),
+                "vs_ceiling_median": float(np.median([r["vs_ceiling"] for r in rows])),
+                "vs_ceiling_all": [round(r["vs_ceiling"], 3) for r in rows],
+            }
+        )
 
     print(
         f"{len(order)} JPEGs, mean {np.mean(sizes) / 1e3:.0f} KB "
         f"(min {min(sizes) / 1e3:.0f}, max {max(sizes) / 1e3:.0f}), generated in {gen_s:.1f} s; "
         f"batch {args.batch}; resident after eviction: files {evict_check['files']:.1%}, "
-        f"data.mdb {evict_check['data.mdb']:.1%}"
+        f"data.mdb {evict_check['data.mdb']:.1%}; medians of {args.repeat} rounds"
     )
-    print(f"{'source':36} {'state':5} {'MB/s':>9} {'records/s':>10} {'vs ceiling':>10}")
-    for r in results:
+    print(f"{'source':36} {'state':5} {'MB/s':>9} {'records/s':>10} {'vs ceiling':>10}  rounds")
+    for r in summary:
         print(
-            f"{r['source']:36} {r['state']:5} {r['MB_per_s']:9.0f} "
-            f"{r['records_per_s']:10.0f} {r['vs_ceiling']:10.2f}"
+            f"{r['source']:36} {r['state']:5} {r['MB_per_s_median']:9.0f} "
+            f"{r['records_per_s_median']:10.0f} {r['vs_ceiling_median']:10.2f}  "
+            f"{' '.join(f'{v:.2f}' for v in r['vs_ceiling_all'])}"
         )
     if args.json:
         import torch
@@ -265,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean_record_bytes": float(np.mean(sizes)),
             "batch": args.batch,
             "resident_after_eviction": evict_check,
+            "summary": summary,
             "results": results,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))

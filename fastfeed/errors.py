@@ -9,6 +9,7 @@ about data names *where* it happened: the index, the path or key, and the stage:
     │   ├── SourceNotFoundError (FileNotFoundError)   missing root, path or LMDB
     │   ├── EmptySourceError                          a folder / list / DB with no records
     │   ├── CorruptSourceError                        not an LMDB, random bytes, truncated data.mdb
+    │   │   └── SourceChangedError                    replaced or rewritten under an open source
     │   ├── RecordReadError (OSError)                 one record: zero-byte, permission, deleted
     │   │   └── ResourceLimitError                    too many open files: the record is fine
     │   └── SourceIndexError (IndexError)             index outside 0..len-1
@@ -40,6 +41,7 @@ __all__ = [
     "RecordReadError",
     "ResourceLimitError",
     "SampleError",
+    "SourceChangedError",
     "SourceError",
     "SourceIndexError",
     "SourceNotFoundError",
@@ -91,6 +93,14 @@ class EmptySourceError(SourceError):
 
 class CorruptSourceError(SourceError):
     """The path exists but is not a readable source (not an LMDB, truncated, random bytes)."""
+
+
+class SourceChangedError(CorruptSourceError):
+    """The data changed under an open source: the file was replaced, or rewritten in place.
+
+    Reading on would pair new records with the labels and count read at open, so the
+    loaders never skip it (it is a :class:`CorruptSourceError`): open a new source.
+    """
 
 
 class RecordReadError(SourceError, OSError):

@@ -48,7 +48,7 @@ from fastfeed.pipeline.assemble import Finish, PipelineSpec, assemble
 from fastfeed.pipeline.batch import Batch, SkippedSample
 from fastfeed.pipeline.build import sample_spec
 from fastfeed.pipeline.run import EpochRun, WorkSpec
-from fastfeed.pipeline.sampling import EpochProgress, EpochSampler
+from fastfeed.pipeline.sampling import EpochProgress, EpochSampler, prepare_block_order
 from fastfeed.pipeline.staging import resolve_device
 from fastfeed.profiling import Recorder
 from fastfeed.sources.base import Source
@@ -74,7 +74,10 @@ class Loader:
             its outputs are collated with ``collate_fn``. None: samples are the raw record
             bytes (bytes-like, as the source returned them) and ``data`` is a list of them.
         batch_size: Samples per batch.
-        shuffle: Shuffle each epoch, seeded by ``(seed, epoch)``.
+        shuffle: Shuffle each epoch, seeded by ``(seed, epoch)``. ``"block"``: shuffle runs
+            of consecutive records and samples within windows of a few runs, so a packed
+            source reads each run with one large request (slow disks; see
+            :mod:`fastfeed.pipeline.sampling`).
         seed: Seed of the shuffle and of per-sample random transforms
             (``fastfeed.rng.sample_rng()`` is keyed by ``(seed, epoch, index)``).
         drop_last: Drop the incomplete last batch of each epoch (per rank).
@@ -153,7 +156,7 @@ class Loader:
         source: Source,
         transform: Callable[..., Any] | None = None,
         batch_size: int = 1,
-        shuffle: bool = False,
+        shuffle: bool | str = False,
         seed: int = 0,
         drop_last: bool = False,
         num_threads: int | None = None,
@@ -230,7 +233,7 @@ class Loader:
         self.batch_transform = batch_transform
         self.collate_fn = collate_fn
         self.batch_size = _int_arg("batch_size", batch_size, 1)
-        self.shuffle = bool(shuffle)
+        self.shuffle = shuffle if isinstance(shuffle, str) else bool(shuffle)  # sampler checks
         self.seed = seed
         self.drop_last = bool(drop_last)
         self.in_order = bool(in_order)
@@ -257,6 +260,7 @@ class Loader:
             rank=rank,
             world_size=world_size,
             even_batches=even_batches,
+            block_records=prepare_block_order(source) if self.shuffle == "block" else None,
         )
         self.rank = self.sampler.rank
         self.world_size = self.sampler.world_size

@@ -22,6 +22,14 @@ also opens with ``lock=False``). It has one unnamed database with these keys:
 
 ``_`` sorts after the digits, so a cursor walk meets every record before the metadata.
 
+The values lie in the file in key order (index order): records that are neighbours by
+index are neighbours on disk, so :class:`~fastfeed.sources.LMDBSource` reads a run of
+consecutive records with one request (``shuffle="block"``). Small values (up to ~2 KB)
+live inside B-tree leaf pages, each leaf after the larger values it points to. Pages
+reused across write transactions can break the order for records of 2-8 KB; ``pack``
+checks the finished file and rewrites it with a compacting copy when it finds any value
+out of order (:func:`~fastfeed.sources.lmdb.ensure_key_order`).
+
 Writing is atomic: everything goes to a temporary directory next to the output
 (``.OUT.<host>-<pid>-<random>.packing``), which is renamed into place only after a
 successful ``sync``; any failure (Ctrl-C, and SIGTERM/SIGHUP when ``pack`` runs on the main
@@ -78,6 +86,7 @@ from fastfeed.sources.lmdb import (
     META_KEY,
     PATHS_KEY,
     LMDBSource,
+    ensure_key_order,
     record_key,
 )
 from fastfeed.sources.open import open_source
@@ -328,6 +337,7 @@ def pack(
             env.sync(True)
             env.close()
             env = None
+            ensure_key_order(tmp)  # values in key order: LMDBSource reads runs in one request
             report.file_bytes = os.path.getsize(os.path.join(tmp, "data.mdb"))
             _move_into_place(tmp, out, overwrite)
             tmp = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
 import hashlib
 import multiprocessing
@@ -30,6 +31,7 @@ from fastfeed.errors import (
 )
 from fastfeed.packing import pack
 from fastfeed.sources import FileSource, LMDBSource, MemoryCache, Record, Source
+from fastfeed.sources import _lmdb_io as lmdb_io
 from fastfeed.sources import files as files_mod
 from fastfeed.sources import lmdb as lmdb_mod
 
@@ -533,6 +535,12 @@ def test_lmdb_bad_metadata(tmp_path: Path) -> None:
         LMDBSource(path)
 
 
+def _nothing_resident(addr: int, length: int, vec: ctypes.Array) -> int:
+    """A mincore that reports every page of the range as not in memory."""
+    ctypes.memset(vec, 0, ctypes.sizeof(vec))
+    return 0
+
+
 def test_lmdb_hint_is_a_no_op_for_small_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -542,7 +550,7 @@ def test_lmdb_hint_is_a_no_op_for_small_records(
     pack(ListSource([bytes([k]) * 3000 for k in range(50)]), path, progress=False)
     calls: list[int] = []
     monkeypatch.setattr(lmdb_mod, "_madvise", lambda addr, length, advice: calls.append(1))
-    monkeypatch.setattr(lmdb_mod, "_mincore", lambda addr, length, vec: 0)
+    monkeypatch.setattr(lmdb_io, "_mincore", _nothing_resident)
     with LMDBSource(path) as src:
         src.hint(range(50))
         assert calls == []
@@ -572,7 +580,7 @@ def test_lmdb_hint_madvises_the_value_pages(
         assert calls == []
     # Simulate cold pages (mincore reports nothing resident): evicting for real is not
     # reliable under a test runner that shares the page cache.
-    monkeypatch.setattr(lmdb_mod, "_mincore", lambda addr, length, vec: 0)
+    monkeypatch.setattr(lmdb_io, "_mincore", _nothing_resident)
     with LMDBSource(path) as src:
         src.hint([3, 5, 99])
         assert len(calls) == 2
