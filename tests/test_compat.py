@@ -22,10 +22,10 @@ from torch.utils.data import DistributedSampler, IterableDataset, TensorDataset
 
 import fastfeed.dataloader as compat
 from fastfeed.dataloader import DataLoader as _DataLoader
-from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError, SampleError
+from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError
 
 
-def DataLoader(*args: Any, **kwargs: Any) -> _DataLoader[Any]:  # noqa: N802
+def DataLoader(*args: Any, **kwargs: Any) -> _DataLoader[Any]:
     """The thread engine under test (``worker_type="auto"`` is covered elsewhere)."""
     kwargs.setdefault("worker_type", "thread")
     return _DataLoader(*args, **kwargs)
@@ -777,12 +777,14 @@ def test_several_live_iterators_like_torch(persistent: bool) -> None:
     theirs = tud.DataLoader(make_dataset("tensor"), **kw)
     pairs = [(a[1][0].item(), b[1][0].item()) for a, b in zip(loader, loader, strict=False)]
     if persistent:  # torch's persistent iterator is one object: zip takes turns
-        assert [(a[1][0].item(), b[1][0].item()) for a, b in zip(theirs, theirs)] == [
+        assert [(a[1][0].item(), b[1][0].item()) for a, b in zip(theirs, theirs, strict=False)] == [
             (0, 10),
             (20, 30),
         ]
     else:
-        assert [(a[1][0].item(), b[1][0].item()) for a, b in zip(theirs, theirs)] == pairs
+        assert [
+            (a[1][0].item(), b[1][0].item()) for a, b in zip(theirs, theirs, strict=False)
+        ] == pairs
     # fastfeed gives each live iterator its own epoch: nothing is lost or skipped.
     assert pairs == [(0, 0), (10, 10), (20, 20), (30, 30), (40, 40)]
     seen = []
