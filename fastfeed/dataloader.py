@@ -67,7 +67,13 @@ from fastfeed._torch_compat.state import (
 )
 from fastfeed._torch_compat.threads import RNG_WARNING, Pool, ThreadIter
 from fastfeed.errors import ConfigError
-from fastfeed.pipeline.assemble import Pipeline, PipelineSpec, assemble, choose_worker_type
+from fastfeed.pipeline.assemble import (
+    Pipeline,
+    PipelineSpec,
+    assemble,
+    choose_worker_type,
+    usable_cores,
+)
 from fastfeed.pipeline.staging import resolve_device
 from fastfeed.profiling import Recorder
 from fastfeed.stats import LoaderStats
@@ -77,6 +83,7 @@ __all__ = ["DataLoader", "get_worker_info"]
 _T_co = TypeVar("_T_co", covariant=True)
 
 _WORKER_TYPES = ("auto", "thread", "process")
+_THREADS_PER_CORE = 8  # worker threads per usable core before torch's warning is given
 
 
 def get_worker_info() -> Any:
@@ -207,6 +214,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             multiprocessing_context=multiprocessing_context is not None,
             uses_global_rng=self._probe_global_rng,
         )
+        self.check_worker_number_rationality()
         self.device = None if device is None else resolve_device(device)
         self.recorder = Recorder(enabled=profile)
         if self.pin_memory and self.pin_memory_device:
@@ -267,8 +275,16 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
     # -- configuration --------------------------------------------------------------
 
     def check_worker_number_rationality(self) -> None:
-        """torch's warning about more worker *processes* than CPUs; processes only."""
-        if getattr(self, "worker_type", "thread") == "process":
+        """torch's warning about too many workers.
+
+        For worker processes as torch (more than the usable cores); for threads only
+        beyond ``_THREADS_PER_CORE`` per core: more threads than cores is fine for work
+        that releases the GIL, a thousand is not.
+        """
+        worker_type = getattr(self, "worker_type", "auto")
+        if worker_type == "auto":
+            return  # decided (and checked) at the end of __init__
+        if worker_type == "process" or self.num_workers > _THREADS_PER_CORE * usable_cores():
             super().check_worker_number_rationality()
 
     def _assemble(self, pin_warning_stacklevel: int = 4) -> Pipeline:

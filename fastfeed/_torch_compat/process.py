@@ -45,6 +45,12 @@ class ProcessIter:
     def __iter__(self) -> ProcessIter:
         return self
 
+    def __getattr__(self, name: str) -> Any:
+        # torch's iterator attributes (``_workers``, ``_shutdown``...), read by scripts.
+        if name.startswith("__") or name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
     def __len__(self) -> int:
         return len(self._inner)  # type: ignore[arg-type]
 

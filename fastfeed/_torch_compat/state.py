@@ -169,6 +169,13 @@ class Epoch:
     def __iter__(self) -> Epoch:
         return self
 
+    def __getattr__(self, name: str) -> Any:
+        # What scripts read from torch's iterator (``it._workers``, ``it._num_yielded``...)
+        # is answered by the engine's iterator, and through it by torch's.
+        if name.startswith("__") or name in ("inner", "_batches"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def __len__(self) -> int:
         return len(self.inner)
 
