@@ -18,6 +18,7 @@ import base64
 import copy
 import random
 import sys
+import threading
 from typing import Any
 
 import torch
@@ -91,32 +92,61 @@ def decode_torch_state(text: str) -> torch.Tensor:
 
 
 def uses_global_rng(
-    dataset: Any, collate_fn: Any, index: Any, *, getitems: bool = False
+    dataset: Any, collate_fn: Any, index: Any, *, getitems: bool = False, timeout_s: float = 2.0
 ) -> bool | None:
     """Whether reading ``dataset[index]`` (and collating it) draws from a global RNG.
 
-    With ``getitems`` the read is ``dataset.__getitems__([index])``, as torch's fetcher
-    does for a dataset that has it.
-
     Reads one sample from a shallow copy of the dataset (so a handle it opens lazily is
-    not kept by the original, which may be forked into worker processes later) and
-    restores every RNG afterwards: the caller's random streams are untouched.
+    not kept by the original, which may be forked into worker processes later) on a
+    helper thread, and restores every RNG afterwards: the caller's random streams are
+    untouched. A read that does not finish within ``timeout_s`` (a dataset that waits
+    for its workers, e.g. a barrier) is abandoned: its thread is left to finish or block
+    on its own (daemon), and it restores nothing.
+
+    Args:
+        dataset: The user's map-style dataset.
+        collate_fn: A custom collate function to probe too, or None.
+        index: The index read.
+        getitems: Read with ``dataset.__getitems__([index])``, as torch's fetcher does for
+            a dataset that has it.
+        timeout_s: Longest wait for the probe read, seconds.
 
     Returns:
-        True or False; None when the probe read failed (nothing can be concluded).
+        True or False; None when the read failed or timed out (nothing can be concluded).
     """
     try:
         probe = copy.copy(dataset)
     except Exception:
         probe = dataset
-    before = rng_save()
-    try:
-        samples = probe.__getitems__([index]) if getitems else [probe[index]]
-        if collate_fn is not None:
-            collate_fn(list(samples))
-    except Exception:
-        return None
-    finally:
-        changed = rng_changes(before)
-        rng_restore(before)
-    return bool(changed)
+    lock = threading.Lock()
+    state: dict[str, Any] = {"abandoned": False}
+    done = threading.Event()
+
+    def run() -> None:
+        before = rng_save()
+        result: bool | None
+        try:
+            samples = probe.__getitems__([index]) if getitems else [probe[index]]
+            if collate_fn is not None:
+                collate_fn(list(samples))
+        except Exception:
+            result = None
+        else:
+            result = True
+        with lock:
+            if state["abandoned"]:
+                return  # the caller went on: its RNGs are no longer ours to touch
+            changed = rng_changes(before)
+            rng_restore(before)
+            state["result"] = bool(changed) if result is not None else None
+            done.set()
+
+    thread = threading.Thread(target=run, name="fastfeed-probe", daemon=True)
+    thread.start()
+    finished = done.wait(timeout_s)
+    with lock:
+        if not finished and not done.is_set():
+            state["abandoned"] = True
+            return None
+    thread.join(timeout_s)
+    return state.get("result")

@@ -408,4 +408,11 @@ class ThreadIter:
                 f"{self._len_called}(when accessing len(dataloader)), but "
                 f"{self._num_yielded} samples have been fetched. "
             )
+            if self._threaded:  # torch's text with workers (threads stand in for processes)
+                msg += (
+                    "For multiprocessing data-loading, this could be caused by not properly "
+                    "configuring the IterableDataset replica at each worker. Please see "
+                    "https://pytorch.org/docs/stable/data.html#torch.utils.data.IterableDataset "
+                    "for examples."
+                )
             warnings.warn(msg, stacklevel=4)

@@ -312,7 +312,10 @@ def choose_worker_type(
         return "process", "auto: an IterableDataset with workers (each worker gets its own copy)"
     probe = uses_global_rng()
     if probe is None:
-        return "process", "auto: the probe read of dataset[0] failed, so nothing is assumed"
+        return (
+            "process",
+            "auto: the probe read of dataset[0] failed or did not finish, so nothing is assumed",
+        )
     if probe:
         return "process", (
             "auto: reading dataset[0] drew from a global RNG (torch/random/numpy), which "

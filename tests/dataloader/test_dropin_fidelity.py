@@ -464,3 +464,35 @@ def test_load_state_dict_rejects_foreign_state() -> None:
 
     with pytest.raises(ConfigError, match=r"not a fastfeed\.DataLoader state"):
         DataLoader(Squares()).load_state_dict({"_sampler_iter_yielded": 3})
+
+
+def test_auto_probe_that_blocks_is_abandoned_and_picks_processes() -> None:
+    import threading
+
+    release = threading.Event()
+
+    class WaitsForItsWorkers(tud.Dataset):  # e.g. a barrier shared by the workers
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> int:
+            release.wait(30)
+            return i
+
+    loader = DataLoader(WaitsForItsWorkers(), num_workers=2)
+    assert loader.worker_type == "process"
+    assert "did not finish" in loader.worker_type_reason
+    release.set()  # lets the abandoned probe thread end (the leak guard checks threads)
+    for t in threading.enumerate():
+        if t.name == "fastfeed-probe":
+            t.join(5)
+
+
+def test_the_iterator_answers_torchs_iterator_attributes_in_process_mode() -> None:
+    ctx = {"multiprocessing_context": FORK} if FORK else {}
+    loader = DataLoader(Squares(), batch_size=4, num_workers=2, worker_type="process", **ctx)
+    it = iter(loader)
+    next(it)
+    assert len(it._workers) == 2 and all(w.is_alive() for w in it._workers)
+    assert it._num_yielded == 1
+    it.close()
