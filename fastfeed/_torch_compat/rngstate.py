@@ -26,6 +26,7 @@ import torch
 __all__ = [
     "decode_torch_state",
     "encode_torch_state",
+    "holds_process_primitives",
     "rng_changes",
     "rng_restore",
     "rng_save",
@@ -89,6 +90,24 @@ def decode_torch_state(text: str) -> torch.Tensor:
     """The inverse of :func:`encode_torch_state`."""
     raw = bytearray(base64.b64decode(text.encode("ascii")))
     return torch.frombuffer(raw, dtype=torch.uint8).clone()
+
+
+_PROCESS_MODULES = (
+    "multiprocessing.synchronize",
+    "multiprocessing.sharedctypes",
+    "multiprocessing.queues",
+    "multiprocessing.managers",
+    "torch.multiprocessing",
+)
+
+
+def holds_process_primitives(dataset: Any) -> bool:
+    """True when an attribute of ``dataset`` is a multiprocessing primitive (Value, Lock...)."""
+    try:
+        values = list(vars(dataset).values())
+    except TypeError:  # no __dict__
+        return False
+    return any(type(v).__module__.startswith(_PROCESS_MODULES) for v in values)
 
 
 def uses_global_rng(
