@@ -39,6 +39,7 @@ __all__ = [
     "SlotOwner",
     "assemble",
     "choose_processes",
+    "choose_worker_type",
     "decide_pin",
     "ring_slots",
 ]
@@ -367,3 +368,68 @@ def assemble(spec: PipelineSpec) -> Pipeline:
         )
         pinned = False
     return Pipeline(spec, pinned, processes, reason)
+
+
+def choose_worker_type(
+    requested: str,
+    *,
+    num_workers: int,
+    iterable: bool,
+    worker_init_fn: bool,
+    multiprocessing_context: bool,
+    uses_global_rng: Callable[[], bool | None],
+) -> tuple[str, str]:
+    """The drop-in DataLoader's workers: ``"thread"`` or ``"process"``, and why.
+
+    ``worker_type="auto"`` picks threads only where the training script observes the
+    same behaviour as with torch's worker processes; any of these picks processes:
+
+    1. a ``multiprocessing_context`` (it configures processes);
+    2. a ``worker_init_fn`` (it usually seeds or configures per-process state: the RNGs,
+       ``get_worker_info().dataset``; with threads that state is the training loop's);
+    3. an IterableDataset with workers (torch gives each worker a copy to configure and
+       iterate; threads would share one object);
+    4. a dataset whose ``dataset[0]`` (and custom ``collate_fn``) draws from a global RNG
+       (``torch``, ``random``, numpy), or whose probe read failed: torch seeds each
+       worker's RNGs, threads share the training loop's, so results would differ
+       between runs and the loop's own random stream would depend on loader timing.
+
+    Otherwise (and always with ``num_workers=0``): threads. Not decidable and so not a
+    rule: whether ``__getitem__`` is safe to call from several threads at once.
+
+    Args:
+        requested: ``"auto"``, ``"thread"`` or ``"process"``.
+        num_workers: The loader's ``num_workers``.
+        iterable: The dataset is an IterableDataset.
+        worker_init_fn: One was given.
+        multiprocessing_context: One was given.
+        uses_global_rng: The probe (called only when the other rules do not decide).
+
+    Returns:
+        ``(worker_type, reason)``; the reason is shown by ``stats()``.
+    """
+    if requested != "auto":
+        return requested, f"worker_type={requested!r} given"
+    if num_workers == 0:
+        return "thread", "auto: num_workers=0 loads in the calling thread, as torch does"
+    if multiprocessing_context:
+        return "process", "auto: a multiprocessing_context was given"
+    if worker_init_fn:
+        return "process", "auto: a worker_init_fn was given (it sets per-worker process state)"
+    if iterable:
+        return "process", "auto: an IterableDataset with workers (each worker gets its own copy)"
+    probe = uses_global_rng()
+    if probe is None:
+        return (
+            "process",
+            "auto: the probe read of dataset[0] failed or did not finish, so nothing is assumed",
+        )
+    if probe:
+        return "process", (
+            "auto: reading dataset[0] drew from a global RNG (torch/random/numpy), which "
+            "torch seeds per worker process"
+        )
+    return "thread", (
+        "auto: map-style dataset, no worker_init_fn or multiprocessing_context, and "
+        "dataset[0] draws from no global RNG: threads behave as torch's processes"
+    )

@@ -286,12 +286,7 @@ def map_tensors(
         items = [map_tensors(x, fn, other) for x in batch]
         if type(batch) is tuple:
             return tuple(items)
-        # tuple.__new__ skips the subclass's own __new__ (whose signature is unknown);
-        # namedtuple._make does the same. Instance attributes are copied across.
-        new = tuple.__new__(type(batch), items)
-        if hasattr(batch, "__dict__"):
-            new.__dict__.update(batch.__dict__)
-        return new
+        return _rebuild_tuple(batch, items)
     if isinstance(batch, list):
         items = [map_tensors(x, fn, other) for x in batch]
         if type(batch) is list:
@@ -313,6 +308,35 @@ def map_tensors(
         except TypeError:  # a mapping whose constructor takes something else
             return mapped
     return other(batch) if other is not None else batch
+
+
+def _rebuild_tuple(batch: tuple[Any, ...], items: list[Any]) -> Any:
+    """A tuple subclass instance like ``batch`` holding ``items``.
+
+    namedtuples: ``_make``; C types (``torch.Size``, structseqs such as
+    ``torch.return_types.max``) refuse ``tuple.__new__`` ("not safe") and are rebuilt by
+    calling the type on the sequence, as their constructors take; other subclasses:
+    ``tuple.__new__`` (skips a ``__new__`` whose signature is unknown). Instance
+    attributes are copied across; a type that cannot be rebuilt gives a plain tuple.
+    """
+    cls = type(batch)
+    make = getattr(cls, "_make", None)
+    try:
+        if make is not None:
+            new = make(items)
+        else:
+            try:
+                new = tuple.__new__(cls, items)
+            except TypeError:  # "tuple.__new__(torch.Size) is not safe": a C type
+                new = cls(items)
+    except Exception:
+        return tuple(items)
+    if hasattr(batch, "__dict__"):
+        try:
+            new.__dict__.update(batch.__dict__)
+        except AttributeError:
+            pass
+    return new
 
 
 def tensor_leaves(batch: Any) -> list[torch.Tensor]:

@@ -1,0 +1,97 @@
+"""The process adapter of the drop-in DataLoader: torch's own worker processes.
+
+``worker_type="process"`` runs torch's ``_MultiProcessingDataLoaderIter`` unchanged
+(per-worker dataset copies, seeding, ``multiprocessing_context``, shared-memory batches),
+with three additions:
+
+- worker exceptions reach the loop as the original object (type, args, attributes), the
+  worker's traceback added as a note (:class:`~fastfeed._torch_compat.torch_private.WorkerInit`
+  installs the carrier in each worker);
+- a timeout raises :class:`~fastfeed.errors.LoaderTimeoutError` (also the RuntimeError
+  torch raises);
+- several iterators may be live at once: each non-persistent iterator has its own
+  workers (torch's semantics); none is shut down because another one started.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from fastfeed._torch_compat.errors import add_context
+from fastfeed._torch_compat.torch_private import shutdown_torch_iterator
+from fastfeed.errors import FastFeedError, LoaderTimeoutError
+
+__all__ = ["ProcessIter"]
+
+
+class ProcessIter:
+    """Wraps torch's multiprocessing iterator: typed timeouts, the batch named on errors.
+
+    Args:
+        inner: torch's iterator.
+        persistent: It is the loader's persistent iterator (the loader shuts it down).
+    """
+
+    def __init__(self, inner: Iterator[Any], persistent: bool) -> None:
+        self._inner = inner
+        self._persistent = persistent
+        self._batches = 0
+        self._done = False
+        self._pid = os.getpid()
+        self._closed = False  # DataLoader.close() stopped it
+
+    def __iter__(self) -> ProcessIter:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # torch's iterator attributes (``_workers``, ``_shutdown``...), read by scripts.
+        if name.startswith("__") or name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def __len__(self) -> int:
+        return len(self._inner)  # type: ignore[arg-type]
+
+    @property
+    def live(self) -> bool:
+        return not self._done
+
+    def close(self, *, by_loader: bool = False) -> None:
+        """Stop this epoch's worker processes (not the persistent ones: the loader's)."""
+        self._done = True
+        self._closed = self._closed or by_loader
+        if not self._persistent:
+            shutdown_torch_iterator(self._inner)
+
+    def __next__(self) -> Any:
+        if os.getpid() != self._pid:
+            raise FastFeedError(
+                f"this DataLoader iterator was created in process {self._pid}, before a "
+                "fork: its worker processes belong to that process. Call iter(loader) in "
+                "this process to start new ones"
+            )
+        if self._closed:
+            raise FastFeedError(
+                "this DataLoader was closed (DataLoader.close()) during the epoch; its "
+                "iterator delivers no more batches: call iter(loader) to start a new one"
+            )
+        try:
+            batch = next(self._inner)
+        except StopIteration:
+            self._done = True
+            raise
+        except RuntimeError as exc:
+            if str(exc).startswith("DataLoader timed out"):
+                raise LoaderTimeoutError(str(exc)) from exc
+            add_context(exc, self._note())
+            raise
+        except Exception as exc:
+            add_context(exc, self._note())
+            raise
+        self._batches += 1
+        return batch
+
+    def _note(self) -> str:
+        return f"fastfeed: while loading batch #{self._batches} of the epoch (worker processes)"
