@@ -44,48 +44,53 @@ OUT are refused, also with ``overwrite``); a symlinked OUT is written through to
 (the link stays); the output is created with the permissions the umask allows, like
 ``mkdir``; ``pack`` never touches global state such as warning filters, so it is safe to call
 from several threads.
+
+This module holds :func:`pack` and its report; the output's safety (overlap checks,
+temporary directory, stale cleanup, signals, atomic move) lives in
+:mod:`fastfeed._pack_output`, the per-record checks and re-encoding in
+:mod:`fastfeed._pack_records`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
-import secrets
 import shutil
-import signal
-import socket
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
 import numpy as np
-from PIL import Image
 
+# The `X as X` imports are not used here: re-exported for code that reaches packing.X.
+from fastfeed._pack_output import _STALE_RE as _STALE_RE
+from fastfeed._pack_output import (
+    _check_no_overlap,
+    _clean_stale,
+    _cleanup_on_termination,
+    _make_parent,
+    _make_tmp_dir,
+    _move_into_place,
+)
+from fastfeed._pack_output import _tmp_owner as _tmp_owner
+from fastfeed._pack_records import _origin, _read_batch, _record_in_bytes, _reencode
 from fastfeed._progress import progress_bar
 from fastfeed._size import format_size
 from fastfeed.errors import (
     ConfigError,
-    DecodeError,
     OutputExistsError,
     PackError,
     SourceError,
 )
-from fastfeed.sources.base import Record, Source
-from fastfeed.sources.files import FileSource, _WorkerPool
+from fastfeed.sources.base import Source
+from fastfeed.sources.files import _WorkerPool
 from fastfeed.sources.lmdb import (
     FORMAT_VERSION,
     LABELS_KEY,
     META_KEY,
     PATHS_KEY,
-    LMDBSource,
     ensure_key_order,
     record_key,
 )
@@ -95,9 +100,6 @@ __all__ = ["PackReport", "pack"]
 
 _MIN_MAP_BYTES = 64 << 20
 _BATCH_RECORDS = 64
-_TERM_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
-)
 
 
 @dataclass
@@ -153,69 +155,6 @@ class PackReport:
         for text in self.stale_left:
             lines.append(f"  left {text}")
         return "\n".join(lines)
-
-
-def _origin(src: Source, index: int) -> str:
-    if isinstance(src, FileSource):
-        return src.relpath(index)
-    if isinstance(src, LMDBSource) and src.origins is not None:
-        return src.origins[index]
-    return src.describe(index)
-
-
-def _shrink(data: bytes, max_side: int | None, quality: int) -> bytes | None:
-    """Decode-check an image and re-encode it to ``max_side``; ``None`` = keep the bytes.
-
-    Images that need no resizing (or every image when ``max_side`` is ``None``: the
-    ``verify`` check) are still decoded, at 1/8 scale where JPEG allows (which is cheap,
-    and still reads every coded byte), so a corrupt file is caught at pack time rather
-    than in the middle of training.
-
-    Pillow's decompression-bomb guard is applied here without changing warning filters
-    (``warnings.catch_warnings`` is process-global and not thread-safe): an image over
-    ``Image.MAX_IMAGE_PIXELS`` is refused with :class:`DecodeError`.
-    """
-    with Image.open(io.BytesIO(data)) as img:
-        w, h = img.size
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and w * h > limit:
-            raise DecodeError(
-                f"image of {w}x{h} = {w * h} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS "
-                f"({limit}): a possible decompression bomb"
-            )
-        if max_side is None or max(w, h) <= max_side:
-            img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
-            img.load()
-            return None
-        scale = max_side / max(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        if w >= h:
-            size = (max_side, size[1])
-        else:
-            size = (size[0], max_side)
-        img.draft("RGB", size)  # JPEG DCT scaling: decode at >= size, much faster
-        out = img if img.mode in ("RGB", "L") else img.convert("RGB")
-        out = out.resize(size, Image.Resampling.LANCZOS)
-        buf = io.BytesIO()
-        out.save(buf, format="JPEG", quality=quality)
-        return buf.getvalue()
-
-
-def _read_batch(
-    src: Source, indices: Sequence[int], skip: bool
-) -> list[tuple[int, Record | BaseException]]:
-    try:
-        return list(zip(indices, src.read_many(indices), strict=True))
-    except SourceError:
-        if not skip:
-            raise
-    out: list[tuple[int, Record | BaseException]] = []
-    for i in indices:  # find which record failed; keep the others
-        try:
-            out.append((i, src.read(i)))
-        except SourceError as exc:
-            out.append((i, exc))
-    return out
 
 
 def pack(
@@ -362,157 +301,6 @@ def pack(
     return report
 
 
-def _input_paths(src: str | os.PathLike[str] | Source) -> list[str]:
-    """The files and folders ``src`` reads from (for the overlap check)."""
-    if isinstance(src, FileSource):
-        # An ImageFolder's root; a list file's folder (also its root) is not an input.
-        return [src.root] if src.root is not None and src.classes is not None else []
-    if isinstance(src, LMDBSource):
-        return [src.path]
-    if isinstance(src, Source):
-        return []
-    return [os.fspath(src)]
-
-
-def _inside(child: str, parent: str) -> bool:
-    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
-
-
-def _check_no_overlap(src: str | os.PathLike[str] | Source, out: str) -> None:
-    """Refuse SRC == OUT, OUT inside SRC and SRC inside OUT (``out`` is a real path)."""
-    for path in _input_paths(src):
-        real = os.path.realpath(path)
-        if real == out:
-            raise ConfigError(f"the input and the output are the same path: {path}")
-        if _inside(out, real):
-            raise ConfigError(
-                f"the output {out} is inside the input {path}: packing would read its own "
-                "output; choose an OUT outside the input"
-            )
-        if _inside(real, out):
-            raise ConfigError(
-                f"the input {path} is inside the output {out}: replacing the output would "
-                "delete the input; choose another OUT"
-            )
-
-
-def _make_parent(parent: str, given: str) -> None:
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise PackError(
-            f"cannot create the folder of {given}: {parent}: {exc.strerror or exc}"
-        ) from exc
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PackError(f"cannot write {given}: no write permission in {parent}")
-
-
-_STALE_RE = re.compile(r"^\.(?P<base>.+)\.(?P<host>[^./]+)-(?P<pid>\d+)-[0-9a-f]+\.packing$")
-
-
-def _tmp_owner() -> str:
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
-    return f"{host}-{os.getpid()}"
-
-
-def _make_tmp_dir(parent: str, base: str) -> str:
-    """``.BASE.<host>-<pid>-<random>.packing`` in ``parent``, created with the umask's mode.
-
-    ``tempfile.mkdtemp`` would create it 0700 whatever the umask (and the rename would
-    publish that mode), so teammates could not read a shared dataset.
-    """
-    for _ in range(100):
-        path = os.path.join(parent, f".{base}.{_tmp_owner()}-{secrets.token_hex(4)}.packing")
-        try:
-            os.mkdir(path, 0o777)
-        except FileExistsError:
-            continue
-        return path
-    raise PackError(f"cannot create a temporary directory in {parent}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _clean_stale(parent: str, base: str, report: PackReport) -> None:
-    """Remove temporary directories of killed packs to this OUT; report the others."""
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return
-    host = _tmp_owner().rsplit("-", 1)[0]
-    prefix = f".{base}."
-    for name in names:
-        if not (name.startswith(prefix) and name.endswith(".packing")):
-            continue
-        path = os.path.join(parent, name)
-        m = _STALE_RE.match(name)
-        if m is None or m.group("base") != base:
-            report.stale_left.append(f"{path} (from an older fastfeed; remove it if no pack runs)")
-        elif m.group("host") != host:
-            report.stale_left.append(
-                f"{path} (from host {m.group('host')}; remove it if no pack runs there)"
-            )
-        elif _pid_alive(int(m.group("pid"))):
-            report.stale_left.append(f"{path} (process {m.group('pid')} is still running)")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            report.stale_removed.append(path)
-
-
-class _Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived during :func:`pack`; unwinds it so cleanup runs."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"terminated by signal {signum}")
-        self.signum = signum
-
-
-@contextmanager
-def _cleanup_on_termination() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into an exception while packing, then die of the signal.
-
-    ``kill``, ``timeout``, Slurm and Docker send SIGTERM; its default action ends the
-    process at once and would leave the temporary directory behind. Handlers can only be
-    installed on the main thread; elsewhere the next pack cleans up (see
-    :func:`_clean_stale`). After the cleanup the caller's own handler (or the default
-    action: the process ends by the signal, as without fastfeed) gets the signal.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise _Terminated(signum)
-
-    previous = {}
-    for sig in _TERM_SIGNALS:
-        old = signal.getsignal(sig)
-        if old is signal.SIG_IGN or old is None:
-            # Ignored (nohup and friends) or owned by non-Python code: leave it alone.
-            continue
-        previous[sig] = old
-        signal.signal(sig, handler)
-    try:
-        yield
-    except _Terminated as exc:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        previous.clear()
-        signal.raise_signal(exc.signum)  # the default action ends the process here
-        raise  # a handler that returned: unwind the caller as an interruption would
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 def _write_records(
     env: lmdb.Environment,
     source: Source,
@@ -569,46 +357,6 @@ def _write_records(
     return labels, origins
 
 
-def _record_in_bytes(rec: Record) -> int:
-    # _reencode stashes the input size on re-encoded records (see there).
-    return getattr(rec, "_in_bytes", len(rec.data))
-
-
-class _Reencoded(Record):
-    """A record whose data was re-encoded; remembers the input size for the report."""
-
-    _in_bytes: int
-
-
-def _reencode(
-    batch: list[tuple[int, Record | BaseException]],
-    pool: _WorkerPool | None,
-    max_side: int | None,
-    quality: int,
-    report: PackReport,
-) -> list[tuple[int, Record | BaseException]]:
-    def work(k: int) -> Record | BaseException:
-        rec = batch[k][1]
-        if isinstance(rec, BaseException):
-            return rec
-        try:
-            new = _shrink(rec.data, max_side, quality)
-        except Exception as exc:  # any decoder error: reported with the file's name
-            return exc
-        if new is None:
-            return rec
-        out = _Reencoded(new, rec.label)
-        out._in_bytes = len(rec.data)
-        return out
-
-    results = (
-        pool.map(work, len(batch)) if pool is not None else [work(k) for k in range(len(batch))]
-    )
-    report.reencoded += sum(isinstance(r, _Reencoded) for r in results)
-    report.verified += sum(not isinstance(r, BaseException) for r in results)
-    return [(i, r) for (i, _), r in zip(batch, results, strict=True)]
-
-
 def _put_batch(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
     """Write one batch in one transaction, doubling the map size while it does not fit."""
     while True:
@@ -620,36 +368,6 @@ def _put_batch(env: lmdb.Environment, items: list[tuple[bytes, bytes]]) -> None:
         except lmdb.MapFullError:
             # The aborted transaction wrote nothing; grow and redo the whole batch.
             env.set_mapsize(env.info()["map_size"] * 2)
-
-
-def _move_into_place(tmp: str, out: str, overwrite: bool) -> None:
-    if not os.path.lexists(out):
-        try:
-            os.rename(tmp, out)
-        except FileExistsError as exc:
-            raise OutputExistsError(f"{out} appeared while packing; not replacing it") from exc
-        except OSError as exc:
-            if not os.path.lexists(out):
-                raise PackError(f"cannot move the packed LMDB to {out}: {exc}") from exc
-            if not overwrite:
-                raise OutputExistsError(f"{out} appeared while packing; not replacing it") from exc
-        else:
-            return
-    if not overwrite:
-        raise OutputExistsError(f"{out} appeared while packing; not replacing it")
-    # Replace: move the old output aside first so OUT is never half-written.
-    old = tempfile.mkdtemp(
-        prefix=f".{os.path.basename(out)}.", suffix=".old", dir=os.path.dirname(out)
-    )
-    aside = os.path.join(old, "previous")
-    os.rename(out, aside)
-    try:
-        os.rename(tmp, out)
-    except OSError as exc:
-        os.rename(aside, out)
-        raise PackError(f"cannot move the packed LMDB to {out}: {exc}") from exc
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _version() -> str:

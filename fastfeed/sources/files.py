@@ -10,13 +10,10 @@ outstanding reads keep a disk's queue full, which is what cold reads need.
 from __future__ import annotations
 
 import errno
-import glob as _glob
-import itertools
 import os
-import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 try:  # POSIX: the open-file limit, named in EMFILE errors
@@ -26,13 +23,13 @@ except ImportError:  # pragma: no cover - Windows
 
 from fastfeed.errors import (
     ConfigError,
-    CorruptSourceError,
     EmptySourceError,
     RecordReadError,
     ResourceLimitError,
-    SourceError,
     SourceNotFoundError,
 )
+from fastfeed.sources._file_index import glob_paths, index_folder, read_file_list
+from fastfeed.sources._worker_pool import _WorkerPool
 from fastfeed.sources.base import Record, Source
 
 __all__ = ["IMG_EXTENSIONS", "FileSource"]
@@ -53,130 +50,6 @@ IMG_EXTENSIONS: tuple[str, ...] = (
 _T = TypeVar("_T")
 _FD_LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
 _O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-
-
-class _WorkerPool:
-    """A tiny pool of named daemon threads that run one ``map`` at a time with the caller.
-
-    ``map(fn, n)`` runs ``fn(k)`` for ``k in range(n)``: the calling thread and up to
-    ``n - 1`` pool threads pull ``k`` from a shared counter, so load balances itself and a
-    call costs one queue put per helper. The first exception stops the others and is
-    re-raised in the caller. Threads start on first use, end after ``idle_s`` without work
-    (the next ``map`` starts them again) and stop on :meth:`close` or :meth:`stop`.
-
-    Args:
-        size: Number of pool threads (the caller is an extra participant).
-        role: Thread names are ``fastfeed-<role>-<n>``.
-        idle_s: Seconds a thread waits for work before it ends.
-    """
-
-    _POLL_S = 0.5  # how often idle workers check the stop flag
-    IDLE_S = 60.0  # an idle read pool costs nothing but its threads; end them after this
-
-    def __init__(self, size: int, role: str, idle_s: float | None = None) -> None:
-        self.size = max(0, int(size))
-        self.role = role
-        self.idle_s = float(self.IDLE_S if idle_s is None else idle_s)
-        self._tasks: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        # Held while threads start or end and while a map hands out its jobs, so an idle
-        # thread never ends between a map seeing it alive and putting its job.
-        self._start_lock = threading.Lock()
-        self._serial = itertools.count()
-
-    def threads(self) -> list[threading.Thread]:
-        """The pool threads now alive."""
-        with self._start_lock:
-            return [t for t in self._threads if t.is_alive()]
-
-    def _start_locked(self) -> None:
-        self._threads = [t for t in self._threads if t.is_alive()]
-        while len(self._threads) < self.size:
-            t = threading.Thread(
-                target=self._worker,
-                name=f"fastfeed-{self.role}-{next(self._serial)}",
-                daemon=True,
-            )
-            t.start()
-            self._threads.append(t)
-
-    def _worker(self) -> None:
-        idle = 0.0
-        while not self._stop.is_set():
-            try:
-                job = self._tasks.get(timeout=min(self._POLL_S, self.idle_s))
-            except queue.Empty:
-                idle += min(self._POLL_S, self.idle_s)
-                if idle >= self.idle_s:
-                    with self._start_lock:
-                        if self._tasks.empty():
-                            me = threading.current_thread()
-                            self._threads = [t for t in self._threads if t is not me]
-                            return
-                continue
-            if job is None:
-                return
-            idle = 0.0
-            job()
-            del job  # drop the closure (and the source it holds) while idle
-
-    def map(self, fn: Callable[[int], _T], n: int) -> list[_T]:
-        """Return ``[fn(0), ..., fn(n-1)]``, computed by the caller and the pool threads."""
-        helpers = min(self.size, n - 1)
-        if helpers <= 0 or self._stop.is_set():
-            return [fn(k) for k in range(n)]
-        results: list[Any] = [None] * n
-        counter = itertools.count()
-        errors: list[BaseException] = []
-        done = threading.Semaphore(0)
-
-        def participate() -> None:
-            try:
-                while not errors:
-                    k = next(counter)  # atomic under the GIL
-                    if k >= n:
-                        return
-                    results[k] = fn(k)
-            except BaseException as exc:  # re-raised in the caller
-                errors.append(exc)
-
-        def helper() -> None:
-            try:
-                participate()
-            finally:
-                done.release()
-
-        with self._start_lock:
-            self._start_locked()
-            for _ in range(helpers):
-                self._tasks.put(helper)
-        participate()
-        for _ in range(helpers):
-            # Helpers finish within one fn() call of the counter running out; the timeout
-            # loop only guards against a pool closed under our feet.
-            while not done.acquire(timeout=self._POLL_S):
-                if not self.threads():
-                    raise SourceError(f"the {self.role} thread pool stopped during a call")
-        if errors:
-            raise errors[0]
-        return results
-
-    def stop(self) -> None:
-        """Tell every thread to end without waiting (safe from a finalizer, any thread)."""
-        self._stop.set()
-        for _ in range(self.size):
-            self._tasks.put(None)
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop and join every thread (idempotent)."""
-        self.stop()
-        me = threading.current_thread()
-        for t in self.threads():
-            if t is not me:
-                t.join(timeout_s)
-        with self._start_lock:
-            self._threads = []
 
 
 class FileSource(Source):
@@ -278,33 +151,7 @@ class FileSource(Source):
             SourceNotFoundError: ``root`` does not exist.
             EmptySourceError: No class folder, or a class folder with no valid file.
         """
-        root = os.fspath(root)
-        if not os.path.isdir(root):
-            if os.path.exists(root):
-                raise SourceNotFoundError(f"ImageFolder root is not a directory: {root}", path=root)
-            raise SourceNotFoundError(f"ImageFolder root does not exist: {root}", path=root)
-        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-        if not classes:
-            raise EmptySourceError(f"no class folders found in {root}", path=root)
-        exts = tuple(e.lower() for e in extensions) if extensions is not None else None
-        paths: list[str] = []
-        labels: list[int] = []
-        empty: list[str] = []
-        for label, name in enumerate(classes):
-            before = len(paths)
-            for dirpath, _, fnames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-                for fname in sorted(fnames):
-                    if exts is None or fname.lower().endswith(exts):
-                        paths.append(os.path.join(dirpath, fname))
-                        labels.append(label)
-            if len(paths) == before:
-                empty.append(name)
-        if empty and (not allow_empty or not paths):
-            raise EmptySourceError(
-                f"found no valid file for the classes {', '.join(empty)} in {root} "
-                f"(extensions: {', '.join(exts) if exts else 'any'})",
-                path=root,
-            )
+        paths, labels, classes, root = index_folder(root, extensions, allow_empty)
         return cls(paths, labels, classes=classes, root=root, num_threads=num_threads)
 
     @classmethod
@@ -314,9 +161,7 @@ class FileSource(Source):
         Raises:
             EmptySourceError: Nothing matches.
         """
-        paths = sorted(p for p in _glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        if not paths:
-            raise EmptySourceError(f"no files match {pattern}", path=pattern)
+        paths = glob_paths(pattern)
         return cls(paths, num_threads=num_threads)
 
     @classmethod
@@ -332,53 +177,8 @@ class FileSource(Source):
             ConfigError: A malformed label, or labels on only some lines.
             CorruptSourceError: The file is binary (an image, an archive), not a list.
         """
-        list_file = os.fspath(list_file)
-        try:
-            with open(list_file, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError as exc:
-            raise SourceNotFoundError(f"file list not found: {list_file}", path=list_file) from exc
-        except OSError as exc:
-            raise SourceNotFoundError(
-                f"cannot read file list {list_file}: {exc}", path=list_file
-            ) from exc
-        if b"\0" in raw[:8192]:
-            raise CorruptSourceError(
-                f"{list_file} is a binary file, not a file list of path[<TAB>label] lines "
-                "(for images, pass their folder or a glob pattern)",
-                path=list_file,
-            )
-        # Names on POSIX are bytes: undecodable ones survive as surrogates (os.fsdecode).
-        lines = raw.decode("utf-8", "surrogateescape").splitlines()
-        base = os.path.dirname(os.path.abspath(list_file))
-        paths: list[str] = []
-        labels: list[int | None] = []
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            path, sep, label = line.rpartition("\t") if "\t" in line else (line, "", "")
-            path = path.strip() if sep else line.strip()
-            if sep:
-                try:
-                    labels.append(int(label.strip()))
-                except ValueError as exc:
-                    raise ConfigError(
-                        f"{list_file}:{lineno}: label {label.strip()!r} is not an integer"
-                    ) from exc
-            else:
-                labels.append(None)
-            paths.append(path if os.path.isabs(path) else os.path.join(base, path))
-        if not paths:
-            raise EmptySourceError(f"file list {list_file} lists no files", path=list_file)
-        has = [x is not None for x in labels]
-        if any(has) and not all(has):
-            raise ConfigError(f"{list_file}: some lines have a label and some do not")
-        return cls(
-            paths,
-            [int(x) for x in labels if x is not None] if all(has) else None,
-            root=base,
-            num_threads=num_threads,
-        )
+        paths, labels, base = read_file_list(list_file)
+        return cls(paths, labels, root=base, num_threads=num_threads)
 
     # -- contract -----------------------------------------------------------------
 
