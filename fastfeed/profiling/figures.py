@@ -67,10 +67,11 @@ class StageStats:
     def to_dict(self) -> dict[str, Any]:
         """The figures, with run-queue wait and switches estimated for every span.
 
-        ``runq_s`` / ``blocked_s`` / ``switches`` are None when never measured.
+        ``cpu_s`` / ``runq_s`` / ``blocked_s`` / ``switches`` / ``cpu_per_wall`` are None
+        when never measured.
         """
         cpu_scale = self._scale(self.cpu_busy_s, self.cpu_spans)
-        cpu = 0.0 if cpu_scale is None else self.cpu_s * cpu_scale
+        cpu = None if cpu_scale is None else self.cpu_s * cpu_scale
         runq_scale = self._scale(self.runq_busy_s, self.runq_spans)
         sw_scale = self._scale(self.switches_busy_s, self.switches_spans)
         runq = None if runq_scale is None else self.runq_s * runq_scale
@@ -81,10 +82,12 @@ class StageStats:
             "busy_s": self.busy_s,
             "cpu_s": cpu,
             "runq_s": runq,
-            "blocked_s": None if runq is None else max(0.0, self.busy_s - cpu - runq),
+            "blocked_s": (
+                None if runq is None or cpu is None else max(0.0, self.busy_s - cpu - runq)
+            ),
             "switches": None if sw_scale is None else round(self.switches * sw_scale),
             "bytes": self.bytes,
-            "cpu_per_wall": cpu / self.busy_s if self.busy_s > 0 else 0.0,
+            "cpu_per_wall": cpu / self.busy_s if cpu is not None and self.busy_s > 0 else None,
         }
         out.update({f"{k}_s": v for k, v in self.durations.percentiles().items()})
         return out

@@ -397,5 +397,5 @@ def whatif(stats: LoaderStats, facts: SourceFacts) -> list[tuple[float, float]]:
         compute_s=w.compute,
         copy_s=w.copy,
         cores=w.cores,
-        other_cpu_s=max(0.0, w.cpu - read.cpu_s / worker_batches(stats)),
+        other_cpu_s=max(0.0, w.cpu - (read.cpu_s or 0.0) / worker_batches(stats)),
     )
