@@ -172,9 +172,8 @@ class Recorder:
         if not self.enabled:
             yield
             return
-        ranged = contextlib.ExitStack()
-        if _torch_profiler_active():
-            ranged.enter_context(_torch_range(stage))
+        # No ExitStack per span (~2 us): the torch range only while a profiler runs.
+        ranged = _torch_range(stage) if _torch_profiler_active() else contextlib.nullcontext()
         with ranged:
             start = _mark() if self._next_span_sampled(stage) else _light_mark()
             failed = False
