@@ -23,7 +23,8 @@ LEGEND = (
     "(usually one batch); busy = share of the elapsed time the stage kept its threads busy; "
     "CPU/wall = computing share of the stage's time (1.00: all computing; low: waiting); "
     "core/GIL/IO = share of the stage's time waiting for a free core, for the GIL, "
-    "and on IO (storage, network, sleeps, locks); fail = spans that raised"
+    "and on IO (storage, network, sleeps, locks); fail = spans that raised; "
+    "consumer = the training loop's steps"
 )
 
 _QUEUE_WORDS = {
@@ -165,7 +166,7 @@ def table(stats: LoaderStats) -> str:
         )
     if stats.steps:
         lines.append(
-            f"{'training':<10} {stats.samples_per_s:>9,.0f} {_ms(stats.step_p50_s):>9} "
+            f"{'consumer':<10} {stats.samples_per_s:>9,.0f} {_ms(stats.step_p50_s):>9} "
             f"{_ms(stats.step_p99_s):>9}  (step time; {_pct(stats.stall_fraction)} of it "
             "waiting for data)"
         )
