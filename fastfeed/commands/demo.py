@@ -180,7 +180,7 @@ def _demo(root: str, args: argparse.Namespace) -> int:
     )
     print(stats.table())
     print()
-    print(stats.summary())
+    print(stats.summary(details=True))
     sys.stdout.flush()
     cache.close()
     files.close()

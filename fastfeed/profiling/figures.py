@@ -14,18 +14,21 @@ __all__ = ["QueueStats", "StageStats"]
 class StageStats:
     """Cumulative figures of one stage (read, decode, transform, collate, copy...).
 
-    Run-queue wait and switches are measured on a sample of the spans (every span of
-    :meth:`Recorder.span`; one ``mark`` chain in :data:`SCHED_SAMPLE_EVERY` per thread
-    for :meth:`Recorder.add_since`) and :meth:`to_dict` scales them to the stage's whole
-    busy time.
+    CPU time, run-queue wait and switches are measured on a sample of the spans (every
+    span of :meth:`Recorder.span`; one ``mark`` chain in :data:`SCHED_SAMPLE_EVERY` per
+    thread for :meth:`Recorder.add_since`) and :meth:`to_dict` scales them to the stage's
+    whole busy time.
 
     Attributes:
         count: Spans recorded (usually batches).
         items: Samples processed.
         failures: Spans that raised.
         busy_s: Wall time inside the stage, summed over threads, seconds.
-        cpu_s: Thread CPU time inside the stage, seconds. ``cpu_s / busy_s`` well below
-            1 while busy means waiting: on IO, on the GIL, or for a free core.
+        cpu_s: Thread CPU time inside the stage during the spans that measured it,
+            seconds. ``cpu_s / cpu_busy_s`` well below 1 means waiting: on IO, on the
+            GIL, or for a free core.
+        cpu_busy_s: Wall time of the spans that measured ``cpu_s``, seconds.
+        cpu_spans: Spans that measured ``cpu_s``.
         runq_s: Time the stage's threads were runnable but had no core (Linux
             schedstat) during the spans that measured it, seconds.
         runq_busy_s: Wall time of the spans that measured ``runq_s``, seconds.
@@ -42,6 +45,8 @@ class StageStats:
     failures: int = 0
     busy_s: float = 0.0
     cpu_s: float = 0.0
+    cpu_busy_s: float = 0.0
+    cpu_spans: int = 0
     runq_s: float = 0.0
     runq_busy_s: float = 0.0
     runq_spans: int = 0
@@ -62,8 +67,11 @@ class StageStats:
     def to_dict(self) -> dict[str, Any]:
         """The figures, with run-queue wait and switches estimated for every span.
 
-        ``runq_s`` / ``blocked_s`` / ``switches`` are None when never measured.
+        ``cpu_s`` / ``runq_s`` / ``blocked_s`` / ``switches`` / ``cpu_per_wall`` are None
+        when never measured.
         """
+        cpu_scale = self._scale(self.cpu_busy_s, self.cpu_spans)
+        cpu = None if cpu_scale is None else self.cpu_s * cpu_scale
         runq_scale = self._scale(self.runq_busy_s, self.runq_spans)
         sw_scale = self._scale(self.switches_busy_s, self.switches_spans)
         runq = None if runq_scale is None else self.runq_s * runq_scale
@@ -72,12 +80,14 @@ class StageStats:
             "items": self.items,
             "failures": self.failures,
             "busy_s": self.busy_s,
-            "cpu_s": self.cpu_s,
+            "cpu_s": cpu,
             "runq_s": runq,
-            "blocked_s": None if runq is None else max(0.0, self.busy_s - self.cpu_s - runq),
+            "blocked_s": (
+                None if runq is None or cpu is None else max(0.0, self.busy_s - cpu - runq)
+            ),
             "switches": None if sw_scale is None else round(self.switches * sw_scale),
             "bytes": self.bytes,
-            "cpu_per_wall": self.cpu_s / self.busy_s if self.busy_s > 0 else 0.0,
+            "cpu_per_wall": cpu / self.busy_s if cpu is not None and self.busy_s > 0 else None,
         }
         out.update({f"{k}_s": v for k, v in self.durations.percentiles().items()})
         return out

@@ -119,7 +119,8 @@ def _run(state: _Probe, run_delay_s: Callable[[], float]) -> None:
         runq = q1 - q0 if q0 >= 0 and q1 >= 0 else 0.0
         late = max(0.0, t1 - t0 - INTERVAL_S - runq)
         with state.lock:
-            if t1 - state.last_activity > IDLE_EXIT_S:
+            idle = t1 - state.last_activity
+            if idle > IDLE_EXIT_S or idle < -1.0:  # quiet, or a made-up future timestamp
                 state.thread = None
                 return
             t = state.totals

@@ -60,6 +60,7 @@ from fastfeed.profiling.rings import _NO_ITEMS, TraceEvent, _CounterRing, _Event
 from fastfeed.profiling.stages import Stage
 
 __all__ = [
+    "CONSUMER_SAMPLE_EVERY",
     "DEFAULT_MAX_EVENTS",
     "SCHED_SAMPLE_EVERY",
     "Mark",
@@ -72,6 +73,9 @@ __all__ = [
 _STEP_LOG = 20_000  # per-step (wait, step) pairs kept for plots, count
 #: Timeline events (and, separately, queue-depth samples) a Recorder keeps by default.
 DEFAULT_MAX_EVENTS = 20_000
+#: Training steps of which one measures the loop's own CPU time, run-queue wait and
+#: blocking switches (~14 us on a busy VM); the figures are ratios over those steps.
+CONSUMER_SAMPLE_EVERY = 8
 
 
 class Recorder:
@@ -138,15 +142,16 @@ class Recorder:
         self.started_io: ProcIO | None = read_proc_io()
         self.started_machine = cpu_times()
         self._gil_start = gil.totals()
-        # The training loop's thread during steps: wall outside the wait, CPU, run-queue
-        # wait, voluntary switches (see consumer_step).
+        # The training loop's own work on the sampled steps (see consumer_step): wall
+        # from hand-over to asking again, CPU, run-queue wait, voluntary switches.
         self.consumer_compute_s = 0.0
         self.consumer_cpu_s = 0.0
         self.consumer_runq_s = 0.0
         self.consumer_switches = 0
         self.consumer_steps = 0
-        self._consumer_prev: tuple[int, float, float, int] | None = None
-        self._consumer_enter: tuple[int, float, float, int] | None = None
+        self._consumer_n = 0
+        self._consumer_prev: tuple[int, float, float, float, int] | None = None
+        self._consumer_enter: tuple[int, float, float, float, int] | None = None
 
     # -- stage spans ----------------------------------------------------------------
 
@@ -154,7 +159,10 @@ class Recorder:
     def span(self, stage: str, items: int = 1, nbytes: int = 0) -> Iterator[None]:
         """Time the enclosed block as one span of ``stage`` (wall and thread CPU time).
 
-        Always reads the run-queue wait and context switches too (~6 us per span).
+        Like a :meth:`mark` chain, one span in :data:`SCHED_SAMPLE_EVERY` per thread (the
+        first included) also reads the thread CPU time, run-queue wait and context
+        switches (~7 us); the others read only the wall clock, and the figures are
+        scaled to every span.
 
         Args:
             stage: A :class:`~fastfeed.profiling.stages.Stage` or any name.
@@ -164,14 +172,10 @@ class Recorder:
         if not self.enabled:
             yield
             return
-        ranged = contextlib.ExitStack()
-        if _torch_profiler_active():
-            ranged.enter_context(_torch_range(stage))
+        # No ExitStack per span (~2 us): the torch range only while a profiler runs.
+        ranged = _torch_range(stage) if _torch_profiler_active() else contextlib.nullcontext()
         with ranged:
-            q0 = _run_delay_s()
-            v0 = _voluntary_switches()
-            t0 = time.perf_counter()
-            c0 = time.thread_time()
+            start = _mark() if self._next_span_sampled(stage) else _light_mark()
             failed = False
             try:
                 yield
@@ -179,24 +183,14 @@ class Recorder:
                 failed = True
                 raise
             finally:
-                self.add(
-                    stage,
-                    t0,
-                    time.perf_counter(),
-                    time.thread_time() - c0,
-                    items=items,
-                    nbytes=nbytes,
-                    failed=failed,
-                    runq_s=_run_delay_s() - q0 if q0 >= 0 else None,
-                    switches=_voluntary_switches() - v0 if v0 >= 0 else None,
-                )
+                self.add_since(stage, start, items=items, nbytes=nbytes, failed=failed)
 
     def add(
         self,
         stage: str,
         start_s: float,
         end_s: float,
-        cpu_s: float,
+        cpu_s: float | None,
         *,
         items: int = 1,
         nbytes: int = 0,
@@ -210,7 +204,7 @@ class Recorder:
             stage: Stage name.
             start_s: ``time.perf_counter()`` at the start, seconds.
             end_s: ``time.perf_counter()`` at the end, seconds.
-            cpu_s: Thread CPU time spent, seconds.
+            cpu_s: Thread CPU time spent, seconds; None when not measured.
             items: Samples in the span.
             nbytes: Bytes handled.
             failed: The span raised.
@@ -224,7 +218,7 @@ class Recorder:
         name = threading.current_thread().name
         if not gil.running():
             gil.ensure_running(_run_delay_s)
-        gil.touch(time.perf_counter())  # not end_s: callers may pass any clock
+        gil.touch(end_s)
         with self._lock:
             st = self.stages.get(stage)
             if st is None:
@@ -233,7 +227,10 @@ class Recorder:
             st.items += items
             st.failures += failed
             st.busy_s += wall
-            st.cpu_s += cpu_s
+            if cpu_s is not None:
+                st.cpu_s += cpu_s
+                st.cpu_busy_s += wall
+                st.cpu_spans += 1
             if runq_s is not None:
                 st.runq_s += runq_s
                 st.runq_busy_s += wall
@@ -250,14 +247,35 @@ class Recorder:
         """This thread's clocks now, for :meth:`add_since` (free when disabled).
 
         Starts a chain of marks: one chain in :data:`SCHED_SAMPLE_EVERY` per thread
-        also reads the run-queue wait and context switches (~4 us), the others only
-        the wall and CPU clocks (~1 us); :meth:`add_since` continues in the same mode.
+        reads the thread CPU time, run-queue wait and context switches (~7 us on a
+        busy VM), the others only the wall clock (~0.1 us); :meth:`add_since`
+        continues in the same mode and the figures are scaled to every span.
         """
         if not self.enabled:
             return _NO_MARK
-        n = getattr(_tls, "chains", 0)
-        _tls.chains = n + 1
-        return _mark() if n % SCHED_SAMPLE_EVERY == 0 else _light_mark()
+        return _mark() if self._next_chain_sampled() else _light_mark()
+
+    def _next_span_sampled(self, stage: str) -> bool:
+        """Count a span of ``stage`` on this thread; True for its first and every
+        :data:`SCHED_SAMPLE_EVERY`-th after (per stage: a stage timed per sample and
+        one timed per batch both get measured)."""
+        counts = getattr(_tls, "spans", None)
+        if counts is None:
+            counts = _tls.spans = {}
+        key = (id(self), stage)
+        n = counts.get(key, 0)
+        counts[key] = n + 1
+        return n % SCHED_SAMPLE_EVERY == 0
+
+    def _next_chain_sampled(self) -> bool:
+        """Count a chain on this thread; True for its first with this recorder and every
+        :data:`SCHED_SAMPLE_EVERY`-th after."""
+        c = getattr(_tls, "chains", None)
+        if c is None or c[0] != id(self):
+            c = _tls.chains = [id(self), 0]
+        n = c[1]
+        c[1] = n + 1
+        return n % SCHED_SAMPLE_EVERY == 0
 
     def add_since(
         self,
@@ -279,10 +297,12 @@ class Recorder:
             return _NO_MARK
         if since[2] == _NOT_SAMPLED:
             now = _light_mark()
+            cpu_s: float | None = None
             runq_s: float | None = None
             switches: int | None = None
         else:
             now = _mark()
+            cpu_s = now[1] - since[1]
             runq_s = now[2] - since[2] if since[2] >= 0 and now[2] >= 0 else None
             switches = now[3] - since[3] if since[3] >= 0 and now[3] >= 0 else None
         if since is not _NO_MARK:
@@ -290,7 +310,7 @@ class Recorder:
                 stage,
                 since[0],
                 now[0],
-                now[1] - since[1],
+                cpu_s,
                 items=items,
                 nbytes=nbytes,
                 failed=failed,
@@ -328,18 +348,13 @@ class Recorder:
     def consumer_enter(self) -> None:
         """Note the training loop's clocks as it asks for the next batch (the tap calls it).
 
-        The loop's work is then measured from the previous hand-over to here, so the
-        time it spends waiting (and being woken up) for the batch is not counted as its
-        own. Without this call the whole interval between hand-overs is used.
+        On the sampled steps (one in :data:`CONSUMER_SAMPLE_EVERY`) the loop's own work
+        is measured from the previous hand-over to here, so the time it spends waiting
+        (and being woken up) for the batch is not counted as its own.
         """
-        if not self.enabled:
+        if self._consumer_prev is None or not self.enabled:
             return
-        self._consumer_enter = (
-            threading.get_ident(),
-            time.thread_time(),
-            _run_delay_s(),
-            _voluntary_switches(),
-        )
+        self._consumer_enter = _consumer_clocks()
 
     def consumer_step(self, wait_s: float, step_s: float | None) -> None:
         """Report one batch handed to the training loop (call right after the hand-over).
@@ -352,34 +367,28 @@ class Recorder:
         if not self.enabled:
             return
         now = time.perf_counter()
-        cpu = time.thread_time()
-        runq = _run_delay_s()
-        switches = _voluntary_switches()
         name = threading.current_thread().name
-        ident = threading.get_ident()
+        prev, self._consumer_prev = self._consumer_prev, None
         enter, self._consumer_enter = self._consumer_enter, None
         gil.touch(now)
         with self._lock:
-            prev, self._consumer_prev = self._consumer_prev, (ident, cpu, runq, switches)
-            if step_s is not None and prev is not None and prev[0] == ident:
-                # The loop's own work: from the previous hand-over to asking for this
-                # batch (consumer_enter); without that mark, to the hand-over, less one
-                # switch for the blocking wait.
-                end, less = (
-                    (enter, 0)
-                    if enter is not None and enter[0] == ident
-                    else (
-                        (ident, cpu, runq, switches),
-                        int(wait_s > 0),
-                    )
-                )
+            if (
+                step_s is not None
+                and prev is not None
+                and enter is not None
+                and prev[0] == enter[0] == threading.get_ident()
+            ):
+                # A sampled step: the loop's own work, from the previous hand-over to
+                # asking for this batch.
                 self.consumer_steps += 1
-                self.consumer_compute_s += max(0.0, step_s - wait_s)
-                self.consumer_cpu_s += end[1] - prev[1]
-                if end[2] >= 0 and prev[2] >= 0:
-                    self.consumer_runq_s += end[2] - prev[2]
-                if end[3] >= 0 and prev[3] >= 0:
-                    self.consumer_switches += max(0, end[3] - prev[3] - less)
+                self.consumer_compute_s += enter[1] - prev[1]
+                self.consumer_cpu_s += enter[2] - prev[2]
+                if enter[3] >= 0 and prev[3] >= 0:
+                    self.consumer_runq_s += enter[3] - prev[3]
+                if enter[4] >= 0 and prev[4] >= 0:
+                    self.consumer_switches += enter[4] - prev[4]
+            self._consumer_n += 1
+            sample_next = self._consumer_n % CONSUMER_SAMPLE_EVERY == 0
             self.wait_s += wait_s
             self.step_waits.add(wait_s)
             if step_s is not None:
@@ -392,6 +401,8 @@ class Recorder:
                 self.first_batches += 1
             if wait_s > 0:
                 self._events.append(Stage.WAIT, name, now - wait_s, now, _NO_ITEMS, 0, False)
+        if sample_next:  # the next step is measured: its start is this hand-over
+            self._consumer_prev = _consumer_clocks()
 
     # -- reading ----------------------------------------------------------------------
 
@@ -475,3 +486,14 @@ class Recorder:
             self._events.clear()
             self._counters.clear()
             self._zero()
+
+
+def _consumer_clocks() -> tuple[int, float, float, float, int]:
+    """``(thread id, perf_counter, thread CPU, run-queue wait, switches)`` of this thread."""
+    return (
+        threading.get_ident(),
+        time.perf_counter(),
+        time.thread_time(),
+        _run_delay_s(),
+        _voluntary_switches(),
+    )

@@ -11,6 +11,7 @@ from typing import Any
 __all__ = ["TraceEvent"]
 
 _RESERVOIR = 2048
+_FIRST_SLOTS = 512  # ring slots allocated first; doubled as they fill
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -58,7 +59,10 @@ class _EventRing:
     """The latest ``capacity`` timeline events in preallocated parallel arrays.
 
     About 49 bytes per event (two name references, two doubles, items, bytes, a flag),
-    allocated on the first event and never grown: no object is created per event.
+    no object created per event. The arrays start at :data:`_FIRST_SLOTS` events and
+    double as they fill, up to ``capacity``, then stay flat: a short run does not pay
+    for the full ring (allocating 20,000 slots at once costs ~1.5 ms, 2% of a 65 ms
+    epoch of 3 KB records).
     Names are references to the callers' (shared) strings. Not thread-safe: the
     :class:`Recorder` holds its lock around every call.
     """
@@ -69,6 +73,7 @@ class _EventRing:
         "_failed",
         "_items",
         "_n",
+        "_size",
         "_stage",
         "_start",
         "_thread",
@@ -78,17 +83,25 @@ class _EventRing:
     def __init__(self, capacity: int) -> None:
         self.capacity = max(0, int(capacity))
         self._n = 0  # events ever appended
+        self._size = 0  # slots allocated
         self._stage: list[str | None] = []
+        self._thread: list[str | None] = []
+        self._start = array("d")
+        self._end = array("d")
+        self._items = array("q")
+        self._bytes = array("q")
+        self._failed = array("B")
 
-    def _allocate(self) -> None:
-        cap = self.capacity
-        self._stage = [None] * cap
-        self._thread: list[str | None] = [None] * cap
-        self._start = array("d", bytes(8 * cap))
-        self._end = array("d", bytes(8 * cap))
-        self._items = array("q", bytes(8 * cap))
-        self._bytes = array("q", bytes(8 * cap))
-        self._failed = array("B", bytes(cap))
+    def _grow(self) -> None:
+        more = min(self.capacity, max(_FIRST_SLOTS, 2 * self._size)) - self._size
+        self._stage.extend([None] * more)
+        self._thread.extend([None] * more)
+        self._start.frombytes(bytes(8 * more))
+        self._end.frombytes(bytes(8 * more))
+        self._items.frombytes(bytes(8 * more))
+        self._bytes.frombytes(bytes(8 * more))
+        self._failed.frombytes(bytes(more))
+        self._size += more
 
     def append(
         self,
@@ -104,9 +117,9 @@ class _EventRing:
         cap = self.capacity
         if cap == 0:
             return
-        if not self._stage:
-            self._allocate()
         i = self._n % cap
+        if i >= self._size:
+            self._grow()
         self._n += 1
         self._stage[i] = stage
         self._thread[i] = thread
@@ -121,12 +134,7 @@ class _EventRing:
 
     def clear(self) -> None:
         """Forget every event and release the arrays (re-allocated by the next event)."""
-        self._n = 0
-        self._stage = []
-        self._thread = []
-        self._start = self._end = array("d")
-        self._items = self._bytes = array("q")
-        self._failed = array("B")
+        self.__init__(self.capacity)  # type: ignore[misc]
 
     def events(self) -> list[TraceEvent]:
         """The kept events, oldest first, with their ``args`` mappings built now."""
@@ -152,23 +160,28 @@ class _EventRing:
 class _CounterRing:
     """The latest ``capacity`` ``(queue_name, time_s, depth)`` samples, preallocated (24 B each)."""
 
-    __slots__ = ("_depth", "_n", "_name", "_t", "capacity")
+    __slots__ = ("_depth", "_n", "_name", "_size", "_t", "capacity")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(0, int(capacity))
         self._n = 0
+        self._size = 0
         self._name: list[str | None] = []
+        self._t = array("d")
+        self._depth = array("d")
 
     def append(self, name: str, t_s: float, depth: float) -> None:
         """Keep one sample, overwriting the oldest when full."""
         cap = self.capacity
         if cap == 0:
             return
-        if not self._name:
-            self._name = [None] * cap
-            self._t = array("d", bytes(8 * cap))
-            self._depth = array("d", bytes(8 * cap))
         i = self._n % cap
+        if i >= self._size:  # grow by doubling, as the event ring
+            more = min(cap, max(_FIRST_SLOTS, 2 * self._size)) - self._size
+            self._name.extend([None] * more)
+            self._t.frombytes(bytes(8 * more))
+            self._depth.frombytes(bytes(8 * more))
+            self._size += more
         self._n += 1
         self._name[i] = name
         self._t[i] = t_s
@@ -179,9 +192,7 @@ class _CounterRing:
 
     def clear(self) -> None:
         """Forget every sample and release the arrays (re-allocated by the next one)."""
-        self._n = 0
-        self._name = []
-        self._t = self._depth = array("d")
+        self.__init__(self.capacity)  # type: ignore[misc]
 
     def samples(self) -> list[tuple[str, float, float]]:
         """The kept samples, oldest first."""

@@ -102,10 +102,11 @@ def _stage(
     threads: int,
     gil_per_acquire: float | None,
 ) -> StageSummary:
-    busy, cpu, items = float(st["busy_s"]), float(st["cpu_s"]), int(st["items"])
+    busy, items = float(st["busy_s"]), int(st["items"])
+    cpu = None if st.get("cpu_s") is None else float(st["cpu_s"])
     runq = None if st.get("runq_s") is None else float(st["runq_s"])
     switches = None if st.get("switches") is None else int(st["switches"])
-    blocked = None if runq is None else max(0.0, busy - cpu - runq)
+    blocked = None if runq is None or cpu is None else max(0.0, busy - cpu - runq)
     gil = io = None
     if blocked is not None:
         if switches is not None and gil_per_acquire is not None:
@@ -127,7 +128,7 @@ def _stage(
         p90_s=float(st.get("p90_s", 0.0)),
         p99_s=float(st.get("p99_s", 0.0)),
         per_item_s=busy / items if items else 0.0,
-        cpu_per_wall=cpu / busy if busy > 0 else 0.0,
+        cpu_per_wall=None if cpu is None else (cpu / busy if busy > 0 else 0.0),
         blocked_fraction=None if blocked is None or busy <= 0 else blocked / busy,
         utilization=busy / (elapsed * max(1, threads)),
         rate_items_per_s=items / elapsed,
@@ -156,18 +157,26 @@ def _queue(name: str, q: Mapping[str, Any], elapsed: float) -> QueueSummary:
 
 
 def _sum_split(stages: Iterable[StageSummary]) -> TimeSplit | None:
+    """The stages' time by class, summed; stages whose CPU time was never measured
+    count in the same proportions as the measured ones (scaled by busy time)."""
     stages = list(stages)
-    if not stages:
+    measured = [s for s in stages if s.cpu_s is not None]
+    if not measured:
         return None
+    busy_all = sum(s.busy_s for s in stages)
+    busy_measured = sum(s.busy_s for s in measured)
+    scale = busy_all / busy_measured if busy_measured > 0 else 1.0
 
     def total(values: list[float | None]) -> float | None:
-        return None if any(v is None for v in values) else sum(v or 0.0 for v in values)
+        if any(v is None for v in values):
+            return None
+        return scale * sum(v or 0.0 for v in values)
 
     return TimeSplit(
-        cpu_s=sum(s.cpu_s for s in stages),
-        runq_s=total([s.runq_s for s in stages]),
-        gil_s=total([s.gil_s for s in stages]),
-        io_s=total([s.io_wait_s for s in stages]),
+        cpu_s=scale * sum(s.cpu_s or 0.0 for s in measured),
+        runq_s=total([s.runq_s for s in measured]),
+        gil_s=total([s.gil_s for s in measured]),
+        io_s=total([s.io_wait_s for s in measured]),
     )
 
 

@@ -336,11 +336,13 @@ def neighbour(
 ) -> Neighbour | None:
     """How much waiting for a core or the GIL lengthened the training loop's steps.
 
-    The loop's time outside the waits is split like a worker's: CPU, run-queue wait,
+    The loop's time outside the waits (on the sampled steps: one in
+    :data:`~fastfeed.profiling.recorder.CONSUMER_SAMPLE_EVERY`) is split like a worker's:
+    CPU, run-queue wait,
     GIL wait (its blocking switches x the probe's cost per acquisition) and other
     blocking (a CUDA sync, a sleep). The slowdown is run-queue + GIL over the rest.
     """
-    if not consumer or int(consumer.get("steps", 0)) < 3:
+    if not consumer or int(consumer.get("steps", 0)) < 2:
         return None
     n = int(consumer["steps"])
     compute, cpu = float(consumer["compute_s"]), float(consumer["cpu_s"])
@@ -395,5 +397,5 @@ def whatif(stats: LoaderStats, facts: SourceFacts) -> list[tuple[float, float]]:
         compute_s=w.compute,
         copy_s=w.copy,
         cores=w.cores,
-        other_cpu_s=max(0.0, w.cpu - read.cpu_s / worker_batches(stats)),
+        other_cpu_s=max(0.0, w.cpu - (read.cpu_s or 0.0) / worker_batches(stats)),
     )

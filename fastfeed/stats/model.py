@@ -165,7 +165,7 @@ class StageSummary:
         items: Samples.
         failures: Spans that raised.
         busy_s: Wall time in the stage summed over threads, seconds.
-        cpu_s: Thread CPU time in the stage, seconds.
+        cpu_s: Thread CPU time in the stage, seconds (None if not measured).
         runq_s: Time runnable but without a core, seconds (None if not measured).
         switches: Voluntary context switches (blocking) in the stage (None if not measured).
         gil_s: Estimated GIL wait in the stage, seconds (None if not measured).
@@ -173,7 +173,8 @@ class StageSummary:
         bytes: Bytes handled.
         p50_s: Median span duration, seconds (p90_s, p99_s alike).
         per_item_s: ``busy_s / items``, seconds per sample.
-        cpu_per_wall: ``cpu_s / busy_s``: ~1 computing; low: waiting (IO, GIL, cores).
+        cpu_per_wall: ``cpu_s / busy_s``: ~1 computing; low: waiting (IO, GIL, cores);
+            None if not measured.
         blocked_fraction: Share of busy time neither running nor runnable (IO, GIL);
             None if run-queue time was not measured.
         utilization: ``busy_s / (elapsed_s x threads)``: how busy the stage keeps its threads.
@@ -187,7 +188,7 @@ class StageSummary:
     items: int
     failures: int
     busy_s: float
-    cpu_s: float
+    cpu_s: float | None
     runq_s: float | None
     switches: int | None
     gil_s: float | None
@@ -197,15 +198,17 @@ class StageSummary:
     p90_s: float
     p99_s: float
     per_item_s: float
-    cpu_per_wall: float
+    cpu_per_wall: float | None
     blocked_fraction: float | None
     utilization: float
     rate_items_per_s: float
     mb_per_s: float
     threads: int
 
-    def split(self) -> TimeSplit:
-        """This stage's busy time by what it was spent on."""
+    def split(self) -> TimeSplit | None:
+        """This stage's busy time by what it was spent on (None: CPU time not measured)."""
+        if self.cpu_s is None:
+            return None
         return TimeSplit(self.cpu_s, self.runq_s, self.gil_s, self.io_wait_s)
 
     def to_dict(self) -> dict[str, Any]:

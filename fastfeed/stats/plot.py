@@ -98,9 +98,10 @@ def _stage_panel(ax: Any, stats: LoaderStats) -> None:
         widths = []
         for n in names:
             s = stats.stages[n]
-            share = s.split().shares().get(key, 0.0)
-            if key == "io" and s.runq_s is None:  # unclassified waiting
-                share = max(0.0, 1.0 - s.cpu_per_wall)
+            split = s.split()
+            share = split.shares().get(key, 0.0) if split else 0.0
+            if key == "io" and split is not None and s.runq_s is None:  # unclassified
+                share = max(0.0, 1.0 - (s.cpu_per_wall or 0.0))
             widths.append(1e3 * s.busy_s / max(1, s.count) * share)
         if any(widths):
             ax.barh(y, widths, left=left, color=color, label=label)

@@ -23,7 +23,8 @@ LEGEND = (
     "(usually one batch); busy = share of the elapsed time the stage kept its threads busy; "
     "CPU/wall = computing share of the stage's time (1.00: all computing; low: waiting); "
     "core/GIL/IO = share of the stage's time waiting for a free core, for the GIL, "
-    "and on IO (storage, network, sleeps, locks); fail = spans that raised"
+    "and on IO (storage, network, sleeps, locks); fail = spans that raised; "
+    "consumer = the training loop's steps"
 )
 
 _QUEUE_WORDS = {
@@ -38,6 +39,10 @@ def _pct(x: float) -> str:
 
 def _ms(x: float) -> str:
     return f"{1e3 * x:.1f} ms" if x < 10 else f"{x:.1f} s"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _execution(stats: LoaderStats) -> str:
@@ -86,7 +91,8 @@ def _details(stats: LoaderStats) -> list[str]:
         key=lambda s: ORDER.get(s.name, 99),
     )
     for s in shown:
-        shares = s.split().shares()
+        split = s.split()
+        shares = split.shares() if split else {}
         bits = ", ".join(f"{_pct(x)} {k}" for k, x in shares.items() if x >= 0.01)
         out.append(
             f"Stage {s.name}: {_ms(s.busy_s / max(1, s.count))} per span on {s.threads} "
@@ -147,19 +153,20 @@ def table(stats: LoaderStats) -> str:
     for s in sorted(stats.stages.values(), key=lambda s: ORDER.get(s.name, 99)):
         if s.name == Stage.WAIT:
             continue
-        shares = s.split().shares()
+        split = s.split()
+        shares = split.shares() if split else {}
 
         def cell(key: str, shares: dict[str, float] = shares) -> str:
             return _pct(shares[key]) if key in shares else "-"
 
         lines.append(
             f"{s.name:<10} {s.rate_items_per_s:>9,.0f} {_ms(s.p50_s):>9} {_ms(s.p99_s):>9} "
-            f"{_pct(s.utilization):>5} {s.cpu_per_wall:>8.2f} {cell('runq'):>5} "
+            f"{_pct(s.utilization):>5} {_ratio(s.cpu_per_wall):>8} {cell('runq'):>5} "
             f"{cell('gil'):>5} {cell('io'):>5} {s.mb_per_s:>8.1f} {s.failures:>5}"
         )
     if stats.steps:
         lines.append(
-            f"{'training':<10} {stats.samples_per_s:>9,.0f} {_ms(stats.step_p50_s):>9} "
+            f"{'consumer':<10} {stats.samples_per_s:>9,.0f} {_ms(stats.step_p50_s):>9} "
             f"{_ms(stats.step_p99_s):>9}  (step time; {_pct(stats.stall_fraction)} of it "
             "waiting for data)"
         )
