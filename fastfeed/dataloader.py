@@ -43,6 +43,7 @@ torch fails later or cannot apply: ``timeout > 0`` with ``num_workers=0``,
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 import weakref
@@ -244,7 +245,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         if holds_process_primitives(self.dataset):
             return None
         try:
-            if len(self.dataset) == 0:
+            if len(self.dataset) == 0:  # type: ignore[arg-type]  # TypeError handled
                 return False
         except TypeError:
             return None
@@ -429,7 +430,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             owns_pool=pool is not self._pool,
             ahead=(self.prefetch_factor or 1) * self.num_workers,
             timeout=self.timeout,
-            sampler_len=lambda s=sampler: len(s),
+            sampler_len=functools.partial(len, sampler),
             iterable=self._iterable,
             main_iter=main_iter,
             len_called=_tp.len_called(self),

@@ -86,10 +86,11 @@ def install_thread_worker_info() -> bool:
         if code is None or code.co_freevars or not hasattr(_worker_mod, "_worker_info"):
             return False
         setattr(_worker_mod, _ATTR, THREAD_INFO)
+        names: dict[str, Any] = {"co_name": code.co_name, "co_filename": __file__}
+        if hasattr(code, "co_qualname"):  # Python 3.11+
+            names["co_qualname"] = code.co_qualname
         new = _thread_aware_get_worker_info.__code__.replace(
-            co_name=code.co_name,
-            co_qualname=getattr(code, "co_qualname", code.co_name),
-            co_filename=__file__,
+            **names,
         )
         fn.__code__ = new  # type: ignore[union-attr]
         _installed = True
@@ -194,7 +195,7 @@ else:  # pragma: no cover
 def install_worker_exception_wrapper() -> None:
     """Inside a torch worker process: report exceptions with the original object."""
     if OriginalExceptionWrapper is not None and hasattr(_worker_mod, "ExceptionWrapper"):
-        _worker_mod.ExceptionWrapper = OriginalExceptionWrapper
+        setattr(_worker_mod, "ExceptionWrapper", OriginalExceptionWrapper)  # noqa: B010
 
 
 class WorkerInit:

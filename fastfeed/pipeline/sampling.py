@@ -178,7 +178,7 @@ class EpochSampler:
         num_samples: int,
         *,
         batch_size: int,
-        shuffle: bool = False,
+        shuffle: bool | str = False,
         seed: int = 0,
         drop_last: bool = False,
         rank: int | None = 0,

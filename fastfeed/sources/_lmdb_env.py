@@ -337,7 +337,8 @@ class _LMDBEnv(Source):
                 found = None
             if found is not None and found[1] > 64 * 1024:
                 value = self._pread(entry, found[1], found[0])
-                if value[:64] == bytes(txn.get(key)[:64]):  # touches one page only
+                current = txn.get(key)
+                if current is not None and value[:64] == bytes(current[:64]):  # one page
                     return value
         buf = txn.get(key)
         return None if buf is None else bytes(buf)

@@ -94,7 +94,7 @@ def resident(addr: int, length: int) -> bool | None:
     if pages <= 64:
         return all(b & 1 for b in vec.raw[:pages])
     # Bit 0 of each byte is residency: one vectorised test instead of a Python loop.
-    return bool((np.frombuffer(vec, dtype=np.uint8, count=pages) & 1).all())
+    return bool((np.frombuffer(memoryview(vec), dtype=np.uint8, count=pages) & 1).all())
 
 
 def map_base(addr: int, inode: int) -> int | None:

@@ -33,6 +33,7 @@ pickling) and re-exports the format names. Its layers live in private modules:
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -310,7 +311,7 @@ class LMDBSource(_LMDBColdReads):
         if runs is not None:
             pool = self._read_pool()
             for run in runs:
-                pool.submit(lambda run=run: self._page_in_run(run))
+                pool.submit(functools.partial(self._page_in_run, run))
             return
         for i in indices:
             where = ix.locate(i)

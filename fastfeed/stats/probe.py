@@ -46,7 +46,8 @@ class SourceFacts:
 
 
 def _chain(source: Any) -> list[Any]:
-    out, obj = [], source
+    out: list[Any] = []
+    obj = source
     while obj is not None and len(out) < _CHAIN_LIMIT:
         out.append(obj)
         obj = getattr(obj, "source", None)
@@ -97,7 +98,7 @@ def source_facts(source: Any, *, kind: str | None = None) -> SourceFacts:
             dataset_bytes = None
     meta = getattr(inner, "meta", None)
     is_pack = isinstance(meta, dict) and "format_version" in meta
-    max_side = meta.get("max_side") if is_pack else None
+    max_side = meta.get("max_side") if is_pack and isinstance(meta, dict) else None
     inner_counters = _counters(inner)
     return SourceFacts(
         kind=kind,

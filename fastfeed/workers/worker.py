@@ -41,7 +41,9 @@ class _SpanLog(Recorder):
         super().__init__(enabled=True)
         self._tls_spans = threading.local()
 
-    def add(self, stage: str, start_s: float, end_s: float, cpu_s: float, **kw: Any) -> None:
+    def add(  # type: ignore[override]  # keeps the span for the training process instead
+        self, stage: Any, start_s: float, end_s: float, cpu_s: float, **kw: Any
+    ) -> None:
         spans = getattr(self._tls_spans, "spans", None)
         if spans is not None:
             spans.append((stage, start_s, end_s, cpu_s, kw))
