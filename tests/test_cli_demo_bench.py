@@ -45,8 +45,8 @@ def test_demo_prints_every_stage_and_the_profile() -> None:
         ("3", "320"),
     ]
     assert "batches: (32, 3, 64, 64) uint8 (N, C, H, W)" in out
-    stages = _table_rows(out, ("read", "transform", "collate", "training"))
-    assert list(stages) == ["read", "transform", "collate", "training"], out
+    stages = _table_rows(out, ("read", "transform", "collate", "consumer"))
+    assert list(stages) == ["read", "transform", "collate", "consumer"], out
     assert re.search(r"^verdict: (compute-bound|partially-input-bound|input-bound): ", out, re.M)
     assert "RAM cache: 100% hits (960 hits, 0 misses" in out
     # The temporary directory is gone afterwards.
