@@ -433,9 +433,13 @@ class SharedStore:
                 elif i in self._inflight:
                     others.append(k)
                 elif _lock(fd, _RECORD_LOCK + i):
-                    if self._states[i] == READY:  # published between the checks
+                    st = self._states[i]  # again: it may have changed before the claim
+                    if st != EMPTY:
                         _unlock(fd, _RECORD_LOCK + i)
-                        recs[k] = self._get(i)
+                        if st == READY:
+                            recs[k] = self._get(i)
+                        else:
+                            through.append(k)
                     else:
                         self._inflight[i] = threading.Event()
                         mine.append(k)
@@ -481,7 +485,7 @@ class SharedStore:
                 size = len(rec.data)
                 if used + size <= self.capacity:
                     spots.append((i, self._data_off + used, rec))
-                    used += _align(size, 8) if used + _align(size, 8) <= self.capacity else size
+                    used += size  # packed: the budget counts record bytes, as in-process
                 else:
                     skipped.append(i)
             header[_H_USED] = used
