@@ -53,6 +53,10 @@ class MemoryCache(Source):
             source must have an identity, see :meth:`Source.identity`).
         claim_timeout_s: Shared only: longest wait for a record another process is
             filling before reading it from storage, seconds.
+        zero_copy: Shared only: a hit's ``data`` is a read-only ``memoryview`` of the
+            shared copy (no copy; it keeps the mapping alive while referenced). False
+            returns ``bytes`` copies: use it where records must pickle (raw records,
+            no ``transform``, under ``processes=K``).
 
     Attributes:
         source: The wrapped source.
@@ -81,6 +85,7 @@ class MemoryCache(Source):
         *,
         shared: bool = False,
         claim_timeout_s: float = 60.0,
+        zero_copy: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(source, Source):
@@ -92,6 +97,7 @@ class MemoryCache(Source):
         self.policy = policy
         self.shared = self.machine_wide = bool(shared)
         self.claim_timeout_s = float(claim_timeout_s)
+        self.zero_copy = bool(zero_copy)
         self.classes = source.classes
         self._lock = threading.Lock()
         self._store: shared_cache.SharedStore | None = None
@@ -116,7 +122,10 @@ class MemoryCache(Source):
     def _attach(self) -> shared_cache.SharedStore:
         assert self._key is not None
         store = shared_cache.attach(
-            self._key, len(self.source), self.capacity_bytes, claim_timeout_s=self.claim_timeout_s
+            self._key,
+            len(self.source),
+            self.capacity_bytes,
+            claim_timeout_s=self.claim_timeout_s,
         )
         store.after_fork()  # no-op unless inherited through fork
         return store
@@ -160,7 +169,10 @@ class MemoryCache(Source):
 
     def _read_static(self, indices: Sequence[int]) -> list[Record]:
         if self._store is not None:
-            return self._store.read_many(indices, self.source)
+            recs = self._store.read_many(indices, self.source)
+            if not self.zero_copy:  # bytes() of a miss's bytes is the same object
+                recs = [Record(bytes(r.data), r.label) for r in recs]
+            return recs
         slots = self._slots
         recs: list[Any] = [slots[i] for i in indices]
         missing = [k for k, r in enumerate(recs) if r is None]

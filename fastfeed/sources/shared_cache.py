@@ -8,10 +8,13 @@ Design, and why
 ---------------
 **Backing: an anonymous ``memfd``, never a file in /dev/shm.** A memfd has no name, so
 nothing can be left behind: the kernel frees it when the last process holding a
-descriptor or a mapping exits, also after SIGKILL. It is not limited by the size of
-/dev/shm (Docker's 64 MB default does not apply), only by memory; pages are reserved with
-``posix_fallocate`` as records are placed, so running out of memory is an ``ENOMEM``
-reported with the size needed (the record is then read through), never a SIGBUS.
+descriptor or a mapping exits, also after SIGKILL. Hits are read-only ``memoryview``
+slices of the mapping (no copy): a record still referenced keeps the mapping, and the
+descriptor Python's ``mmap`` duplicates, alive after :meth:`SharedStore.detach`.
+A memfd is not limited by the size of /dev/shm (Docker's 64 MB default does not apply),
+only by memory; pages are reserved with ``posix_fallocate`` as records are placed, so
+running out of memory is an ``ENOMEM`` warned about with the size needed (the records
+are then read through), never a SIGBUS.
 
 **Finding it: abstract-namespace unix socket names as a directory.** Each attached process
 binds ``\\0fastfeed-cache/<key>/<pid>/<fd>`` (an abstract name: no file, released by the
@@ -322,13 +325,16 @@ class SharedStore:
         self._offs = mv[self._offs_off : self._lens_off].cast("Q")
         self._lens = mv[self._lens_off : self._labels_off].cast("Q")
         self._labels = mv[self._labels_off : self._labels_off + 8 * self.n].cast("q")
+        # Hits are read-only slices: no copy, and nobody can scribble on the shared copy
+        # through a record.
+        self._ro = mv.toreadonly()
         # What the finalizer releases; it must not refer to self (or it would keep it alive).
         self._resources: dict[str, Any] = {
             "fd": fd,
             "mm": self._mm,
             "header": self._header,
             "slots": self._slots,
-            "views": [self._states, self._offs, self._lens, self._labels, mv],
+            "views": [self._states, self._offs, self._lens, self._labels, self._ro, mv],
             "sock": None,
             "slot": None,
             "pid": None,
@@ -381,7 +387,7 @@ class SharedStore:
             self._offs,
             self._lens,
             self._labels,
-            self._mm,
+            self._ro,
         )
         recs: list[Any] = [None] * len(indices)
         missing: list[int] = []
@@ -406,7 +412,8 @@ class SharedStore:
     def _get(self, i: int) -> Record:
         off = self._offs[i]
         lab = self._labels[i]
-        return Record(self._mm[off : off + self._lens[i]], None if lab == _NO_LABEL else lab)
+        data = self._ro[off : off + self._lens[i]]
+        return Record(data, None if lab == _NO_LABEL else lab)
 
     def _fill(
         self,
@@ -541,7 +548,7 @@ class SharedStore:
                 f"memory ({exc.strerror}); the segment needs up to "
                 f"{format_size(self.total_bytes)} in all. Records that do not fit are read "
                 "from storage; lower the capacity or free memory",
-                ResourceWarning,
+                UserWarning,  # ResourceWarning is hidden by default: this must be seen
                 stacklevel=4,
             )
 

@@ -126,6 +126,9 @@ def test_single_process_counts_hits_misses_and_fills_exactly():
         assert m["processes"] == 1
         assert cache.cached(19) and not cache.cached(20)
         assert cache.cached_indices() == list(range(20))
+        # Hits are views of the segment: they keep it mapped (and its descriptor, which
+        # Python's mmap duplicates) until dropped.
+        del recs, again
     finally:
         cache.detach()
     _assert_gone(key)
@@ -145,6 +148,24 @@ def test_one_attachment_per_process_and_pickle_reattaches():
     finally:
         a.detach()
         b.detach()
+
+
+def test_hits_are_read_only_views_or_bytes_copies():
+    tag = _tag()
+    view = MemoryCache(SharedLedger(4, tag), 10_000, shared=True)  # noqa: F821
+    copy = MemoryCache(SharedLedger(4, tag), 10_000, shared=True, zero_copy=False)  # noqa: F821
+    try:
+        assert type(view.read(1).data) is bytes  # the miss: straight from storage
+        hit = view.read(1).data
+        assert isinstance(hit, memoryview) and hit.readonly and hit == ledger_record(1)
+        with pytest.raises(TypeError):
+            hit[0] = 0  # nobody scribbles on the machine's copy
+        got = copy.read(1).data
+        assert type(got) is bytes and got == ledger_record(1)
+        assert pickle.loads(pickle.dumps(got)) == ledger_record(1)
+    finally:
+        view.detach()
+        copy.detach()
 
 
 def test_errors_are_clear():
@@ -429,3 +450,76 @@ def test_loader_worker_processes_share_one_copy_exactly_once():
         loader.close()
         cache.detach()
     _assert_gone(key)
+
+
+def test_two_ranks_with_worker_processes_read_each_record_once(tmp_path):
+    # Ranks as torchrun starts them: separate interpreters, each with its rank, each a
+    # Loader with 2 worker processes over the same shared cache.
+    tag, n = _tag(), 400
+    code = PRELUDE + textwrap.dedent(
+        f"""
+        import fastfeed as ff
+        from harness import Ledger, LedgerDecode
+        rank = int(os.environ["RANK"])
+        src = SharedLedger({n}, {tag!r}, pad_bytes=500)
+        cache = MemoryCache(src, 10**7, shared=True)
+        loader = ff.Loader(cache, LedgerDecode(), batch_size=20, shuffle=True, seed=9,
+                           num_threads=2, processes=2, rank=rank, world_size=2)
+        print("ATTACHED", flush=True)
+        while not os.path.exists(os.environ["GO"]):
+            time.sleep(0.005)
+        seen = []
+        for epoch in range(2):
+            ledger = Ledger(range({n}))
+            idx = []
+            for batch in loader:
+                ledger.add(batch)
+                idx.extend(batch.indices)
+            assert not [p for p in ledger.problems() if "delivered more than once" in p]
+            seen.append(sorted(idx))
+        loader.close()
+        print("STATS " + json.dumps(dict(seen=seen, **cache.cache_stats())))
+        """
+    )
+    go = str(tmp_path / "go")
+    kids = [Child(code, env={"RANK": str(r), "GO": go}) for r in range(2)]
+    try:
+        for k in kids:
+            k.wait_for("ATTACHED")
+        (tmp_path / "go").touch()
+        results = [k.finish() for k in kids]
+    finally:
+        for k in kids:
+            k.kill()
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    stats = [_stats_line(r.stdout) for r in results]
+    for epoch in range(2):  # the ranks' shards cover the dataset exactly once
+        assert sorted(stats[0]["seen"][epoch] + stats[1]["seen"][epoch]) == list(range(n))
+    m = stats[-1]["machine"]
+    assert m["storage_reads"] == n  # once per machine, not once per rank or worker
+    assert m["fills"] == n and m["filled_records"] == n
+    assert m["hits"] >= n  # the second epoch: everything from the shared copy
+    _assert_gone(_key(n, tag, 10**7, 500))
+
+
+def test_out_of_memory_reads_through_and_names_the_size(monkeypatch):
+    tag = _tag()
+    cache = MemoryCache(SharedLedger(8, tag, pad_bytes=1000), 10**6, shared=True)  # noqa: F821
+
+    def no_memory(fd, offset, length):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(shared_cache.os, "posix_fallocate", no_memory)
+    try:
+        with pytest.warns(UserWarning, match=r"could not reserve 7\.9 KiB of shared memory"):
+            recs = cache.read_many(list(range(8)))
+        assert [bytes(r.data) for r in recs] == [ledger_record(i, 0, 1000) for i in range(8)]
+        m = cache.cache_stats()["machine"]
+        assert m["filled_records"] == 0 and m["skipped_records"] == 8
+        assert m["unreserved_bytes"] == 8 * 1016
+        again = cache.read_many(list(range(8)))  # read through from then on, correct
+        assert [bytes(r.data) for r in again] == [ledger_record(i, 0, 1000) for i in range(8)]
+        assert cache.cache_stats()["process"]["read_through"] == 8
+    finally:
+        cache.detach()
