@@ -72,7 +72,9 @@ class MemoryCache(Source):
     Note:
         Pickling (spawn, process workers) sends the wrapped source but not the cached
         bytes: the receiving process starts with an empty cache (a shared cache: it
-        attaches to the machine's copy). A forked child inherits
+        attaches to the machine's copy). A shared cache stays attached through
+        :meth:`close`; :meth:`detach` leaves the machine's copy, which the kernel frees
+        when the last process leaves (also when processes are killed). A forked child inherits
         the cache (copy-on-write). :meth:`close` closes the wrapped source and keeps the
         cached data; :meth:`clear` drops it.
     """

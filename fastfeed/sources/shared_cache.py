@@ -32,7 +32,13 @@ reading storage. The kernel drops the locks of a process that dies, so a writer 
 mid-fill leaves its records unpublished and claimable: the waiter takes the claim over
 (``reclaims``), no timeout needed. A claimant that hangs is waited for at most
 ``claim_timeout_s``; then the record is read through. Threads of one process (which
-POSIX locks do not tell apart) coordinate through an in-process table.
+POSIX locks do not tell apart) coordinate through an in-process table. POSIX locks are
+dropped when the process closes *any* descriptor of the file: so there is one attachment
+per process and key (:func:`attach`), and candidate descriptors are only opened and
+closed before this process holds locks on that segment. (One gap: records kept after
+:meth:`SharedStore.detach` keep Python's duplicate descriptor; if the process re-attaches
+to the same segment and later drops them, its locks go, and another process may adopt its
+counter slot or fill a record it is filling, with identical bytes.)
 
 **Publishing: a record is visible only once complete.** The filler copies the bytes,
 writes offset, length and label, and only then sets the record's one-byte state to
@@ -59,7 +65,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import mmap
 import os
@@ -71,6 +76,11 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no shared cache (MemoryCache(shared=True) says so)
+    fcntl = None  # type: ignore[assignment]
 
 from fastfeed._size import format_size
 from fastfeed.errors import ConfigError
@@ -229,7 +239,7 @@ class SharedStore:
         claim_timeout_s: float = 60.0,
         attach_timeout_s: float = 30.0,
     ) -> None:
-        if not hasattr(os, "memfd_create"):
+        if not hasattr(os, "memfd_create") or fcntl is None:
             raise ConfigError("MemoryCache(shared=True) needs Linux (memfd_create)")
         self.key = key
         self.n = n
@@ -687,12 +697,27 @@ def header_add(header: memoryview, word: int, amount: int) -> None:
     header[word] += amount
 
 
+# POSIX record locks exclude other processes, not other threads of this one: the header
+# lock is taken under this process-wide lock too.
+_HEADER_TLOCK = threading.Lock()
+
+
+def _new_header_tlock() -> None:
+    global _HEADER_TLOCK
+    _HEADER_TLOCK = threading.Lock()  # a thread of the parent may have held it at fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_header_tlock)
+
+
 def _with_alloc_lock(fd: int, fn: Callable[[], Any]) -> Any:
-    _lock(fd, _ALLOC_LOCK, wait=True)
-    try:
-        return fn()
-    finally:
-        _unlock(fd, _ALLOC_LOCK)
+    with _HEADER_TLOCK:
+        _lock(fd, _ALLOC_LOCK, wait=True)
+        try:
+            return fn()
+        finally:
+            _unlock(fd, _ALLOC_LOCK)
 
 
 def _adopt_slot(header: memoryview, slots: memoryview, s: int) -> None:

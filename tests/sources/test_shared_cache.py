@@ -478,6 +478,9 @@ def test_two_ranks_with_worker_processes_read_each_record_once(tmp_path):
             assert not [p for p in ledger.problems() if "delivered more than once" in p]
             seen.append(sorted(idx))
         loader.close()
+        print("EPOCHS-DONE", flush=True)
+        while not os.path.exists(os.environ["GO"] + "2"):  # both ranks done: count
+            time.sleep(0.005)
         print("STATS " + json.dumps(dict(seen=seen, **cache.cache_stats())))
         """
     )
@@ -487,6 +490,9 @@ def test_two_ranks_with_worker_processes_read_each_record_once(tmp_path):
         for k in kids:
             k.wait_for("ATTACHED")
         (tmp_path / "go").touch()
+        for k in kids:
+            k.wait_for("EPOCHS-DONE", timeout_s=60)
+        (tmp_path / "go2").touch()
         results = [k.finish() for k in kids]
     finally:
         for k in kids:
