@@ -505,7 +505,10 @@ def test_two_ranks_with_worker_processes_read_each_record_once(tmp_path):
     m = stats[-1]["machine"]
     assert m["storage_reads"] == n  # once per machine, not once per rank or worker
     assert m["fills"] == n and m["filled_records"] == n
-    assert m["hits"] >= n  # the second epoch: everything from the shared copy
+    assert m["hits"] + m["misses"] == 2 * n
+    # Without a training step to keep them in step, one rank's second epoch may wait for
+    # records the other is still filling (misses that read nothing): most are hits.
+    assert m["hits"] >= n // 2
     _assert_gone(_key(n, tag, 10**7, 500))
 
 
