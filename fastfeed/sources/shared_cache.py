@@ -226,6 +226,11 @@ class SharedStore:
             before reading it through, seconds.
         attach_timeout_s: Longest wait to find or create the segment, seconds.
 
+    Attributes:
+        key: The segment's key.
+        created: Whether this process created the segment (False: it attached).
+        total_bytes: Size of the segment (header, counters, record table, data), bytes.
+
     Raises:
         ConfigError: Not Linux (no memfd), or ``capacity`` larger than the machine's memory.
     """
@@ -550,7 +555,7 @@ class SharedStore:
         return len(spots)
 
     def _note_no_memory(self, need: int, exc: OSError) -> None:
-        self._with_alloc_lock(lambda: header_add(self._header, _H_ENOMEM, need))
+        self._with_alloc_lock(lambda: _header_add(self._header, _H_ENOMEM, need))
         if not self._warned:
             self._warned = True
             warnings.warn(
@@ -693,7 +698,7 @@ def attach(key: str, n: int, capacity: int, **kw: Any) -> SharedStore:
         return store
 
 
-def header_add(header: memoryview, word: int, amount: int) -> None:
+def _header_add(header: memoryview, word: int, amount: int) -> None:
     header[word] += amount
 
 
@@ -703,8 +708,10 @@ _HEADER_TLOCK = threading.Lock()
 
 
 def _new_header_tlock() -> None:
-    global _HEADER_TLOCK
-    _HEADER_TLOCK = threading.Lock()  # a thread of the parent may have held it at fork
+    global _HEADER_TLOCK, _STORES_LOCK
+    # A thread of the parent may have held them at fork.
+    _HEADER_TLOCK = threading.Lock()
+    _STORES_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
