@@ -424,6 +424,28 @@ def test_readers_never_see_a_partial_record(tmp_path):
     _assert_gone(_key(n, tag, 10**8, pad))
 
 
+def test_spawned_workers_attach_to_the_training_process_copy():
+    tag, n = _tag(), 120
+    cache = MemoryCache(SharedLedger(n, tag), 10**6, shared=True)  # noqa: F821
+    cache.preload(progress=False)  # filled here: spawned workers must find this copy
+    key = _key(n, tag, 10**6)
+    loader = ff.Loader(
+        cache, LedgerDecode(), batch_size=20, num_threads=1, processes=2, start_method="spawn"
+    )
+    try:
+        ledger = Ledger(range(n))
+        for batch in loader:
+            ledger.add(batch)
+        ledger.check()
+        m = cache.cache_stats()["machine"]
+        assert m["storage_reads"] == n  # the preload's only: the workers read none
+        assert m["hits"] == n
+    finally:
+        loader.close()
+        cache.detach()
+    _assert_gone(key)
+
+
 def test_loader_worker_processes_share_one_copy_exactly_once():
     tag, n = _tag(), 500
     src = SharedLedger(n, tag, pad_bytes=200)  # noqa: F821
