@@ -465,10 +465,12 @@ def _warn_if_cache_copied(source: Source, processes: int) -> None:
     node: Any = source
     for _ in range(8):  # wrappers (subsets, caches) hold their inner source as .source
         if isinstance(node, MemoryCache):
+            if node.shared:  # one copy per machine, found by every worker process
+                return
             warnings.warn(
                 f"processes={processes} with a MemoryCache: each worker process fills its "
                 f"own copy of the cache ({processes} copies of up to its capacity, and a "
-                "lower hit rate per copy); use processes=0 to share one copy",
+                "lower hit rate per copy); use MemoryCache(shared=True) or processes=0",
                 UserWarning,
                 stacklevel=3,
             )

@@ -156,6 +156,16 @@ class Source(ABC):
     def hint(self, indices: Iterable[int]) -> None:  # noqa: B027 - optional hook
         """Tell the source which indices will be read next (read-ahead). No-op by default."""
 
+    def identity(self) -> tuple[Any, ...] | None:
+        """What makes this source the same data in another process, or ``None``.
+
+        A tuple of plain values (type name, paths, sizes, modification times, a format
+        version) equal in every process that opens the same data and different once the
+        data changes. ``MemoryCache(shared=True)`` keys its machine-wide copy on it; the
+        default ``None`` means "not shareable".
+        """
+        return None
+
     def _open(self) -> None:  # noqa: B027 - optional hook
         """Open heavy handles in this process. Called lazily, once per PID."""
 

@@ -14,6 +14,11 @@ Two policies:
 
 Hits are a list (static) or dict (LRU) lookup per index and one lock per call at most: the
 cached ``bytes`` object itself is returned, without a copy.
+
+``shared=True`` (static only) keeps one copy per machine in shared memory, found by every
+process that opens the same source with the same capacity: worker processes and every DDP
+rank on the node; each record is read from storage once per machine. See
+:mod:`fastfeed.sources.shared_cache` for the design.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 from fastfeed._progress import progress_bar
 from fastfeed._size import parse_size
 from fastfeed.errors import ConfigError
+from fastfeed.sources import shared_cache
 from fastfeed.sources.base import Record, Source
 
 __all__ = ["MemoryCache"]
@@ -42,20 +48,47 @@ class MemoryCache(Source):
             ``"8GiB"`` or ``"512MB"`` (see :func:`fastfeed._size.parse_size`). Python object
             overhead (~100 bytes per record) is not counted.
         policy: ``"static"`` (fill once, never evict) or ``"lru"``.
+        shared: Keep the cache in shared memory, one copy per machine for every process
+            that opens the same source with the same capacity (static policy only; the
+            source must have an identity, see :meth:`Source.identity`).
+        claim_timeout_s: Shared only: longest wait for a record another process is
+            filling before reading it from storage, seconds.
+        zero_copy: Shared only: a hit's ``data`` is a read-only ``memoryview`` of the
+            shared copy (no copy; it keeps the mapping alive while referenced). False
+            returns ``bytes`` copies: use it where records must pickle (raw records,
+            no ``transform``, under ``processes=K``).
 
     Attributes:
         source: The wrapped source.
-        capacity_bytes: The byte budget.
+        capacity_bytes: The byte budget (machine-wide when shared).
         policy: ``"static"`` or ``"lru"``.
+        shared: Whether the cache is one copy per machine.
+        machine_wide: Same as ``shared``: ``capacity_bytes`` holds for the whole machine.
+
+    Raises:
+        ConfigError: ``shared=True`` with the LRU policy, or over a source without an
+            identity; a shared capacity larger than the machine's memory.
 
     Note:
         Pickling (spawn, process workers) sends the wrapped source but not the cached
-        bytes: the receiving process starts with an empty cache. A forked child inherits
+        bytes: the receiving process starts with an empty cache (a shared cache: it
+        attaches to the machine's copy). A shared cache stays attached through
+        :meth:`close`; :meth:`detach` leaves the machine's copy, which the kernel frees
+        when the last process leaves (also when processes are killed). A forked child inherits
         the cache (copy-on-write). :meth:`close` closes the wrapped source and keeps the
         cached data; :meth:`clear` drops it.
     """
 
-    def __init__(self, source: Source, capacity: int | str, policy: str = "static") -> None:
+    def __init__(
+        self,
+        source: Source,
+        capacity: int | str,
+        policy: str = "static",
+        *,
+        shared: bool = False,
+        claim_timeout_s: float = 60.0,
+        zero_copy: bool = True,
+    ) -> None:
         super().__init__()
         if not isinstance(source, Source):
             raise ConfigError(f"MemoryCache wraps a Source, not {type(source).__name__}")
@@ -64,9 +97,44 @@ class MemoryCache(Source):
         self.source = source
         self.capacity_bytes = parse_size(capacity)
         self.policy = policy
+        self.shared = self.machine_wide = bool(shared)
+        self.claim_timeout_s = float(claim_timeout_s)
+        self.zero_copy = bool(zero_copy)
         self.classes = source.classes
         self._lock = threading.Lock()
+        self._store: shared_cache.SharedStore | None = None
+        self._key: str | None = None
+        if self.shared:
+            if policy != "static":
+                raise ConfigError(
+                    "MemoryCache(shared=True) supports policy='static' only (fill once: "
+                    "every process agrees on what is cached without coordinating evictions)"
+                )
+            identity = shared_cache.source_identity(source)
+            if identity is None:
+                raise ConfigError(
+                    f"MemoryCache(shared=True): {type(source).__name__} has no identity(), "
+                    "so other processes cannot tell it is the same data; use FileSource or "
+                    "LMDBSource, or implement Source.identity()"
+                )
+            self._key = shared_cache.segment_key(identity, len(source), self.capacity_bytes)
+            self._store = self._attach()  # now: this process keeps the copy alive
         self._init_store()
+
+    def _attach(self) -> shared_cache.SharedStore:
+        assert self._key is not None
+        store = shared_cache.attach(
+            self._key,
+            len(self.source),
+            self.capacity_bytes,
+            claim_timeout_s=self.claim_timeout_s,
+        )
+        store.after_fork()  # no-op unless inherited through fork
+        return store
+
+    def _open(self) -> None:
+        if self.shared and (self._store is None or not self._store._resources):
+            self._store = self._attach()
 
     def _init_store(self) -> None:
         self._n = len(self.source)
@@ -102,6 +170,11 @@ class MemoryCache(Source):
         return self._read_lru(indices)
 
     def _read_static(self, indices: Sequence[int]) -> list[Record]:
+        if self._store is not None:
+            recs = self._store.read_many(indices, self.source)
+            if not self.zero_copy:  # bytes() of a miss's bytes is the same object
+                recs = [Record(bytes(r.data), r.label) for r in recs]
+            return recs
         slots = self._slots
         recs: list[Any] = [slots[i] for i in indices]
         missing = [k for k, r in enumerate(recs) if r is None]
@@ -168,7 +241,10 @@ class MemoryCache(Source):
     def hint(self, indices: Iterable[int]) -> None:
         """Forward the read-ahead hint for the indices that are not cached."""
         n = self._n
-        if self.policy == "static":
+        if self._store is not None:
+            state = self._store.state
+            todo = [i for i in indices if 0 <= i < n and state(i) != shared_cache.READY]
+        elif self.policy == "static":
             slots = self._slots
             todo = [i for i in indices if 0 <= i < n and slots[i] is None]
         else:
@@ -186,12 +262,16 @@ class MemoryCache(Source):
 
     def cached(self, index: int) -> bool:
         """Whether record ``index`` is in the cache now."""
+        if self._store is not None:
+            return self._store.state(index) == shared_cache.READY
         if self.policy == "static":
             return self._slots[index] is not None
         return index in self._lru
 
     def cached_indices(self) -> list[int]:
         """Cached record indices (static: ascending; LRU: least to most recently used)."""
+        if self._store is not None:
+            return [i for i in range(self._n) if self._store.state(i) == shared_cache.READY]
         with self._lock:
             if self.policy == "static":
                 return [i for i, r in enumerate(self._slots) if r is not None]
@@ -211,6 +291,8 @@ class MemoryCache(Source):
             Records added.
         """
         self._ensure_open()
+        if self._store is not None:
+            return self._preload_shared(progress, batch)
         added = 0
         bar = progress_bar(total=self._n, unit="rec", desc="preload", enabled=progress, leave=True)
         with bar:
@@ -239,8 +321,29 @@ class MemoryCache(Source):
                     break
         return added
 
+    def _preload_shared(self, progress: bool, batch: int) -> int:
+        store = self._store
+        assert store is not None
+        added = 0
+        bar = progress_bar(total=self._n, unit="rec", desc="preload", enabled=progress, leave=True)
+        with bar:
+            for start in range(0, self._n, batch):
+                if store.full():
+                    break
+                added += store.preload(range(start, min(self._n, start + batch)), self.source)
+                bar.update(min(self._n, start + batch) - start)
+        return added
+
     def cache_stats(self) -> dict[str, Any]:
-        """Hits, misses, hit rate, bytes and entries cached, evictions, capacity, policy."""
+        """Hits, misses, hit rate, bytes and entries cached, evictions, capacity, policy.
+
+        A shared cache reports this process's hits and misses at the top level, the
+        machine's bytes and entries, and two more dicts: ``process`` (this process's
+        counters) and ``machine`` (every process on the machine, live or gone: hits,
+        misses, bytes read from storage, fills, ``fill_fraction``, ``processes``).
+        """
+        if self._store is not None:
+            return self._shared_stats(self._store)
         with self._lock:
             total = self._hits + self._misses
             return {
@@ -254,13 +357,54 @@ class MemoryCache(Source):
                 "capacity_bytes": self.capacity_bytes,
             }
 
+    def _shared_stats(self, store: shared_cache.SharedStore) -> dict[str, Any]:
+        mine = store.process_counters()
+        machine = store.machine_counters()
+        for d in (mine, machine):
+            total = d["hits"] + d["misses"]
+            d["hit_rate"] = d["hits"] / total if total else 0.0
+        return {
+            "policy": self.policy,
+            "shared": True,
+            "hits": mine["hits"],
+            "misses": mine["misses"],
+            "hit_rate": mine["hit_rate"],
+            "bytes_cached": machine["filled_bytes"],
+            "entries": machine["filled_records"],
+            "evictions": 0,
+            "capacity_bytes": self.capacity_bytes,
+            "process": mine,
+            "machine": machine,
+        }
+
+    stats = cache_stats
+
+    def detach(self) -> None:
+        """Shared cache: leave the machine's copy now (freed when the last process leaves).
+
+        Reading again re-attaches. A no-op for an in-process cache.
+        """
+        if self._store is not None:
+            self._store.detach()
+            self._store = None
+            self._pid = None  # the next read attaches again
+
     def reset_stats(self) -> None:
         """Zero hits, misses and evictions (the cached data stays)."""
+        if self._store is not None:
+            self._store.reset_counters()
+            return
         with self._lock:
             self._hits = self._misses = self._evictions = 0
 
     def clear(self) -> None:
-        """Drop every cached record and zero the statistics."""
+        """Drop every cached record and zero the statistics.
+
+        Raises:
+            ConfigError: The cache is shared (other processes read it).
+        """
+        if self.shared:
+            raise ConfigError("cannot clear a shared MemoryCache: other processes read it")
         with self._lock:
             self._init_store()
 
@@ -269,6 +413,7 @@ class MemoryCache(Source):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         del state["_lock"]
+        state["_store"] = None  # the receiver attaches to the machine's copy
         for key in ("_slots", "_lru"):
             state.pop(key, None)
         return state
@@ -280,9 +425,12 @@ class MemoryCache(Source):
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
+        if self._store is not None:
+            self._store.after_fork()
 
     def __repr__(self) -> str:
         return (
             f"MemoryCache({self.source!r}, capacity={self.capacity_bytes}, "
-            f"policy={self.policy!r}, entries={self._entries})"
+            f"policy={self.policy!r}, entries={self._entries}"
+            + (", shared=True)" if self.shared else ")")
         )

@@ -38,6 +38,13 @@ class Subset(Source):
     def _read_many(self, indices: Sequence[int]) -> list[Record]:
         return self.base.read_many([self.indices[i] for i in indices])
 
+    def identity(self) -> tuple[object, ...] | None:
+        """The base's identity and the chosen indices, or None where the base has none."""
+        base = self.base.identity()
+        if base is None:
+            return None
+        return ("Subset", base, hash(tuple(self.indices)), len(self.indices))
+
     def hint(self, indices: Iterable[int]) -> None:
         self.base.hint([self.indices[i] for i in indices])
 
