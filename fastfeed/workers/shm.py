@@ -302,6 +302,11 @@ class SharedRing:
             self._sweep_old()
 
 
+def _picklable(leaf: Any) -> Any:
+    """Raw records may be read-only views (a shared cache's hits): send their bytes."""
+    return bytes(leaf) if isinstance(leaf, memoryview) else leaf
+
+
 def _close_fds(fds: set[int]) -> None:
     for fd in list(fds):
         with contextlib.suppress(OSError):
@@ -433,8 +438,8 @@ class SlotWriter:
             dst.narrow(0, offset, nbytes).copy_(t.reshape(-1).view(torch.uint8))
             return TensorRef(offset, tuple(t.shape), tuple(t.stride()), t.dtype)
 
-        d = map_tensors(data, place)
-        labs = map_tensors(labels, place) if labels is not None else None
+        d = map_tensors(data, place, _picklable)
+        labs = map_tensors(labels, place, _picklable) if labels is not None else None
         return Layout(self._tls.slot, self._tls.used, d, labs)
 
     def close(self) -> None:

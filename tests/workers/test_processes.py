@@ -435,3 +435,15 @@ def test_distributed_shards_are_the_same_in_process_mode():
         ref = [b.indices for b in ff.Loader(src, LedgerDecode(), rank=rank, num_threads=1, **kw)]
         with ff.Loader(src, LedgerDecode(), rank=rank, num_threads=1, processes=2, **kw) as ld:
             assert [b.indices for b in ld] == ref
+
+
+def test_raw_records_that_are_memoryviews_travel_as_bytes():
+    class Views(LedgerSource):
+        def _read_one(self, index):
+            rec = super()._read_one(index)
+            return type(rec)(memoryview(bytes(rec.data)), rec.label)
+
+    src = Views(20)
+    with ff.Loader(src, None, batch_size=5, num_threads=1, processes=1, start_method="fork") as ld:
+        got = [bytes(x) for b in ld for x in b.data]
+    assert got == [LedgerSource(20).read(i).data for i in range(20)]
