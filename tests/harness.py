@@ -22,7 +22,7 @@ The pieces, each usable on its own:
   (:func:`write_tiny_files`) and LMDBs in fastfeed's format with arbitrary values
   (:func:`write_lmdb`, zero-byte values included).
 
-Used by ``tests/test_reliability_*.py`` and ``benchmarks/soak.py`` (which puts ``tests/``
+Used by ``tests/reliability/`` and ``benchmarks/soak.py`` (which puts ``tests/``
 on ``sys.path``).
 """
 

@@ -11,7 +11,7 @@ import lmdb
 import pytest
 from imagedata import make_image_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Load fastfeed.cli under a stand-in package (so fastfeed/__init__.py is not run) with the
 # heavy libraries blocked: any import of them by cli.py or a command module fails.
