@@ -198,7 +198,7 @@ class FileSource(Source):
         """
         n = len(self.paths)
         step = max(1, n // 200_000)
-        stats = []
+        stats: list[tuple[int, int] | None] = []
         for path in self.paths[::step]:
             try:
                 st = os.stat(path)

@@ -230,6 +230,22 @@ class LMDBSource(_LMDBColdReads):
         """Class name to label, or ``None``."""
         return {c: i for i, c in enumerate(self.classes)} if self.classes is not None else None
 
+    def identity(self) -> tuple[Any, ...]:
+        """Path, data file size and modification time, format version, record count.
+
+        What ``MemoryCache(shared=True)`` keys its machine-wide copy on: equal in every
+        process that opens this LMDB, different once its data file is rewritten.
+        """
+        st = os.stat(self.data_path)
+        return (
+            "LMDBSource",
+            os.path.realpath(self.path),
+            st.st_size,
+            st.st_mtime_ns,
+            FORMAT_VERSION,
+            len(self),
+        )
+
     # -- reads ----------------------------------------------------------------------
 
     def _read_one(self, index: int) -> Record:

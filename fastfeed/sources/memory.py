@@ -171,10 +171,10 @@ class MemoryCache(Source):
 
     def _read_static(self, indices: Sequence[int]) -> list[Record]:
         if self._store is not None:
-            recs = self._store.read_many(indices, self.source)
+            shared = self._store.read_many(indices, self.source)
             if not self.zero_copy:  # bytes() of a miss's bytes is the same object
-                recs = [Record(bytes(r.data), r.label) for r in recs]
-            return recs
+                shared = [Record(bytes(r.data), r.label) for r in shared]
+            return shared
         slots = self._slots
         recs: list[Any] = [slots[i] for i in indices]
         missing = [k for k, r in enumerate(recs) if r is None]
@@ -358,7 +358,7 @@ class MemoryCache(Source):
             }
 
     def _shared_stats(self, store: shared_cache.SharedStore) -> dict[str, Any]:
-        mine = store.process_counters()
+        mine: dict[str, Any] = store.process_counters()
         machine = store.machine_counters()
         for d in (mine, machine):
             total = d["hits"] + d["misses"]

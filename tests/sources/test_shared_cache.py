@@ -541,7 +541,7 @@ def test_out_of_memory_reads_through_and_names_the_size(monkeypatch):
     def no_memory(fd, offset, length):
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(shared_cache.os, "posix_fallocate", no_memory)
+    monkeypatch.setattr(os, "posix_fallocate", no_memory)
     try:
         with pytest.warns(UserWarning, match=r"could not reserve 7\.9 KiB of shared memory"):
             recs = cache.read_many(list(range(8)))
