@@ -368,7 +368,6 @@ def test_gpu_held_batches_unchanged_and_no_pinned_growth_over_1000_batches():
     # threads' timing holds one more slot at a time), never beyond it.
     assert after_100["allocations"] <= st["allocations"] <= 2 * 10
     assert st["retired"] == 0
-    assert st["live_bytes"] <= st["allocations"] * max(st["live_bytes"] // st["live_slots"], 1)
     assert st["reuses"] >= 2 * 1000 - 2 * 10
     if allocs_100 is not None:
         # torch's host allocator serves only the ring's few late slots after batch 100.
