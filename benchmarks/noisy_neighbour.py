@@ -5,7 +5,12 @@ kernels looks like for small and medium models) is timed alone and beside each l
 delivering ImageNet-like JPEG batches (decode + RandomResizedCrop 224 + flip) with ONE
 worker. Only the step itself is timed (not the wait for the batch); the figure is the
 median step time over the measured steps, and the inflation is its ratio to the step
-alone, measured in the same child process.
+alone, measured in the same child process before the loader starts and after it stops
+(the mean of the two medians).
+
+With two or more cores, each side gets a core of its own (``sched_setaffinity``): the
+training loop the first, the loader's worker thread or process the second, so the figure
+is the loader's interference through the GIL, not a fight for a core.
 
 Loaders (each in a fresh child process, all in one run):
 
@@ -22,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,20 @@ def _step(x: Any, ops: int) -> Any:
     return x
 
 
+def _pin_tasks(pid: int, cpu: int) -> None:
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), {cpu})
+        except OSError:
+            pass
+
+
+def _pin_worker(_worker_id: int) -> None:
+    # torch's worker_init_fn: the worker process gets the second core to itself.
+    if len(os.sched_getaffinity(0)) > 1:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[1]})
+
+
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -51,6 +72,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from fastfeed import image
 
     torch.set_num_threads(1)
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = spec.get("pin", True) and len(cpus) >= 2
+    if pin:  # "each side a core of its own": the training loop on the first core
+        os.sched_setaffinity(0, {cpus[0]})
     x = torch.zeros(8)
     steps, ops = spec["steps"], spec["ops"]
     # The step alone, first (after a warm-up): the baseline of this very process.
@@ -75,7 +100,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 return transform(rec.data), rec.label
 
         loader: Any = torch.utils.data.DataLoader(
-            Images(), batch_size=BATCH, shuffle=True, num_workers=1
+            Images(),
+            batch_size=BATCH,
+            shuffle=True,
+            num_workers=1,
+            worker_init_fn=_pin_worker if pin else None,
+            persistent_workers=True,
         )
     else:
         loader = ff.Loader(
@@ -89,6 +119,16 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         )
     beside = []
     waits = []
+    if pin and kind != "torch":
+        it0 = iter(loader)
+        next(it0)  # start the workers, then give them the second core
+        del it0
+        if spec["processes"] > 0:
+            for pid in loader._pipeline._pool.pids:
+                _pin_tasks(pid, cpus[1])
+        for t in threading.enumerate():
+            if t.name.startswith("fastfeed-") and t.native_id is not None:
+                os.sched_setaffinity(t.native_id, {cpus[1]})
     while len(beside) < steps:
         it = iter(loader)
         t_wait = time.perf_counter()
@@ -104,7 +144,16 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     close = getattr(loader, "close", None)
     if close is not None:
         close()
-    a, b = statistics.median(alone), statistics.median(beside[5:])
+    del loader
+    # The step alone again, after the loader stopped: the baseline is the mean of the two
+    # medians, so a drift of the machine during the run does not count as the loader's.
+    after = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        x = _step(x, ops)
+        after.append(time.perf_counter() - t0)
+    a = (statistics.median(alone) + statistics.median(after)) / 2
+    b = statistics.median(beside[5:])
     return {
         "loader": spec["name"],
         "step_alone_ms": a * 1e3,
