@@ -12,7 +12,7 @@ Four parts, each selectable by flag (all of them when none is given) and sized b
               ``on_error="skip"``. Pass: skipped == injected exceptions + corruptions,
               exactly, and everything else delivered exactly once.
 
-Records are ledger records (index + content hash, see ``tests/harness.py``), so every
+Records are ledger records (index + content hash, see ``fastfeed.testing``), so every
 delivered sample is checked for identity and content. Run from the repository root::
 
     python benchmarks/soak.py                       # everything, default sizes
@@ -34,10 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import print_table, write_json
-from harness import (
+
+from fastfeed.dataloader import DataLoader
+from fastfeed.loader import Loader
+from fastfeed.testing import (
     FaultySource,
     Ledger,
     LedgerDataset,
@@ -47,9 +50,6 @@ from harness import (
     chaos_plan,
     rss_bytes,
 )
-
-from fastfeed.dataloader import DataLoader
-from fastfeed.loader import Loader
 
 _MIB = float(1 << 20)
 

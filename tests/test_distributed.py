@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp_mp
-from fakes import ledger_source
 
 from fastfeed.loader import Loader
+from fastfeed.testing import ledger_source
 
 N = 101  # not divisible by 2 or 3, so padding and dropping both matter
 BATCH = 8

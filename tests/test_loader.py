@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import BlockingSource, ListSource, ledger_source
 
 from fastfeed.errors import (
     ConfigError,
@@ -28,6 +27,7 @@ from fastfeed.errors import (
 )
 from fastfeed.loader import Batch, Loader, SkippedSample
 from fastfeed.rng import sample_rng
+from fastfeed.testing import BlockingSource, ListSource, ledger_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -621,9 +621,8 @@ def test_context_manager_closes() -> None:
 
 _CHILD = textwrap.dedent(
     """
-    import multiprocessing as mp, sys
-    sys.path.insert(0, {tests!r})
-    from fakes import ledger_source
+    import multiprocessing as mp
+    from fastfeed.testing import ledger_source
     from fastfeed.loader import Loader
 
     def child():
@@ -648,7 +647,7 @@ _CHILD = textwrap.dedent(
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_child_process_exits_cleanly_mid_epoch(method: str, tmp_path: Path) -> None:
     script = tmp_path / "child.py"
-    script.write_text(_CHILD.format(tests=str(REPO / "tests"), method=method))
+    script.write_text(_CHILD.format(method=method))
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -717,9 +716,8 @@ def test_stats_reports_stages_and_a_verdict() -> None:
 
 
 def test_device_cpu_runs_the_stager_and_finishes_batches() -> None:
-    from imagedata import encode_jpeg, random_image
-
     from fastfeed.image import Compose, RandomHorizontalFlip, Resize
+    from fastfeed.testing import encode_jpeg, random_image
 
     rng = np.random.default_rng(0)
     payloads = [encode_jpeg(random_image(rng, 40, 30)) for _ in range(12)]
@@ -760,9 +758,8 @@ def test_finishing_options_need_a_device() -> None:
 
 @pytest.mark.cuda
 def test_cuda_loader_batches_equal_cpu_reference_while_the_gpu_is_busy() -> None:
-    from imagedata import encode_jpeg, random_image
-
     from fastfeed.image import Compose, RandomHorizontalFlip, RandomResizedCrop
+    from fastfeed.testing import encode_jpeg, random_image
 
     rng = np.random.default_rng(1)
     payloads = [encode_jpeg(random_image(rng, 64, 48)) for _ in range(40)]

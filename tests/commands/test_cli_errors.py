@@ -9,7 +9,8 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from imagedata import make_image_folder
+
+from fastfeed.testing import make_image_folder
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from imagedata import make_image_folder
 from PIL import Image
 
 from fastfeed.cli import main
 from fastfeed.sources import FileSource, LMDBSource
+from fastfeed.testing import make_image_folder
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from imagedata import make_image_folder
 
 from fastfeed.cli import main
+from fastfeed.testing import make_image_folder
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fakes import run_in_threads
 from PIL import Image, ImageFile, ImageOps
 
 import fastfeed.image as ffi
 from fastfeed import rng as _rng
 from fastfeed.errors import ConfigError, DecodeError
 from fastfeed.image import _decode, _plan
+from fastfeed.testing import run_in_threads
 
 
 def _pixels(width: int, height: int, channels: int = 3, seed: int = 0) -> np.ndarray:

@@ -22,7 +22,7 @@ from fastfeed.errors import DecodeError
 from fastfeed.image import _jpeg
 from fastfeed.image._decode import EncodedImage
 from fastfeed.image._plan import Plan, draft_factor, region_box
-from tests.imagedata import random_image
+from fastfeed.testing import random_image
 
 needs_partial = pytest.mark.skipif(
     not _jpeg.available(), reason="nvImageCodec (nvidia-nvimgcodec-cu12) is not installed"

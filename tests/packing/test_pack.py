@@ -9,14 +9,13 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from fakes import ListSource
-from imagedata import make_image_folder
 from PIL import Image
 
 from fastfeed import packing as pack_mod
 from fastfeed.errors import ConfigError, OutputExistsError, PackError, SourceNotFoundError
 from fastfeed.packing import PackReport, pack
 from fastfeed.sources import FileSource, LMDBSource, open_source
+from fastfeed.testing import ListSource, make_image_folder
 
 
 @pytest.fixture

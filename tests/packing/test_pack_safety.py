@@ -13,13 +13,13 @@ import warnings
 from pathlib import Path
 
 import pytest
-from imagedata import make_image_folder
 from PIL import Image
 
 from fastfeed import packing
 from fastfeed.errors import ConfigError, PackError
 from fastfeed.packing import pack
 from fastfeed.sources import FileSource, LMDBSource
+from fastfeed.testing import make_image_folder
 
 
 @pytest.fixture

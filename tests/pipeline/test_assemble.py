@@ -7,13 +7,13 @@ import warnings
 
 import pytest
 import torch
-from harness import LedgerDecode, LedgerSource
 
 import fastfeed as ff
 from fastfeed.errors import ConfigError, SampleError
 from fastfeed.pipeline.assemble import PipelineSpec, assemble, decide_pin, ring_slots
 from fastfeed.pipeline.staging import COPIES_IN_FLIGHT
 from fastfeed.profiling import Recorder
+from fastfeed.testing import LedgerDecode, LedgerSource
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
 

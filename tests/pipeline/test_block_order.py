@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import ListSource, ledger_source
 
 from fastfeed.errors import ConfigError
 from fastfeed.loader import Loader
@@ -18,6 +17,7 @@ from fastfeed.pipeline.sampling import (
     prepare_block_order,
 )
 from fastfeed.sources import LMDBSource, MemoryCache
+from fastfeed.testing import ListSource, ledger_source
 
 
 def _block(n: int, **kw: object) -> EpochSampler:

@@ -8,11 +8,11 @@ from types import MappingProxyType
 
 import pytest
 import torch
-from fakes import run_in_threads
 
 import fastfeed.pipeline.buffers as buffers
 from fastfeed.errors import ConfigError
 from fastfeed.pipeline.buffers import PinnedRing, map_tensors, tensor_leaves
+from fastfeed.testing import run_in_threads
 
 
 def _ptr(t: torch.Tensor) -> int:

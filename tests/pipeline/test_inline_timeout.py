@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
-from fakes import BlockingSource, ledger_source
 
 from fastfeed.errors import LoaderTimeoutError
 from fastfeed.loader import Loader
+from fastfeed.testing import BlockingSource, ledger_source
 
 
 def test_inline_loader_times_out_on_a_stuck_read() -> None:

@@ -202,9 +202,8 @@ def test_loader_marks_still_measure_the_gil_signature() -> None:
     # consumer thread (it varies run to run), so check the signature the verdict's GIL
     # test reads: blocking switches per busy second and CPU per wall in transform,
     # estimated from the sampled mark chains.
-    from fakes import ledger_source
-
     from fastfeed.loader import Loader
+    from fastfeed.testing import ledger_source
 
     if sys.platform != "linux":
         pytest.skip("needs getrusage(RUSAGE_THREAD) / schedstat")

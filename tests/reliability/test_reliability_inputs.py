@@ -23,7 +23,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import (
+
+import fastfeed.image as fi
+from fastfeed.errors import (
+    CorruptSourceError,
+    DecodeError,
+    RecordReadError,
+    SampleError,
+    SourceNotFoundError,
+)
+from fastfeed.loader import Loader
+from fastfeed.sources import FileSource, LMDBSource
+from fastfeed.testing import (
     FaultySource,
     InjectedError,
     Ledger,
@@ -36,17 +47,6 @@ from harness import (
     run_child,
     write_lmdb,
 )
-
-import fastfeed.image as fi
-from fastfeed.errors import (
-    CorruptSourceError,
-    DecodeError,
-    RecordReadError,
-    SampleError,
-    SourceNotFoundError,
-)
-from fastfeed.loader import Loader
-from fastfeed.sources import FileSource, LMDBSource
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 

@@ -1,7 +1,7 @@
 """Lifecycle: breaks, close during a blocked read, held tracebacks, Ctrl-C, exit, interleaving.
 
 Every case ends with the process back at its baseline threads and file descriptors, and
-every epoch that runs to the end is checked with a :class:`~harness.Ledger` (each index
+every epoch that runs to the end is checked with a :class:`~fastfeed.testing.Ledger` (each index
 exactly once, content intact). Both :class:`fastfeed.Loader` and the torch-compatible
 :class:`fastfeed.dataloader.DataLoader` are covered where the case applies to both.
 """
@@ -17,7 +17,10 @@ from typing import Any
 
 import pytest
 import torch
-from harness import (
+
+from fastfeed.dataloader import DataLoader
+from fastfeed.loader import Loader
+from fastfeed.testing import (
     Child,
     FaultySource,
     Ledger,
@@ -27,9 +30,6 @@ from harness import (
     ResourceSnapshot,
     run_child,
 )
-
-from fastfeed.dataloader import DataLoader
-from fastfeed.loader import Loader
 
 N = 96
 BATCH = 8
@@ -241,7 +241,7 @@ def test_two_loaders_interleaved_over_one_source(impl: str) -> None:
 _SIGINT_CHILD = """
 import signal
 import time
-from harness import LedgerDataset, LedgerDecode, LedgerSource
+from fastfeed.testing import LedgerDataset, LedgerDecode, LedgerSource
 
 # What an interactive terminal gives a training script. A child of a background job
 # (e.g. a CI runner's `cmd &`) inherits SIGINT ignored, and Ctrl-C would never arrive.
@@ -280,17 +280,17 @@ def test_ctrl_c_in_a_child_exits_promptly(impl: str) -> None:
 
 _EXIT_CHILD = """
 import multiprocessing as mp
-import harness
+from fastfeed import testing
 
 if __name__ == "__main__":
     # Live loaders in this process first, so the fork below copies a process with threads.
-    harness.hold_live_loaders()
-    proc = mp.get_context(METHOD).Process(target=harness.hold_live_loaders)
+    testing.hold_live_loaders()
+    proc = mp.get_context(METHOD).Process(target=testing.hold_live_loaders)
     proc.start()
     proc.join(60)
     print("CHILD-EXITCODE", proc.exitcode, flush=True)
     from fastfeed.dataloader import DataLoader
-    workers = DataLoader(harness.LedgerDataset(4096), batch_size=8, num_workers=1,
+    workers = DataLoader(testing.LedgerDataset(4096), batch_size=8, num_workers=1,
                          worker_type="process", multiprocessing_context=METHOD)
     it = iter(workers)
     next(it)

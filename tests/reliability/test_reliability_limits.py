@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import (
+
+from fastfeed.dataloader import DataLoader
+from fastfeed.loader import Loader
+from fastfeed.testing import (
     Ledger,
     LedgerDataset,
     LedgerDecode,
@@ -22,9 +25,6 @@ from harness import (
     run_child,
     write_tiny_files,
 )
-
-from fastfeed.dataloader import DataLoader
-from fastfeed.loader import Loader
 
 N_FILES = 10_000
 
@@ -40,7 +40,7 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 _ULIMIT_CHILD = """
 import json, os, resource
-from harness import Ledger, LedgerDecode, ResourceSnapshot
+from fastfeed.testing import Ledger, LedgerDecode, ResourceSnapshot
 from fastfeed.loader import Loader
 from fastfeed.sources import FileSource
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from fakes import ListSource
 
 from fastfeed.errors import RecordReadError
 from fastfeed.packing import pack
 from fastfeed.sources import LMDBSource, MemoryCache
 from fastfeed.sources import _lmdb_io as lmdb_io
 from fastfeed.sources import lmdb as lmdb_mod
+from fastfeed.testing import ListSource
 
 pytestmark = pytest.mark.skipif(
     lmdb_io._mincore is None, reason="the cold-read path needs Linux (mincore, /proc)"

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import ListSource
 
 from fastfeed.errors import SampleError, SourceChangedError
 from fastfeed.loader import Loader
 from fastfeed.packing import pack
 from fastfeed.sources import LMDBSource
 from fastfeed.sources._lmdb_io import MapGuard
+from fastfeed.testing import ListSource
 
 _GROW = textwrap.dedent(
     """

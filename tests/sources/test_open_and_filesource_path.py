@@ -10,12 +10,12 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from imagedata import make_image_folder
 
 from fastfeed.errors import ConfigError, CorruptSourceError, SourceNotFoundError
 from fastfeed.packing import pack
 from fastfeed.sources import FileSource, LMDBSource, open_source
 from fastfeed.sources.files import _WorkerPool
+from fastfeed.testing import make_image_folder
 
 
 @pytest.fixture

@@ -12,18 +12,18 @@ import uuid
 import warnings
 
 import pytest
-from harness import Child, Ledger, LedgerDecode, LedgerSource, ledger_record, run_child
 
 import fastfeed as ff
 from fastfeed.errors import ConfigError
 from fastfeed.sources import shared_cache
 from fastfeed.sources.memory import MemoryCache
+from fastfeed.testing import Child, Ledger, LedgerDecode, LedgerSource, ledger_record, run_child
 
 # The source every process builds: a ledger with an identity (tag keeps tests apart).
 PRELUDE = textwrap.dedent(
     """
     import json, os, sys, time
-    from harness import LedgerSource, ledger_record
+    from fastfeed.testing import LedgerSource, ledger_record
     from fastfeed.sources.memory import MemoryCache
     from fastfeed.sources import shared_cache
 
@@ -481,7 +481,7 @@ def test_two_ranks_with_worker_processes_read_each_record_once(tmp_path):
     code = PRELUDE + textwrap.dedent(
         f"""
         import fastfeed as ff
-        from harness import Ledger, LedgerDecode
+        from fastfeed.testing import Ledger, LedgerDecode
         rank = int(os.environ["RANK"])
         src = SharedLedger({n}, {tag!r}, pad_bytes=500)
         cache = MemoryCache(src, 10**7, shared=True)

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from fakes import ListSource, run_in_threads
-from imagedata import make_image_folder
 
 from fastfeed._size import format_size, parse_size
 from fastfeed.errors import (
@@ -34,6 +32,7 @@ from fastfeed.sources import FileSource, LMDBSource, MemoryCache, Record, Source
 from fastfeed.sources import _lmdb_io as lmdb_io
 from fastfeed.sources import files as files_mod
 from fastfeed.sources import lmdb as lmdb_mod
+from fastfeed.testing import ListSource, make_image_folder, run_in_threads
 
 N_CLASSES, PER_CLASS = 3, 4
 N = N_CLASSES * PER_CLASS
@@ -475,7 +474,7 @@ for name, call in [("read_many", lambda: src.read_many(list(range(len(src))))),
 
 def test_lmdb_shrunk_after_open_read_many_hint_and_sizes(tmp_path: Path, packed: Path) -> None:
     # In a child: without the check the process would die with SIGBUS.
-    from harness import run_child
+    from fastfeed.testing import run_child
 
     copy = tmp_path / "copy.lmdb"
     code = f"PACKED, COPY = {str(packed)!r}, {str(copy)!r}\n" + _SHRUNK_CHILD

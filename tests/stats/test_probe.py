@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-from fakes import ledger_source
 from snapshots import snapshot
 
 from fastfeed.profiling import Recorder, Stage
@@ -15,6 +14,7 @@ from fastfeed.sources import MemoryCache
 from fastfeed.stats import probe
 from fastfeed.stats.analyze import analyze
 from fastfeed.stats.probe import SourceFacts, io_accounted, source_facts
+from fastfeed.testing import ledger_source
 
 
 def test_analysis_is_pure_no_temp_file_no_probe(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from fakes import ledger_source
 from snapshots import snapshot, stats_of
 
 from fastfeed.pipeline.prefetch import Prefetcher
@@ -16,6 +15,7 @@ from fastfeed.pipeline.tap import Tap
 from fastfeed.profiling import Recorder, Stage
 from fastfeed.stats import LoaderStats, Verdict
 from fastfeed.stats.render import LEGEND
+from fastfeed.testing import ledger_source
 
 
 @dataclass

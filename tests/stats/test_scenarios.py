@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fakes import ledger_source
-from imagedata import encode_jpeg, random_image
 from PIL import Image
 
 from fastfeed.dataloader import DataLoader
 from fastfeed.loader import Loader
 from fastfeed.stats import Bottleneck, Bound, LoaderStats
+from fastfeed.testing import encode_jpeg, ledger_source, random_image
 
 _NOISE = np.random.default_rng(0).random(200_000)
 

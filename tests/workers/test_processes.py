@@ -9,7 +9,10 @@ import time
 
 import pytest
 import torch
-from harness import (
+
+import fastfeed as ff
+from fastfeed.errors import LoaderTimeoutError, SampleError, TooManyFailuresError, WorkerError
+from fastfeed.testing import (
     Child,
     FaultySource,
     Ledger,
@@ -18,9 +21,6 @@ from harness import (
     ResourceSnapshot,
     run_child,
 )
-
-import fastfeed as ff
-from fastfeed.errors import LoaderTimeoutError, SampleError, TooManyFailuresError, WorkerError
 
 
 def _batches(loader):
@@ -216,7 +216,7 @@ def test_training_process_sigkilled_leaves_no_workers_and_no_shared_memory():
         textwrap.dedent(
             """
             import os, fastfeed as ff
-            from harness import LedgerSource, LedgerDecode
+            from fastfeed.testing import LedgerSource, LedgerDecode
             ld = ff.Loader(LedgerSource(100000, delay_s=0.001), LedgerDecode(), batch_size=8,
                            num_threads=1, processes=2)
             it = iter(ld)
@@ -260,7 +260,7 @@ def test_spawn_start_method_gives_the_same_batches():
         textwrap.dedent(
             """
             import torch, fastfeed as ff
-            from harness import LedgerSource, LedgerDecode
+            from fastfeed.testing import LedgerSource, LedgerDecode
             if __name__ == "__main__":
                 src = LedgerSource(300)
                 kw = dict(batch_size=16, shuffle=True, seed=3)
@@ -283,7 +283,7 @@ def test_ctrl_c_in_the_training_loop_stops_the_workers():
             """
             import signal, fastfeed as ff
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            from harness import LedgerSource, LedgerDecode
+            from fastfeed.testing import LedgerSource, LedgerDecode
             ld = ff.Loader(LedgerSource(100000, delay_s=0.001), LedgerDecode(), batch_size=8,
                            num_threads=1, processes=2)
             try:
@@ -379,7 +379,7 @@ def test_interpreter_exit_mid_epoch_stops_the_workers(method):
         textwrap.dedent(
             f"""
             import fastfeed as ff
-            from harness import LedgerSource, LedgerDecode
+            from fastfeed.testing import LedgerSource, LedgerDecode
             if __name__ == "__main__":
                 ld = ff.Loader(LedgerSource(100000, delay_s=0.001), LedgerDecode(),
                                batch_size=8, num_threads=2, processes=2,
