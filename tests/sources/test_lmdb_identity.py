@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
-from harness import write_lmdb
-
 from fastfeed.sources import shared_cache
 from fastfeed.sources.lmdb import FORMAT_VERSION, LMDBSource
 from fastfeed.sources.memory import MemoryCache
+from fastfeed.testing import write_lmdb
 
 
 def test_identity_is_path_size_mtime_version_and_count(tmp_path):
