@@ -7,47 +7,9 @@ unlike RSS (which counts them once per process).
 
 from __future__ import annotations
 
-import os
 import threading
 
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return kids
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids.extend(int(x) for x in f.read().split())
-        except OSError:
-            continue
-    return kids
-
-
-def _pss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def tree_pss_bytes(pid: int | None = None) -> int:
-    """PSS of a process and all its descendants, bytes (0 without /proc)."""
-    stack, seen, total = [os.getpid() if pid is None else pid], set(), 0
-    while stack:
-        p = stack.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += _pss_bytes(p)
-        stack.extend(_children(p))
-    return total
+from fastfeed._procio import tree_pss_bytes
 
 
 class PeakPSS:

@@ -20,7 +20,7 @@ import mmap
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -307,22 +307,45 @@ def _rss_bytes(pid: int) -> int:
         return 0  # gone between listing and reading, or not Linux
 
 
-def tree_rss_bytes(pid: int | None = None) -> int:
-    """Resident memory of a process and all its descendants, bytes (from ``/proc``).
+def _pss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0  # gone between listing and reading, or not Linux
 
-    Shared pages (fork copy-on-write, shared libraries) are counted once per process,
-    the same way ``ps`` and ``psutil`` count them. 0 where ``/proc`` is missing.
-    """
-    root = os.getpid() if pid is None else pid
+
+def _tree_sum(root: int, per_process: Callable[[int], int]) -> int:
     total, stack, seen = 0, [root], set()
     while stack:
         p = stack.pop()
         if p in seen:
             continue
         seen.add(p)
-        total += _rss_bytes(p)
+        total += per_process(p)
         stack.extend(_children(p))
     return total
+
+
+def tree_pss_bytes(pid: int | None = None) -> int:
+    """Proportional set size of a process and its descendants, bytes (from ``/proc``).
+
+    Each shared page is divided among the processes mapping it, so copy-on-write pages of
+    forked workers and shared-memory batch slots count once for the tree. 0 without /proc.
+    """
+    return _tree_sum(os.getpid() if pid is None else pid, _pss_bytes)
+
+
+def tree_rss_bytes(pid: int | None = None) -> int:
+    """Resident memory of a process and all its descendants, bytes (from ``/proc``).
+
+    Shared pages (fork copy-on-write, shared libraries) are counted once per process,
+    the same way ``ps`` and ``psutil`` count them. 0 where ``/proc`` is missing.
+    """
+    return _tree_sum(os.getpid() if pid is None else pid, _rss_bytes)
 
 
 class PeakRSS:
