@@ -120,7 +120,12 @@ class Collator:
         if _stackable(batch) and torch.utils.data.get_worker_info() is None:
             elem = batch[0]
             out = self.new_batch(len(batch), elem.shape, elem.dtype)
-            return torch.stack(list(batch), 0, out=out)
+            try:
+                # torch.stack itself refuses what default_collate would not stack into
+                # this slot: other shapes, devices or layouts, nested tensors, autograd.
+                return torch.stack(list(batch), 0, out=out)
+            except RuntimeError:
+                self.release(out)
         # Ragged, mixed, sparse or nested tensors, or a torch worker *process* (where
         # torch stacks into shared memory itself): torch's own rule, with its own errors.
         return _torch_collate_tensor(batch, collate_fn_map=collate_fn_map)
@@ -157,24 +162,19 @@ class Collator:
 
 
 def _stackable(batch: Sequence[Any]) -> bool:
-    """True when ``torch.stack(batch, out=slot)`` gives exactly what ``default_collate`` would."""
+    """True when ``torch.stack(batch, out=slot)`` may give what ``default_collate`` would.
+
+    Checked here with one set per batch: plain tensors only (subclasses such as tv_tensors
+    keep torch's path, which keeps their type), one dtype (an ``out`` of the first
+    sample's dtype could silently downcast where torch would promote) and no autograd.
+    Shapes, devices, layouts and nesting are refused by ``torch.stack`` itself.
+    """
     if not batch:
         return False
-    elem = batch[0]
-    for t in batch:
-        # Plain tensors only: subclasses (tv_tensors, ...) keep torch's path, which keeps
-        # their type; autograd refuses out= with requires_grad inputs.
-        if (
-            type(t) is not torch.Tensor
-            or t.layout != torch.strided
-            or t.is_nested
-            or t.device.type != "cpu"
-            or t.requires_grad
-            or t.dtype != elem.dtype
-            or t.shape != elem.shape
-        ):
-            return False
-    return True
+    if set(map(type, batch)) != {torch.Tensor}:
+        return False
+    # autograd refuses out=: tensors that require grad keep torch's path (no slot taken).
+    return {(t.dtype, t.requires_grad) for t in batch} == {(batch[0].dtype, False)}
 
 
 def _pin_tensor(t: torch.Tensor) -> torch.Tensor:
