@@ -22,6 +22,7 @@ from fastfeed.errors import CorruptSourceError
 from fastfeed.sources import _lmdb_io as io
 from fastfeed.sources._lmdb_env import _EnvEntry, _LMDBEnv
 from fastfeed.sources._lmdb_format import META_KEY
+from fastfeed.sources._worker_pool import _WorkerPool
 
 #: Records probed with mincore per read_many call to tell a warm batch from a cold one.
 _PROBES = 8
@@ -32,6 +33,7 @@ _MAX_PROBE_SKIP = 16
 _RUN_DENSITY = 3
 #: Threads of a source's cold-read pool: enough outstanding requests to fill a disk queue.
 _READ_THREADS = 16
+_IDLE_S = 30.0  # an idle source's read threads end after this, seconds
 #: Runs are read in pieces of this size, all at once on the read pool.
 _PIECE_BYTES = 1 << 20
 #: Longest wait for a run another thread is reading, seconds.
@@ -67,7 +69,7 @@ class _LMDBColdReads(_LMDBEnv):
 
     def _init_runtime(self) -> None:
         """Per-process state: the read pool (lazy), runs being read, probe back-off."""
-        self._pool: io.ReadPool | None = None
+        self._pool: _WorkerPool | None = None
         self._pool_lock = threading.Lock()
         self._runs_lock = threading.Lock()
         self._runs_reading: dict[int, threading.Event] = {}
@@ -177,13 +179,13 @@ class _LMDBColdReads(_LMDBEnv):
         self._probe_backoff = min(_MAX_PROBE_SKIP, 2 * self._probe_backoff)
         return False
 
-    def _read_pool(self) -> io.ReadPool:
+    def _read_pool(self) -> _WorkerPool:
         pool = self._pool
         if pool is None:
             with self._pool_lock:
                 pool = self._pool
                 if pool is None:
-                    pool = io.ReadPool(_READ_THREADS, "lmdb-read")
+                    pool = _WorkerPool(_READ_THREADS, "lmdb-read", idle_s=_IDLE_S)
                     weakref.finalize(self, pool.close, 0.0)
                     self._pool = pool
         return pool

@@ -8,8 +8,6 @@
 * :func:`pread_exact` and :class:`RecordIndex` (the values' file offsets, read from
   LMDB's B-tree pages) live in :mod:`fastfeed.sources._lmdb_btree` and are re-exported
   here.
-* :class:`ReadPool`: named daemon threads that run a caller's ``map`` with it, or jobs in
-  the background; idle threads end after ``idle_s``.
 * :class:`MapGuard`: a readers-writer lock with timeouts. Adopting a map grown by another
   process (``set_mapsize(0)``) unmaps the old map, so no transaction of this process may
   be open meanwhile.
@@ -21,13 +19,10 @@ its plain page-fault path.
 from __future__ import annotations
 
 import ctypes
-import itertools
 import mmap
 import os  # noqa: F401 - tests patch os.pread through this module (lmdb_io.os)
-import queue
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,7 +33,6 @@ from fastfeed.sources._lmdb_btree import RecordIndex, pread_exact
 __all__ = [
     "PAGE_BYTES",
     "MapGuard",
-    "ReadPool",
     "RecordIndex",
     "address_of",
     "madvise",
@@ -120,142 +114,6 @@ def map_base(addr: int, inode: int) -> int | None:
     except OSError:
         return None
     return None
-
-
-class ReadPool:
-    """Named daemon threads for concurrent reads: ``map`` with the caller, or ``submit``.
-
-    Threads start on demand (``fastfeed-<role>-<n>``) and end after ``idle_s`` seconds
-    without work, so an idle source holds no threads; :meth:`close` ends them at once.
-
-    Args:
-        size: Most threads.
-        role: Thread name part.
-        idle_s: Seconds an idle thread waits for work before it ends.
-    """
-
-    _POLL_S = 0.5
-    _numbers = itertools.count()
-
-    def __init__(self, size: int, role: str, idle_s: float = 30.0) -> None:
-        self.size = max(0, int(size))
-        self.role = role
-        self.idle_s = float(idle_s)
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads: set[threading.Thread] = set()
-        self._closed = False
-
-    def _grow(self, want: int) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._threads = {t for t in self._threads if t.is_alive()}
-            while len(self._threads) < min(self.size, want):
-                t = threading.Thread(
-                    target=self._work,
-                    name=f"fastfeed-{self.role}-{next(self._numbers)}",
-                    daemon=True,
-                )
-                self._threads.add(t)
-                t.start()
-
-    def _work(self) -> None:
-        me = threading.current_thread()
-        while True:
-            try:
-                job = self._jobs.get(timeout=self.idle_s)
-            except queue.Empty:
-                with self._lock:
-                    # A job put after the timeout fired is seen here; _grow (which runs
-                    # after every put, under this lock) replaces a thread that left.
-                    if self._jobs.empty() or self._closed:
-                        self._threads.discard(me)
-                        return
-                continue
-            if job is None:
-                with self._lock:
-                    self._threads.discard(me)
-                return
-            try:
-                job()
-            except BaseException:
-                pass
-
-    @property
-    def threads(self) -> int:
-        """Live threads now."""
-        with self._lock:
-            return sum(t.is_alive() for t in self._threads)
-
-    def submit(self, job: Callable[[], None]) -> bool:
-        """Run ``job()`` in the background; False when the pool is closed or has no threads."""
-        if self._closed or self.size == 0:
-            return False
-        self._jobs.put(job)
-        self._grow(self._jobs.qsize())
-        return True
-
-    def map(self, fn: Callable[[int], _T], n: int, timeout_s: float = 300.0) -> list[_T]:
-        """``[fn(0), ..., fn(n-1)]``, computed by the caller and up to ``n - 1`` threads.
-
-        The first exception stops the others and is re-raised here.
-
-        Raises:
-            TimeoutError: The helpers did not finish within ``timeout_s`` seconds.
-        """
-        helpers = min(self.size, n - 1)
-        if helpers <= 0 or self._closed:
-            return [fn(k) for k in range(n)]
-        results: list[Any] = [None] * n
-        counter = itertools.count()
-        errors: list[BaseException] = []
-        done = threading.Semaphore(0)
-
-        def participate() -> None:
-            try:
-                while not errors:
-                    k = next(counter)  # atomic under the GIL
-                    if k >= n:
-                        return
-                    results[k] = fn(k)
-            except BaseException as exc:
-                errors.append(exc)
-
-        def helper() -> None:
-            try:
-                participate()
-            finally:
-                done.release()
-
-        for _ in range(helpers):
-            self._jobs.put(helper)
-        self._grow(helpers)
-        participate()
-        deadline = time.monotonic() + timeout_s
-        for _ in range(helpers):
-            while not done.acquire(timeout=self._POLL_S):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.role} threads did not finish in {timeout_s} s")
-                if self._closed and not self.threads:
-                    # Closed under our feet: run what is left here.
-                    participate()
-                    break
-        if errors:
-            raise errors[0]
-        return results
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """End every thread (idempotent); later ``map`` calls run in the caller."""
-        with self._lock:
-            self._closed = True
-            threads = list(self._threads)
-        for _ in threads:
-            self._jobs.put(None)
-        deadline = time.monotonic() + timeout_s
-        for t in threads:
-            if t is not threading.current_thread():
-                t.join(max(0.0, deadline - time.monotonic()))
 
 
 class MapGuard:

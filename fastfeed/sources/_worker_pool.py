@@ -1,6 +1,7 @@
-"""``_WorkerPool``: the named thread pool behind concurrent reads of many files.
+"""``_WorkerPool``: the named thread pool behind every concurrent read of fastfeed.
 
-Used by :class:`~fastfeed.sources.files.FileSource` for ``read_many`` and by
+Used by :class:`~fastfeed.sources.files.FileSource` for ``read_many``, by
+:class:`~fastfeed.sources.lmdb.LMDBSource` for cold reads and run page-ins, and by
 :func:`fastfeed.pack` for its readers; importable from :mod:`fastfeed.sources.files` too.
 """
 
@@ -84,6 +85,28 @@ class _WorkerPool:
             idle = 0.0
             job()
             del job  # drop the closure (and the source it holds) while idle
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Run ``job()`` on a pool thread, in the background (advisory work: read-ahead).
+
+        An exception raised by ``job`` is dropped: nothing waits for a background job.
+
+        Returns:
+            False when the pool is stopped or has no threads (the job was not taken).
+        """
+        if self._stop.is_set() or self.size == 0:
+            return False
+
+        def advisory() -> None:
+            try:
+                job()
+            except Exception:
+                pass
+
+        with self._start_lock:
+            self._start_locked()
+            self._tasks.put(advisory)
+        return True
 
     def map(self, fn: Callable[[int], _T], n: int) -> list[_T]:
         """Return ``[fn(0), ..., fn(n-1)]``, computed by the caller and the pool threads."""

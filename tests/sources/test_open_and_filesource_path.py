@@ -143,3 +143,26 @@ def test_idle_pool_threads_time_out_and_come_back() -> None:
     finally:
         pool.close()
     assert not pool.threads()
+
+
+def test_worker_pool_submit_runs_background_jobs_and_refuses_after_stop():
+    import threading as _threading
+
+    pool = _WorkerPool(2, "submittest", idle_s=0.2)
+    done = _threading.Event()
+    seen: list[str] = []
+
+    def job() -> None:
+        seen.append(_threading.current_thread().name)
+        done.set()
+
+    def failing() -> None:
+        raise RuntimeError("advisory work may fail")
+
+    assert pool.submit(failing)  # dropped, and the pool keeps working
+    assert pool.submit(job)
+    assert done.wait(5)
+    assert seen[0].startswith("fastfeed-submittest-")
+    pool.close()
+    assert pool.submit(job) is False
+    assert _WorkerPool(0, "none").submit(job) is False
