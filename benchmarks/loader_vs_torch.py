@@ -46,7 +46,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
-from _pss import PeakPSS
+
+from fastfeed._procio import tree_pss_bytes
 
 RECORD_BYTES = 3072
 TINY_BATCH = 256
@@ -241,7 +242,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         return Loader(source, _jpeg_transform(spec.get("normalize", False)), **kwargs)
 
     torch.manual_seed(0)
-    with _common.PeakRSS(interval_s=0.005) as mem, PeakPSS() as pss:
+    with (
+        _common.PeakRSS(interval_s=0.005) as mem,
+        _common.PeakRSS(interval_s=0.05, measure=tree_pss_bytes) as pss,
+    ):
         t0 = time.perf_counter()
         loader = make()
         it = iter(loader)

@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json
-from _pss import _children, _pss_bytes
 
 import fastfeed as ff
+from fastfeed._procio import _children, _pss_bytes
 from fastfeed.sources import FileSource, MemoryCache
 
 HEAD = 64

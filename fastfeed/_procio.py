@@ -349,16 +349,28 @@ def tree_rss_bytes(pid: int | None = None) -> int:
 
 
 class PeakRSS:
-    """Samples :func:`tree_rss_bytes` on a named background thread; a context manager.
+    """Samples a process tree's memory on a named background thread; a context manager.
+
+    Args:
+        interval_s: Seconds between samples.
+        pid: Root of the tree (default: this process).
+        measure: ``measure(pid) -> bytes``: :func:`tree_rss_bytes` (default) or
+            :func:`tree_pss_bytes` (shared pages divided among the processes).
 
     Attributes:
-        peak_bytes: Highest process-tree RSS seen, bytes.
-        start_bytes: RSS when sampling started, bytes.
+        peak_bytes: Highest process-tree figure seen, bytes.
+        start_bytes: The figure when sampling started, bytes.
     """
 
-    def __init__(self, interval_s: float = 0.01, pid: int | None = None) -> None:
+    def __init__(
+        self,
+        interval_s: float = 0.01,
+        pid: int | None = None,
+        measure: Callable[[int | None], int] = tree_rss_bytes,
+    ) -> None:
         self.interval_s = interval_s
         self.pid = pid
+        self.measure = measure
         self.peak_bytes = 0
         self.start_bytes = 0
         self._stop = threading.Event()
@@ -366,10 +378,10 @@ class PeakRSS:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(self.pid))
+            self.peak_bytes = max(self.peak_bytes, self.measure(self.pid))
 
     def __enter__(self) -> PeakRSS:
-        self.start_bytes = self.peak_bytes = tree_rss_bytes(self.pid)
+        self.start_bytes = self.peak_bytes = self.measure(self.pid)
         self._thread = threading.Thread(target=self._run, name="fastfeed-rss-0", daemon=True)
         self._thread.start()
         return self
@@ -378,4 +390,4 @@ class PeakRSS:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(2.0)
-        self.peak_bytes = max(self.peak_bytes, tree_rss_bytes(self.pid))
+        self.peak_bytes = max(self.peak_bytes, self.measure(self.pid))
