@@ -241,6 +241,26 @@ def write_jpeg_folder(
     return root
 
 
+class RamArrays:
+    """torch-style map dataset over in-RAM 3 KB records: one uint8 tensor per sample.
+
+    What a user's torch Dataset looks like (a copy per sample); module level, so worker
+    processes can unpickle it.
+    """
+
+    def __init__(self, payloads: Sequence[bytes], labels: Sequence[int]) -> None:
+        self.payloads, self.labels = payloads, labels
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import torch
+
+        arr = np.frombuffer(self.payloads[i], dtype=np.uint8)
+        return torch.from_numpy(arr.copy()), self.labels[i]
+
+
 class RamSource(Source):
     """Records held in RAM (a list of bytes): the fastest possible source.
 

@@ -35,22 +35,6 @@ import _common
 RECORD_BYTES = 3072
 
 
-class RamArrays:
-    """torch-style map dataset over in-RAM records (defined at module level: picklable)."""
-
-    def __init__(self, payloads: list[bytes], labels: list[int]) -> None:
-        self.payloads, self.labels = payloads, labels
-
-    def __len__(self) -> int:
-        return len(self.payloads)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        import torch
-
-        arr = np.frombuffer(self.payloads[i], dtype=np.uint8)
-        return torch.from_numpy(arr.copy()), self.labels[i]
-
-
 class RamJpegs:
     """JPEG bytes in RAM, decoded and cropped per sample with fastfeed.image."""
 
@@ -132,7 +116,7 @@ def main() -> None:
     tiny_n = 8192 if args.quick else 32768
     jpeg_n = 256 if args.quick else 1024
     rng = np.random.default_rng(0)
-    tiny = RamArrays(
+    tiny = _common.RamArrays(
         [rng.integers(0, 256, RECORD_BYTES, dtype=np.uint8).tobytes() for _ in range(tiny_n)],
         rng.integers(0, 10, tiny_n).tolist(),
     )

@@ -93,17 +93,6 @@ def _tiny_torch_dataset(spec: dict[str, Any]) -> Any:
 
     from fastfeed.sources.lmdb import LMDBSource, record_key
 
-    class RamArrays(Dataset):
-        def __init__(self, payloads: list[bytes], labels: list[int]) -> None:
-            self.payloads, self.labels = payloads, labels
-
-        def __len__(self) -> int:
-            return len(self.payloads)
-
-        def __getitem__(self, i: int) -> tuple[Any, int]:
-            arr = np.frombuffer(self.payloads[i], dtype=np.uint8)
-            return torch.from_numpy(arr.copy()), self.labels[i]
-
     class LmdbArrays(Dataset):
         # The usual torch recipe: open the environment lazily, once per worker process.
         def __init__(self, path: str, n: int, labels: list[int]) -> None:
@@ -127,7 +116,7 @@ def _tiny_torch_dataset(spec: dict[str, Any]) -> Any:
     recs = src.read_many(list(range(n)))
     labels = [int(r.label) for r in recs]
     if spec["data"] == "tiny-ram":
-        ds: Any = RamArrays([bytes(r.data) for r in recs], labels)
+        ds: Any = _common.RamArrays([bytes(r.data) for r in recs], labels)
     else:
         ds = LmdbArrays(spec["tiny_lmdb"], n, labels)
     del recs
