@@ -57,7 +57,7 @@ from torch.utils.data import IterableDataset
 from fastfeed._torch_compat import torch_private as _tp
 from fastfeed._torch_compat.fetch import Fetch
 from fastfeed._torch_compat.process import ProcessIter
-from fastfeed._torch_compat.rngstate import holds_process_primitives, uses_global_rng
+from fastfeed._torch_compat.rngstate import probe_global_rng
 from fastfeed._torch_compat.state import (
     Epoch,
     TrackedSampler,
@@ -236,27 +236,9 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         self._torch_iter_pid = os.getpid()
 
     def _probe_global_rng(self) -> bool | None:
-        """Does reading (and collating) sample 0 draw from a global RNG? (auto's probe).
-
-        Not probed (None) when the dataset holds multiprocessing primitives (a shared
-        ``Value``, ``Semaphore``, ``Queue``...): it is written for worker processes, and
-        a read in this process could take part in their synchronisation.
-        """
-        if holds_process_primitives(self.dataset):
-            return None
-        try:
-            if len(self.dataset) == 0:  # type: ignore[arg-type]  # TypeError handled
-                return False
-        except TypeError:
-            return None
-        custom = self.collate_fn not in (
-            torch.utils.data.default_collate,
-            torch.utils.data.default_convert,
-        )
+        """Does reading (and collating) sample 0 draw from a global RNG? (auto's probe)."""
         getitems = _tp.auto_collation(self) and bool(getattr(self.dataset, "__getitems__", None))
-        return uses_global_rng(
-            self.dataset, self.collate_fn if custom else None, 0, getitems=getitems
-        )
+        return probe_global_rng(self.dataset, self.collate_fn, getitems=getitems)
 
     # -- pickling ---------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ __all__ = [
     "decode_torch_state",
     "encode_torch_state",
     "holds_process_primitives",
+    "probe_global_rng",
     "rng_changes",
     "rng_restore",
     "rng_save",
@@ -169,3 +170,28 @@ def uses_global_rng(
             return None
     thread.join(timeout_s)
     return state.get("result")
+
+
+def probe_global_rng(dataset: Any, collate_fn: Any, *, getitems: bool) -> bool | None:
+    """``worker_type="auto"``'s probe: does reading (and collating) sample 0 use a global RNG?
+
+    Not probed (None) when the dataset holds multiprocessing primitives (a shared
+    ``Value``, ``Semaphore``, ``Queue``...): it is written for worker processes, and a
+    read in this process could take part in their synchronisation. An empty dataset
+    draws nothing (False); one without ``len()`` is not probed (None). torch's own
+    ``default_collate`` / ``default_convert`` draw nothing and are not probed.
+
+    Args:
+        dataset: The user's dataset.
+        collate_fn: The loader's collate function.
+        getitems: The loader reads batches with ``dataset.__getitems__``.
+    """
+    if holds_process_primitives(dataset):
+        return None
+    try:
+        if len(dataset) == 0:
+            return False
+    except TypeError:
+        return None
+    custom = collate_fn not in (torch.utils.data.default_collate, torch.utils.data.default_convert)
+    return uses_global_rng(dataset, collate_fn if custom else None, 0, getitems=getitems)
