@@ -315,7 +315,7 @@ def _close_fds(fds: set[int]) -> None:
 
 
 def _view(base: torch.Tensor, ref: TensorRef) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=ref.dtype).element_size()
+    itemsize = ref.dtype.itemsize
     span = 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride, strict=True) if n > 0)
     if any(n == 0 for n in ref.shape):
         span = 0
@@ -378,12 +378,13 @@ class SlotWriter:
         slot, fd = self._tls.slot, self._tls.fd
         with self._lock:
             got = self._maps.get(slot)
-            size = os.fstat(fd).st_size
-            if size < need:
-                size = max(need, 2 * size)
-                os.ftruncate(fd, size)
-            # len(mmap) is the mapped length (mmap.size() is the file's, maybe larger).
-            if got is None or len(got[0]) < size:
+            # Mapped far enough already (the usual case): no syscall on this per-batch path.
+            # len(mmap) is the mapped length (mmap.size() would be the file's).
+            if got is None or len(got[0]) < need:
+                size = os.fstat(fd).st_size  # another worker may have grown it already
+                if size < need:
+                    size = max(need, 2 * size)
+                    os.ftruncate(fd, size)
                 mm = mmap.mmap(fd, size)
                 got = (mm, torch.frombuffer(mm, dtype=torch.uint8))
                 self._maps[slot] = got
@@ -401,7 +402,7 @@ class SlotWriter:
     def acquire(self, n: int, row_shape: Any, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised ``(n, *row_shape)`` tensor inside this thread's slot."""
         shape = (n, *(int(s) for s in row_shape))
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         numel = 1
         for s in shape:
             numel *= s
