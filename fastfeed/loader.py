@@ -51,7 +51,7 @@ from fastfeed.pipeline.run import EpochRun, WorkSpec
 from fastfeed.pipeline.sampling import EpochProgress, EpochSampler, prepare_block_order
 from fastfeed.pipeline.staging import resolve_device
 from fastfeed.profiling import Recorder
-from fastfeed.sources.base import Source
+from fastfeed.sources.base import Source, source_chain
 from fastfeed.stats import LoaderStats
 
 __all__ = ["Loader"]
@@ -462,8 +462,7 @@ def _warn_if_cache_copied(source: Source, processes: int) -> None:
     """Warn that each worker process would fill its own copy of a RAM cache."""
     from fastfeed.sources.memory import MemoryCache
 
-    node: Any = source
-    for _ in range(8):  # wrappers (subsets, caches) hold their inner source as .source
+    for node in source_chain(source):
         if isinstance(node, MemoryCache):
             if node.shared:  # one copy per machine, found by every worker process
                 return
@@ -474,7 +473,4 @@ def _warn_if_cache_copied(source: Source, processes: int) -> None:
                 UserWarning,
                 stacklevel=3,
             )
-            return
-        node = getattr(node, "source", None)
-        if node is None:
             return

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from fastfeed.errors import ConfigError
+from fastfeed.sources.base import source_chain
 
 __all__ = [
     "DEFAULT_BLOCK_RECORDS",
@@ -84,13 +85,10 @@ def block_records_for(source: Any) -> int:
     wrap in ``.source`` (a :class:`~fastfeed.sources.MemoryCache`);
     :data:`DEFAULT_BLOCK_RECORDS` otherwise.
     """
-    seen = 0
-    while source is not None and seen < 8:
-        runs = getattr(source, "run_records", None)
+    for node in source_chain(source):
+        runs = getattr(node, "run_records", None)
         if isinstance(runs, int) and not isinstance(runs, bool) and runs >= 1:
             return runs
-        source = getattr(source, "source", None)
-        seen += 1
     return DEFAULT_BLOCK_RECORDS
 
 
@@ -101,12 +99,9 @@ def prepare_block_order(source: Any) -> int:
     it wraps (``.source``) where they offer them (:class:`~fastfeed.sources.LMDBSource`),
     then returns :func:`block_records_for`. ``Loader(shuffle="block")`` calls it.
     """
-    inner, seen = source, 0
-    while inner is not None and seen < 8:
-        if isinstance(getattr(inner, "read_runs", None), bool):
-            inner.read_runs = True
-        inner = getattr(inner, "source", None)
-        seen += 1
+    for node in source_chain(source):
+        if isinstance(getattr(node, "read_runs", None), bool):
+            node.read_runs = True
     return block_records_for(source)
 
 

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from fastfeed.errors import SourceIndexError
 
-__all__ = ["Record", "Source", "SourceCounters"]
+__all__ = ["Record", "Source", "SourceCounters", "source_chain"]
 
 _data_of = operator.itemgetter(0)  # Record -> data, without a Python-level loop
 
@@ -269,3 +269,17 @@ class Source(ABC):
     def _unpicklable(self) -> tuple[str, ...]:
         """Attribute names holding handles that must not travel through pickle."""
         return ()
+
+
+def source_chain(source: Any, limit: int = 8) -> list[Any]:
+    """``source`` and the sources it wraps, outermost first.
+
+    Wrappers (a :class:`~fastfeed.sources.MemoryCache`, a subset) keep the source they
+    wrap in ``.source``; the walk stops there, or after ``limit`` levels (a cycle).
+    """
+    out: list[Any] = []
+    node = source
+    while node is not None and len(out) < limit:
+        out.append(node)
+        node = getattr(node, "source", None)
+    return out

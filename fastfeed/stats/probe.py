@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastfeed._procio import io_accounting_works
+from fastfeed.sources.base import source_chain
 
 __all__ = ["SourceFacts", "io_accounted", "source_facts"]
-
-_CHAIN_LIMIT = 8  # source.source links followed at most
 
 
 @dataclass(frozen=True)
@@ -45,15 +44,6 @@ class SourceFacts:
     is_pack: bool = False
 
 
-def _chain(source: Any) -> list[Any]:
-    out: list[Any] = []
-    obj = source
-    while obj is not None and len(out) < _CHAIN_LIMIT:
-        out.append(obj)
-        obj = getattr(obj, "source", None)
-    return out
-
-
 def _counters(obj: Any) -> dict[str, Any] | None:
     counters = getattr(obj, "counters", None)
     if counters is None:
@@ -78,7 +68,7 @@ def source_facts(source: Any, *, kind: str | None = None) -> SourceFacts:
         from fastfeed.sources.base import Source
 
         kind = "source" if isinstance(source, Source) else "dataset"
-    chain = _chain(source)
+    chain = source_chain(source)
     inner = chain[-1]
     cache = None
     for obj in chain:
