@@ -124,14 +124,14 @@ def bench(
     from torch.utils.data import DataLoader as TorchDataLoader
 
     from fastfeed import ConfigError, Loader, image
-    from fastfeed.pipeline.assemble import usable_cores
+    from fastfeed.pipeline.assemble import default_threads
     from fastfeed.sources import open_source
     from fastfeed.sources.subset import Subset
 
     for name, value in (("batch-size", batch_size), ("samples", samples), ("size", size)):
         if value < 1:
             raise ConfigError(f"--{name} must be >= 1, got {value}")
-    threads = max(1, min(16, usable_cores())) if threads is None else threads
+    threads = default_threads() if threads is None else threads
     if threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {threads}")
     source = open_source(path)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import runpy
 import sys
@@ -226,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the phases, print the table and verdict, write the requested files."""
     import importlib.util
 
+    from fastfeed.pipeline.assemble import default_threads
     from fastfeed.sources import open_source
 
     assertable = _assertable()
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    threads = args.threads if args.threads is not None else min(16, len(os.sched_getaffinity(0)))
+    threads = args.threads if args.threads is not None else default_threads()
     if threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {threads}")
     step, step_desc = _load_step(args)

@@ -41,6 +41,7 @@ __all__ = [
     "choose_processes",
     "choose_worker_type",
     "decide_pin",
+    "default_threads",
     "ring_slots",
 ]
 
@@ -164,6 +165,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads(processes: int = 0) -> int:
+    """Worker threads when none are given: the usable cores (at most 16), shared among
+    ``processes`` worker processes (each gets its share, at least 1)."""
+    return max(1, min(16, usable_cores() // max(processes, 1)))
+
+
 def choose_processes(
     requested: int | str, device: torch.device | None, cores: int | None = None
 ) -> tuple[int, str]:
@@ -222,13 +229,9 @@ class Pipeline:
         spec = self.spec
         self.processes = processes
         self.mode_reason = reason
-        cores = usable_cores()
-        if spec.num_threads is not None:
-            self.num_threads = spec.num_threads
-        elif processes > 0:
-            self.num_threads = max(1, min(16, cores // processes))
-        else:
-            self.num_threads = max(1, min(16, cores))
+        self.num_threads = (
+            spec.num_threads if spec.num_threads is not None else default_threads(processes)
+        )
         workers = self.num_threads * max(processes, 1)
         self.in_flight = spec.in_flight if spec.in_flight is not None else max(2, 2 * workers)
         self.slots = ring_slots(self.in_flight)
