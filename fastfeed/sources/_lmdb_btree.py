@@ -154,10 +154,12 @@ class RecordIndex:
             .sum(axis=1, dtype=np.uint64)
             .astype(np.int64)
         )
+        # Sizes first: a parsed offset (>= 0) is what other threads take as "located",
+        # and a size read before it is set made a cold record look warm (size 0).
+        self.sizes[index] = lo | hi << 16
         self.offsets[index] = np.where(
             big, overflow * self.psize + _PAGE_HEADER, pgno * self.psize + data
         )
-        self.sizes[index] = lo | hi << 16
 
     def _leaf_of(self, key: bytes) -> tuple[int, bytes] | None:
         """``(pgno, page)`` of the leaf where ``key`` belongs, or None for an empty tree."""

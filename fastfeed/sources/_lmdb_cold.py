@@ -35,14 +35,15 @@ _RUN_DENSITY = 3
 _READ_THREADS = 16
 _IDLE_S = 30.0  # an idle source's read threads end after this, seconds
 #: Runs are read in pieces of this size, all at once on the read pool.
-_PIECE_BYTES = 1 << 20
+RUN_PIECE_BYTES = 1 << 20
 #: Longest wait for a run another thread is reading, seconds.
 _RUN_WAIT_S = 120.0
 
 
 def _slice(chunks: dict[int, bytes], start: int, offset: int, size: int) -> bytes:
-    """Bytes ``[offset, offset + size)`` of a run read in ``_PIECE_BYTES`` pieces from ``start``."""
-    lo = start + (offset - start) // _PIECE_BYTES * _PIECE_BYTES
+    """Bytes ``[offset, offset + size)`` of a run read in ``RUN_PIECE_BYTES`` pieces from
+    ``start``."""
+    lo = start + (offset - start) // RUN_PIECE_BYTES * RUN_PIECE_BYTES
     piece = chunks[lo]
     a = offset - lo
     if a + size <= len(piece):
@@ -50,7 +51,7 @@ def _slice(chunks: dict[int, bytes], start: int, offset: int, size: int) -> byte
     parts = [piece[a:]]
     need = size - len(parts[0])
     while need > 0:
-        lo += _PIECE_BYTES
+        lo += RUN_PIECE_BYTES
         parts.append(chunks[lo][:need])
         need -= len(parts[-1])
     return b"".join(parts)
@@ -92,24 +93,31 @@ class _LMDBColdReads(_LMDBEnv):
     # -- cold reads -------------------------------------------------------------------
 
     def _find_base(self, entry: _EnvEntry, txn: lmdb.Transaction) -> None:
-        """Look up (once per map) where file offset 0 is mapped; None when unknown."""
-        entry.base = None
+        """Look up (once per map) where file offset 0 is mapped; None when unknown.
+
+        Other threads wait for the answer (``entry.setup``): seeing "unknown" meanwhile
+        would send their cold batches down the memory-map path, a page fault at a time.
+        """
+        with entry.setup:
+            if entry.base == -1:
+                entry.base = self._map_base(entry, txn)
+
+    def _map_base(self, entry: _EnvEntry, txn: lmdb.Transaction) -> int | None:
         if entry.fd < 0:
-            return
+            return None
         buf = txn.get(META_KEY) if self._keys is None else txn.get(self._keys[0])
         if not buf:
-            return
+            return None
         addr = io.address_of(buf)
         base = io.map_base(addr, entry.inode)
         if base is None:
-            return
+            return None
         probe = min(len(buf), 256)
         try:
             same = os.pread(entry.fd, probe, addr - base) == bytes(buf[:probe])
         except OSError:
             same = False
-        if same:
-            entry.base = base
+        return base if same else None
 
     def _record_index(self, entry: _EnvEntry, txn: lmdb.Transaction) -> io.RecordIndex | None:
         """The values' file offsets, built on first use and again when the tree changed.
@@ -123,7 +131,20 @@ class _LMDBColdReads(_LMDBEnv):
         txnid = entry.env.info()["last_txnid"]
         if isinstance(ix, io.RecordIndex) and ix.txnid == txnid:
             return ix
-        entry.index = False
+        with entry.setup:  # one thread builds; the others wait for it, not "unknown"
+            ix = entry.index
+            if isinstance(ix, io.RecordIndex) and ix.txnid == txnid:
+                return ix
+            if ix is False:
+                return None
+            return self._build_index(entry, txn, txnid)
+
+    def _build_index(
+        self, entry: _EnvEntry, txn: lmdb.Transaction, txnid: int
+    ) -> io.RecordIndex | None:
+        """Build and verify the index (caller holds ``entry.setup``); ``entry.index``
+        stays as it was while building, so readers outside the lock never see False for
+        "being built"."""
         try:
             ix = io.RecordIndex(entry.fd, entry.psize, self._count)
             if ix.txnid != txnid:
@@ -131,15 +152,16 @@ class _LMDBColdReads(_LMDBEnv):
             probe = self._count - 1
             where = ix.locate(probe) if probe >= 0 else None
             value = txn.get(self.key(probe)) if probe >= 0 else None
-            if (where is None) != (value is None):
-                return None
-            if where is not None and value is not None:
+            ok = (where is None) == (value is None)
+            if ok and where is not None and value is not None:
                 size = min(where[1], 256)
-                if where[1] != len(value) or (
-                    io.pread_exact(entry.fd, size, where[0]) != bytes(value[:size])
-                ):
-                    return None
+                ok = where[1] == len(value) and (
+                    io.pread_exact(entry.fd, size, where[0]) == bytes(value[:size])
+                )
         except (OSError, EOFError, ValueError):
+            ok = False
+        if not ok:
+            entry.index = False  # not a format this reads: the memory-map path only
             return None
         entry.index = ix
         return ix
@@ -228,7 +250,7 @@ class _LMDBColdReads(_LMDBEnv):
     ) -> list[int]:
         """Read the byte range of every run the call needs; return the positions left.
 
-        Each run's range is read in pieces of :data:`_PIECE_BYTES` issued together on the
+        Each run's range is read in pieces of :data:`RUN_PIECE_BYTES` issued together on the
         read pool (measured here: 16 threads reading 4 MiB pieces with read-ahead off
         moved 514 MB/s, 1 MiB pieces 923 MB/s). A run another thread is reading is
         waited for, then its records are read from the page cache like the rest; so is a
@@ -258,9 +280,9 @@ class _LMDBColdReads(_LMDBEnv):
                     continue
                 plans.append((start, end, positions, where))
             pieces = [
-                (k, lo, min(lo + _PIECE_BYTES, end))
+                (k, lo, min(lo + RUN_PIECE_BYTES, end))
                 for k, (start, end, _, _) in enumerate(plans)
-                for lo in range(start, end, _PIECE_BYTES)
+                for lo in range(start, end, RUN_PIECE_BYTES)
             ]
             # os.pread, not readinto a bytearray: no zero-filling of the buffer first.
             got = self._read_pool().map(
@@ -356,9 +378,9 @@ class _LMDBColdReads(_LMDBEnv):
             span = self._run_range(ix, run)
             if span is None or io.resident(base + span[0], span[1] - span[0]):
                 return
-            scratch = memoryview(bytearray(min(_PIECE_BYTES, span[1] - span[0])))
-            for lo in range(span[0], span[1], _PIECE_BYTES):
-                self._preadinto(entry, scratch[: min(_PIECE_BYTES, span[1] - lo)], lo)
+            scratch = memoryview(bytearray(min(RUN_PIECE_BYTES, span[1] - span[0])))
+            for lo in range(span[0], span[1], RUN_PIECE_BYTES):
+                self._preadinto(entry, scratch[: min(RUN_PIECE_BYTES, span[1] - lo)], lo)
             self.run_reads += 1
         except (OSError, EOFError, ValueError, CorruptSourceError):
             pass  # advisory: the read reports real errors

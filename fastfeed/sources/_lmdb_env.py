@@ -58,6 +58,8 @@ class _EnvEntry:
         guard: Transactions vs. adopting a grown map.
         index: The values' file offsets (:class:`~fastfeed.sources._lmdb_io.RecordIndex`),
             None until built, False where it cannot be (a foreign LMDB, another format).
+        setup: Held while ``base`` or ``index`` is being worked out, so a concurrent
+            reader waits for the answer instead of taking "not known yet" for "warm".
     """
 
     __slots__ = (
@@ -70,6 +72,7 @@ class _EnvEntry:
         "need_bytes",
         "psize",
         "refs",
+        "setup",
     )
 
     def __init__(
@@ -81,6 +84,7 @@ class _EnvEntry:
         self.psize = psize
         self.inode = inode
         self.base: int | None = -1
+        self.setup = threading.Lock()
         #: Where the record values are (RecordIndex), False where it cannot be used.
         self.index: io.RecordIndex | bool | None = None
         self.guard = io.MapGuard()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import json
-import mmap
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -44,7 +43,6 @@ import lmdb
 import numpy as np
 
 from fastfeed.errors import CorruptSourceError
-from fastfeed.sources import _lmdb_io as io
 from fastfeed.sources._lmdb_cold import _LMDBColdReads
 from fastfeed.sources._lmdb_env import _default_max_readers, _EnvEntry
 from fastfeed.sources._lmdb_format import (
@@ -70,9 +68,6 @@ __all__ = [
     "values_in_key_order",
 ]
 
-_HINT_MIN_BYTES = 16 * 1024  # hint() only for records at least this large on average
-_MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", 3)
-_PAGE_BYTES = mmap.PAGESIZE
 #: Default run size: records ``[b*R, (b+1)*R)`` with ``R * mean record size`` about this many
 #: bytes are one run, read with one request when a call needs several of its records. At
 #: 100 MB/s and 400 IO operations/s one operation costs the time of 250 KB, so a run is
@@ -80,7 +75,6 @@ _PAGE_BYTES = mmap.PAGESIZE
 RUN_BYTES = 4 << 20
 
 _tuple_new = tuple.__new__
-_madvise = io.madvise
 
 
 class LMDBSource(_LMDBColdReads):
@@ -175,9 +169,7 @@ class LMDBSource(_LMDBColdReads):
         self._init_runtime()
         self._ensure_open()
         self._load_index()
-        # Mean bytes per record (file size / count): below _HINT_MIN_BYTES the kernel's
-        # own read-ahead brings neighbours in with every page, and a per-record hint
-        # costs more than the read (measured: warm 3 KB records 331k/s -> 68k/s).
+        # Mean bytes per record (file size / count): sizes the runs.
         self._mean_record_bytes = os.path.getsize(self.data_path) / max(1, self._count)
 
     def _load_index(self) -> None:
@@ -288,58 +280,44 @@ class LMDBSource(_LMDBColdReads):
             return [get(keys[i]) for i in indices]
 
     def hint(self, indices: Iterable[int]) -> None:
-        """Start reading upcoming records (Linux; else a no-op).
+        """Start reading upcoming records that need whole runs (else a no-op).
 
         Indices that need several records of a run each (block and sequential orders)
-        start background reads of those runs (one ``pread`` each, on the read pool).
-        Otherwise, for databases of records of 16 KiB or more on average:
-        ``madvise(MADV_WILLNEED)`` the pages of the values not yet in memory. A no-op for
-        smaller records, where a per-record hint costs more than the read.
+        start background reads of those runs (one request per 1 MiB piece, on the read
+        pool). Scattered records (a full shuffle) are not hinted: their batch is read
+        cold with concurrent exact ``pread``s anyway, and a per-record
+        ``madvise(MADV_WILLNEED)`` made hinted batches look warm to ``read_many``'s
+        probe, whose memory-map copy then faulted the rest in a page at a time (under
+        a 400 IO/s quota: 81 records/s instead of 367, ``benchmarks/slow_disk.py``).
         """
-        if _madvise is None:
+        if not self.read_runs:
             return
         self._ensure_open()
-        entry = self._entry
-        if entry is None:
+        if self._entry is None:
             return
         try:
             self._check_size()  # touching a truncated map's pages would fault here too
         except CorruptSourceError:
             return  # advisory: the read reports it
         n = self._count
-        wanted = [int(i) for i in indices if 0 <= i < n]
-        runs = self._group_runs(wanted)
-        if runs is None and self._mean_record_bytes < _HINT_MIN_BYTES:
+        runs = self._group_runs([int(i) for i in indices if 0 <= i < n])
+        if runs is None:
             return
         try:
-            self._guarded(lambda e: self._advise(e, wanted, runs), "hinting")
+            self._guarded(lambda e: self._advise(e, runs), "hinting")
         except CorruptSourceError:
             pass  # advisory only: the read reports real errors
 
-    def _advise(self, entry: _EnvEntry, indices: list[int], runs: dict | None) -> None:
+    def _advise(self, entry: _EnvEntry, runs: dict[int, list[int]]) -> None:
         with entry.env.begin(buffers=True) as txn:
             if entry.base == -1:
                 self._find_base(entry, txn)
             ix = self._record_index(entry, txn) if entry.base is not None else None
-        base = entry.base
-        if ix is None or base is None:
+        if ix is None or entry.base is None:
             return
-        if runs is not None:
-            pool = self._read_pool()
-            for run in runs:
-                pool.submit(functools.partial(self._page_in_run, run))
-            return
-        for i in indices:
-            where = ix.locate(i)
-            if where is None or where[1] == 0:
-                continue
-            addr = base + where[0]
-            # WILLNEED on pages already in memory costs as much as the read itself;
-            # mincore is cheap, so skip values fully resident.
-            if io.resident(addr, where[1]):
-                continue
-            start = addr - addr % _PAGE_BYTES
-            _madvise(start, addr + where[1] - start, _MADV_WILLNEED)
+        pool = self._read_pool()
+        for run in runs:
+            pool.submit(functools.partial(self._page_in_run, run))
 
     def record_sizes(self) -> list[int]:
         """Size of every record's value in bytes, in index order (does not read the values)."""

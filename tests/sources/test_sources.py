@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -540,54 +541,38 @@ def _nothing_resident(addr: int, length: int, vec: ctypes.Array) -> int:
     return 0
 
 
-def test_lmdb_hint_is_a_no_op_for_small_records(
+def test_lmdb_hint_leaves_scattered_records_to_the_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 3 KB records: many share a page, the kernel's read-ahead covers them, and a
-    # per-record madvise would cost more than the read.
-    path = tmp_path / "small.lmdb"
-    pack(ListSource([bytes([k]) * 3000 for k in range(50)]), path, progress=False)
-    calls: list[int] = []
-    monkeypatch.setattr(lmdb_mod, "_madvise", lambda addr, length, advice: calls.append(1))
-    monkeypatch.setattr(lmdb_io, "_mincore", _nothing_resident)
-    with LMDBSource(path) as src:
-        src.hint(range(50))
-        assert calls == []
-
-
-def test_lmdb_hint_madvises_the_value_pages(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if lmdb_mod._madvise is None:
-        pytest.skip("no madvise on this platform")
-    # Values larger than a page live on overflow pages that a key lookup does not touch.
+    # A full shuffle's batch is read cold with exact concurrent preads; hinting its
+    # records made the batch look warm to read_many's probe (then faulted page by page).
     payloads = [random.Random(k).randbytes(20_000 + k) for k in range(6)]
     path = tmp_path / "big.lmdb"
     pack(ListSource(payloads), path, progress=False)
-    real = lmdb_mod._madvise
-    calls: list[tuple[int, int, int]] = []
-
-    def record(addr: int, length: int, advice: int) -> int:
-        rc = real(addr, length, advice)
-        calls.append((addr, length, rc))
-        return rc
-
-    monkeypatch.setattr(lmdb_mod, "_madvise", record)
-    with LMDBSource(path) as src:
-        src.read_many(list(range(6)))  # everything resident: nothing to advise
-        src.hint([3, 5])
-        assert calls == []
-    # Simulate cold pages (mincore reports nothing resident): evicting for real is not
-    # reliable under a test runner that shares the page cache.
     monkeypatch.setattr(lmdb_io, "_mincore", _nothing_resident)
-    with LMDBSource(path) as src:
+    with LMDBSource(path, read_runs=True, run_bytes=1) as src:  # runs of one record
         src.hint([3, 5, 99])
-        assert len(calls) == 2
-        for (addr, length, rc), i in zip(calls, (3, 5), strict=True):
-            assert rc == 0
-            assert addr % lmdb_mod._PAGE_BYTES == 0
-            assert len(payloads[i]) <= length < len(payloads[i]) + lmdb_mod._PAGE_BYTES
+        assert src._pool is None  # nothing was submitted to the read pool
         assert src.read(5).data == payloads[5]
+
+
+def test_lmdb_hint_pages_in_whole_runs(tmp_path: Path) -> None:
+    payloads = [random.Random(k).randbytes(5_000 + k) for k in range(40)]
+    path = tmp_path / "runs.lmdb"
+    pack(ListSource(payloads), path, progress=False)
+    with LMDBSource(path, read_runs=True, run_bytes=50_000) as src:
+        r = src.run_records
+        assert 4 <= r < 20
+        paged: list[int] = []
+        src._page_in_run = paged.append  # type: ignore[method-assign]
+        src.hint([0, 1, 2, 3, r, r + 1, r + 2, r + 3])  # 4 records in each of runs 0 and 1
+        deadline = time.monotonic() + 10
+        while len(paged) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(paged) == [0, 1]
+    with LMDBSource(path, run_bytes=50_000) as src:  # read_runs off: hints do nothing
+        src.hint(range(40))
+        assert src._pool is None
 
 
 # -- MemoryCache ----------------------------------------------------------------------
