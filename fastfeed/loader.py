@@ -358,9 +358,15 @@ class Loader:
             num_threads=self.num_threads * max(1, self.processes),
             skipped=self.skipped,
             device=self.device,
-            execution=self._pipeline.describe_mode(),
+            execution={**self._pipeline.describe_mode(), "order": self._order_name()},
             gather=gather,
         )
+
+    def _order_name(self) -> str:
+        """The sample order in words: ``"block"``, ``"random"`` or ``"sequential"``."""
+        if self.shuffle == "block":
+            return "block"
+        return "random" if self.shuffle else "sequential"
 
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-serializable resume state; counts batches handed to the consumer."""

@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+from fastfeed._diskstats import disk_snapshot, storage_delta
 from fastfeed._procio import ProcIO, cpu_times, read_proc_io
 from fastfeed.profiling import gil
 from fastfeed.profiling.clocks import (
@@ -141,6 +142,7 @@ class Recorder:
         self.started_cpu_s = time.process_time()
         self.started_io: ProcIO | None = read_proc_io()
         self.started_machine = cpu_times()
+        self.started_disk = disk_snapshot()
         self._gil_start = gil.totals()
         # The training loop's own work on the sampled steps (see consumer_step): wall
         # from hand-over to asking again, CPU, run-queue wait, voluntary switches.
@@ -422,10 +424,13 @@ class Recorder:
         Besides the stage, queue and consumer figures it holds ``process_cpu_s`` (CPU
         time of the whole process since the start or last reset), ``cpu_count``,
         ``machine_busy`` (share of all cores busy machine-wide, any process; None if
-        unknown) and ``io`` (``/proc/self/io`` deltas: ``rchar``, ``read_bytes``, or None).
+        unknown), ``io`` (``/proc/self/io`` deltas: ``rchar``, ``read_bytes``, or None) and
+        ``storage`` (the busiest disk's reads, see
+        :func:`fastfeed._diskstats.storage_delta`, or None).
         """
         now_io = read_proc_io()
         now_machine = cpu_times()
+        now_disk = disk_snapshot()
         with self._lock:
             io = None
             if now_io is not None and self.started_io is not None:
@@ -443,6 +448,7 @@ class Recorder:
                 "cpu_count": os.cpu_count() or 1,
                 "machine_busy": machine,
                 "io": io,
+                "storage": storage_delta(self.started_disk, now_disk),
                 "steps": self.steps,
                 "first_batches": self.first_batches,
                 "wait_s": self.wait_s,

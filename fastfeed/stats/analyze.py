@@ -31,6 +31,7 @@ from fastfeed.stats.model import (
     Verdict,
 )
 from fastfeed.stats.probe import SourceFacts
+from fastfeed.stats.storage import storage_summary
 
 __all__ = ["analyze", "cache_whatif", "worker_batches"]
 
@@ -318,6 +319,7 @@ def analyze(
         stages=stages,
         queues=queues,
         io=_io(snapshot.get("io"), stages, facts, io_accounted),
+        storage=storage_summary(snapshot.get("storage")),
         cache=_cache(facts.cache),
         source=facts.counters,
         skipped=len(skipped_list),

@@ -38,6 +38,7 @@ from fastfeed.stats.model import (
     Verdict,
 )
 from fastfeed.stats.probe import SourceFacts
+from fastfeed.stats.storage import BLOCK_READ_BYTES, StorageSummary
 
 __all__ = ["COMPUTE_BOUND_BELOW", "INPUT_BOUND_FROM", "diagnose", "neighbour", "whatif"]
 
@@ -239,13 +240,24 @@ def diagnose(stats: LoaderStats, facts: SourceFacts) -> Verdict:
                 w.speedup(w.supply(gil=False)),
             )
         )
+    elif w.io >= max(w.cpu + w.runq, w.gil) and stats.storage and stats.storage.iops_bound:
+        bottleneck = Bottleneck.IO
+        st = stats.storage
+        sentence = (
+            f"{head}; {where}: the disk is IOPS-bound ({st.reason}): each small read costs "
+            "one operation, more threads will not help"
+        )
+        actions.append(_block_order(stats, w, facts, st))
     elif w.io >= max(w.cpu + w.runq, w.gil):
         bottleneck = Bottleneck.IO
         sentence = f"{head}; {where}: waiting on IO (storage, network, sleeps) dominates"
+        full = stats.storage is not None and stats.storage.bandwidth_bound
+        if full and stats.storage is not None:
+            sentence += f"; the disk reads at its bandwidth ({stats.storage.reason})"
         target = max(w.compute, w.copy)
         need = math.ceil(w.worker / target) if target >= _STEP_MIN_S else 2 * w.threads
         need = min(need, _IO_THREADS_GROWTH * w.threads)
-        if need > w.threads:
+        if need > w.threads and not full:
             new = w.supply(need)
             actions.append(
                 Action(
@@ -300,6 +312,42 @@ def diagnose(stats: LoaderStats, facts: SourceFacts) -> Verdict:
             actions.append(_cut_work(facts))
     actions.sort(key=lambda a: -(a.speedup or 0.0))
     return Verdict(bound, bottleneck, stall, sentence, tuple(actions))
+
+
+def _block_order(stats: LoaderStats, w: _Work, facts: SourceFacts, st: StorageSummary) -> Action:
+    """Read runs of consecutive records, one large request each, on an IOPS-bound disk."""
+    order = (stats.execution or {}).get("order")
+    if facts.is_pack and order == "block":
+        return Action(
+            "the loader already reads runs (shuffle='block'): a faster disk, or cache "
+            "the hot part of the dataset with MemoryCache(source, capacity=...)",
+            f"the disk gives {st.mb_per_s:,.1f} MB/s in {st.bytes_per_read / 1e3:,.0f} KB reads",
+        )
+    if facts.is_pack:
+        text = 'read it in runs with Loader(source, shuffle="block")'
+    else:
+        text = (
+            "pack the files into one LMDB (fastfeed pack SRC out.lmdb) and read it in runs "
+            'with fastfeed.Loader(source, shuffle="block")'
+        )
+    if st.block_mb_per_s is None or stats.samples <= 0 or stats.elapsed_s <= 0:
+        return Action(
+            text,
+            f"{BLOCK_READ_BYTES >> 20} MiB per operation instead of "
+            f"{st.bytes_per_read / 1e3:,.0f} KB; the gain depends on the disk's bandwidth "
+            "(not known here)",
+        )
+    # Storage time per batch at block-order speed, beside the workers' other work.
+    nb = worker_batches(stats)
+    batch_bytes = st.mb_per_s * 1e6 * stats.elapsed_s / max(1.0, nb)
+    new = max(w.supply(io_scale=0.0), batch_bytes / (st.block_mb_per_s * 1e6))
+    gain = w.speedup(new)
+    return Action(
+        text,
+        f"{BLOCK_READ_BYTES >> 20} MiB per operation, up to {st.block_mb_per_s:,.0f} MB/s: "
+        f"predicted {gain:.1f}x ({stats.samples_per_s * gain:,.0f} samples/s)",
+        gain,
+    )
 
 
 def _compute_bound(stats: LoaderStats, w: _Work, facts: SourceFacts) -> Verdict:

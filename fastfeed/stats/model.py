@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastfeed.profiling import TraceEvent
+from fastfeed.stats.storage import StorageSummary
 from fastfeed.stats.verdict import Action, Bottleneck, Bound, Verdict
 
 __all__ = [
@@ -289,6 +290,8 @@ class LoaderStats:
         stages: Per-stage figures.
         queues: Per-queue figures.
         io: Storage vs page cache (None when ``/proc/self/io`` is unavailable).
+        storage: What the busiest disk did, and whether it is IOPS-bound (None when
+            unknown or nothing was read from a disk).
         cache: The in-RAM cache's hits and misses (None without a cache).
         source: The source's read counters (reads, bytes, time_s, calls), if given.
         skipped: Samples skipped by ``on_error="skip"``.
@@ -338,6 +341,7 @@ class LoaderStats:
     workers: TimeSplit | None = None
     neighbour: Neighbour | None = None
     execution: dict[str, Any] | None = None
+    storage: StorageSummary | None = None
     whatif: list[tuple[float, float]] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1

@@ -7,6 +7,7 @@ has a legend for its columns and says what the queues' waits mean in words.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -109,6 +110,8 @@ def _details(stats: LoaderStats) -> list[str]:
             )
         else:
             out.append(f"IO: page-cache hit ratio unknown ({stats.io.note}).")
+    if stats.storage is not None:
+        out.append(f"Storage: {stats.storage.line()} ({stats.storage.reason}).")
     if stats.cache is not None:
         c = stats.cache
         out.append(
@@ -228,6 +231,7 @@ def to_dict(stats: LoaderStats, include_ranks: bool = True) -> dict[str, Any]:
     out["stages"] = {k: v.to_dict() for k, v in stats.stages.items()}
     out["queues"] = {k: v.to_dict() for k, v in stats.queues.items()}
     out["io"] = stats.io.to_dict() if stats.io else None
+    out["storage"] = dataclasses.asdict(stats.storage) if stats.storage else None
     out["cache"] = stats.cache.to_dict() if stats.cache else None
     out["whatif"] = [{"cache_fraction": f, "samples_per_s": r} for f, r in stats.whatif]
     if include_ranks:
