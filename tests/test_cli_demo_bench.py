@@ -121,3 +121,24 @@ def test_bench_missing_path_is_a_clean_error(tmp_path: Path, capsys) -> None:
 def test_demo_rejects_fewer_images_than_classes(capsys) -> None:
     assert main(["demo", "--images", "2", "--classes", "4"]) == 1
     assert "need --images >= --classes >= 1, got 2, 4" in capsys.readouterr().err
+
+
+def test_bench_cold_drops_the_records_before_each_loader(tmp_path: Path, capsys) -> None:
+    from fastfeed.synthetic import make_image_folder
+
+    make_image_folder(tmp_path / "imgs", 2, 5, size=(40, 30))
+    out_json = tmp_path / "b.json"
+    code = main(["bench", str(tmp_path / "imgs"), "--samples", "6", "--batch-size", "4",
+                 "--threads", "1", "--size", "16", "--quiet", "--cold",
+                 "--json", str(out_json)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "(page cache dropped before each loader)" in out
+    assert "disk reads/s" in out.splitlines()[1]
+    doc = json.loads(out_json.read_text())
+    assert doc["cold"] is True
+    assert [r["loader"] for r in doc["results"]] == ["fastfeed", "torch"]
+    for r in doc["results"]:
+        assert r["samples"] == 6
+        assert 0.0 <= r["cached"] <= 1.0  # what stayed in the page cache after dropping
+        assert "disk" in r  # None where no disk read was counted (e.g. overlay, tmpfs)

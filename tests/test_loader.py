@@ -194,6 +194,29 @@ def test_read_ahead_hints_cover_every_batch() -> None:
     assert src.hinted == []
 
 
+def test_a_task_hints_after_its_own_reads() -> None:
+    # On a disk that counts operations, hinted reads queued before a batch's own reads
+    # delay that batch: the first batch must be read before anything is hinted.
+    class Calls(ListSource):
+        def __init__(self, n: int) -> None:
+            super().__init__([i.to_bytes(8, "little") for i in range(n)])
+            self.calls: list[tuple[str, list[int]]] = []
+
+        def read_many(self, indices):
+            self.calls.append(("read", list(indices)))
+            return super().read_many(indices)
+
+        def hint(self, indices) -> None:
+            self.calls.append(("hint", list(indices)))
+
+    src = Calls(40)
+    batches = [b.indices for b in Loader(src, batch_size=10, num_threads=0, prefetch=2)]
+    assert [k for k, _ in src.calls] == ["read", "hint", "read", "hint", "read", "read"]
+    assert src.calls[0] == ("read", batches[0])
+    assert src.calls[1] == ("hint", batches[1] + batches[2])
+    assert src.calls[3] == ("hint", batches[3])
+
+
 # -- determinism --------------------------------------------------------------------------
 
 

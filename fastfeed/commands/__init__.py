@@ -8,10 +8,22 @@ functions that run the command.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from fastfeed.errors import ConfigError
 
-__all__ = ["NAMES", "check_input_file", "check_output_dir", "check_output_file"]
+if TYPE_CHECKING:
+    from fastfeed._procio import Residency
+
+__all__ = [
+    "NAMES",
+    "check_input_file",
+    "check_output_dir",
+    "check_output_file",
+    "drop_cached",
+    "storage_files",
+]
 
 #: The commands in the order ``fastfeed --help`` lists them.
 NAMES: tuple[str, ...] = ("demo", "pack", "inspect", "profile", "bench")
@@ -74,3 +86,32 @@ def check_input_file(path: str | None, option: str) -> None:
         raise ConfigError(f"{option} {path}: not a file")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{option} {path}: not readable")
+
+
+def storage_files(source: Any, indices: Sequence[int] | None = None) -> list[str]:
+    """The files holding ``source``'s records (``indices`` only, for a FileSource).
+
+    A FileSource's record files, an LMDB's data file; empty when the records are not
+    in files this process can name (a custom source, a dataset in RAM).
+    """
+    from fastfeed.sources.base import source_chain
+
+    inner = source_chain(source)[-1]
+    paths = getattr(inner, "paths", None)
+    if paths is not None:
+        return [paths[i] for i in (range(len(paths)) if indices is None else indices)]
+    data = getattr(inner, "data_path", None)
+    return [data] if data else []
+
+
+def drop_cached(files: Sequence[str]) -> Residency:
+    """Drop ``files`` from the page cache (``posix_fadvise(DONTNEED)``, no root needed).
+
+    Returns:
+        What stayed in the page cache (``mincore``): dirty pages and pages other
+        processes map can stay.
+    """
+    from fastfeed._procio import evict, residency
+
+    evict(files)
+    return residency(files)

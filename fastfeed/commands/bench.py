@@ -5,9 +5,12 @@ same order), the same transform (fastfeed's fused ``RandomResizedCrop`` + flip, 
 CHW) and the same batch size; fastfeed runs ``--threads`` worker threads, torch
 ``num_workers=--threads`` worker processes. The records are read once before either
 run so both read from the page cache: the comparison is of the loaders, not of a cold
-disk. Reported per loader: samples/s, MB/s of record bytes, the ratio to torch, the peak
-resident memory of the process tree (workers included) and the time to the first batch
-(worker start-up included).
+disk. ``--cold`` instead drops the records from the page cache before each loader's run
+(``posix_fadvise(DONTNEED)``, no root needed): the comparison on your disk, with its
+reads/s and bytes per read (``/proc/diskstats``, machine-wide). Reported per loader:
+samples/s, MB/s of record bytes, the ratio to torch, the peak resident memory of the
+process tree (workers included) and the time to the first batch (worker start-up
+included).
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--size", type=int, default=224, metavar="S", help="RandomResizedCrop size (default 224)"
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the records from the page cache before each loader's run (your disk's "
+        "figures, not the page cache's)",
+    )
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -71,11 +80,13 @@ def _measure(
     name: str, batches: Iterable[Any], total: int, nbytes: int, progress: bool
 ) -> dict[str, Any]:
     """Iterate ``batches`` to the end; samples/s, MB/s, peak RSS and first-batch time."""
+    from fastfeed._diskstats import disk_snapshot, storage_delta
     from fastfeed._procio import PeakRSS
     from fastfeed._progress import progress_bar
 
     samples = 0
     first_s = None
+    disk0 = disk_snapshot()
     with (
         PeakRSS(interval_s=0.02) as rss,
         progress_bar(total=total, unit="img", desc=name, enabled=progress) as bar,
@@ -88,10 +99,12 @@ def _measure(
             samples += int(data.shape[0])
             bar.update(int(data.shape[0]))
         seconds = time.perf_counter() - t0
+        disk = storage_delta(disk0, disk_snapshot())
         close = getattr(it, "close", None)
         if close is not None:
             close()
     return {
+        "disk": disk,
         "loader": name,
         "samples": samples,
         "seconds": seconds,
@@ -111,8 +124,13 @@ def bench(
     samples: int = 1024,
     size: int = 224,
     progress: bool = True,
+    cold: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark (what ``fastfeed bench`` prints); returns a JSON-ready dict.
+
+    Args:
+        cold: Drop the records from the page cache before each loader's run (else both
+            read from the page cache, warmed once first).
 
     Raises:
         ConfigError: A count below 1.
@@ -124,6 +142,7 @@ def bench(
     from torch.utils.data import DataLoader as TorchDataLoader
 
     from fastfeed import ConfigError, Loader, image
+    from fastfeed.commands import drop_cached, storage_files
     from fastfeed.pipeline.assemble import default_threads
     from fastfeed.sources import open_source
     from fastfeed.sources.subset import Subset
@@ -144,10 +163,19 @@ def bench(
         warm_s = time.perf_counter() - t0
         transform = image.Compose([image.RandomResizedCrop(size), image.RandomHorizontalFlip()])
 
+        files = storage_files(source, order) if cold else []
+        if cold and not files:
+            raise ConfigError(f"--cold: the records of {path} are not in files fastfeed can name")
+
+        def prepare() -> float | None:
+            """Drop the records from the page cache (--cold); what stayed, 0..1."""
+            return drop_cached(files).fraction if cold else None
+
         rows = []
         loader = Loader(subset, transform=transform, batch_size=batch_size, num_threads=threads)
         try:
-            rows.append(_measure("fastfeed", loader, n, nbytes, progress))
+            left = prepare()
+            rows.append({**_measure("fastfeed", loader, n, nbytes, progress), "cached": left})
         finally:
             loader.close()
         if vs == "torch":
@@ -156,7 +184,8 @@ def bench(
                 batch_size=batch_size,
                 num_workers=threads,
             )
-            rows.append(_measure("torch", torch_loader, n, nbytes, progress))
+            left = prepare()
+            rows.append({**_measure("torch", torch_loader, n, nbytes, progress), "cached": left})
             base = rows[-1]["samples_per_s"]
             for r in rows:
                 r["ratio"] = r["samples_per_s"] / base if base > 0 else float("nan")
@@ -167,6 +196,7 @@ def bench(
             "samples": n,
             "record_bytes": nbytes,
             "warm_read_s": warm_s,
+            "cold": cold,
             "batch_size": batch_size,
             "threads": threads,
             "size": size,
@@ -190,14 +220,25 @@ def format_table(result: dict[str, Any]) -> str:
     )
     from fastfeed._size import format_size
 
+    cold = bool(result.get("cold"))
+    if cold:
+        head += f" {'disk reads/s':>12} {'KB/read':>8}"
     lines = [head, "-" * len(head)]
     for r in result["results"]:
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
-        lines.append(
+        line = (
             f"{r['loader']:<9} {r['samples']:>7} {r['samples_per_s']:>10,.0f} "
             f"{r['mb_per_s']:>8.1f} {ratio:>6} {format_size(r['peak_rss_bytes']):>10} "
             f"{r['first_batch_s'] * 1e3:>7.0f} ms"
         )
+        if cold:
+            d = r.get("disk")
+            line += (
+                f" {d['reads_per_s']:>12,.0f} {d['bytes_per_read'] / 1e3:>8,.0f}"
+                if d
+                else f" {'-':>12} {'-':>8}"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -214,10 +255,16 @@ def run(args: argparse.Namespace) -> int:
         samples=args.samples,
         size=args.size,
         progress=not args.quiet,
+        cold=args.cold,
+    )
+    cache = (
+        "page cache dropped before each loader"
+        if result["cold"]
+        else "read once first: page cache warm"
     )
     print(
         f"{result['path']} ({result['source']}): {result['samples']} of {result['records']} "
-        f"records, {format_size(result['record_bytes'])} (read once first: page cache warm), "
+        f"records, {format_size(result['record_bytes'])} ({cache}), "
         f"RandomResizedCrop({result['size']}) + flip -> uint8, batch {result['batch_size']}, "
         f"{result['threads']} threads (fastfeed) / num_workers={result['threads']} (torch)"
     )

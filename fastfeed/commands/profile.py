@@ -10,6 +10,12 @@ text file listing paths), no root needed:
 4. the full loader with ``--threads`` threads, consuming as fast as it can;
 5. the full loader with a model step: ``--step-ms`` of sleep, or ``--script``.
 
+Phases 4-5 read from the page cache (phases 1-2 filled it) unless ``--cold`` drops the
+subset's pages before each: then the verdict describes the disk, and names an IOPS-bound
+one (reads/s at the cgroup's quota, or a disk busy with small reads) with the advice to
+pack and read in runs (``shuffle="block"``). Phase 1 always reports the disk's reads/s,
+MB/s and bytes per read, from ``/proc/diskstats``.
+
 From these it derives the fetch stall vs the prep stall per batch, the threads needed,
 and the predicted throughput with 0-100% of the dataset cached in RAM, then prints a
 table, the verdict and the next actions.
@@ -29,10 +35,10 @@ import random
 import runpy
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fastfeed.commands import check_input_file, check_output_file
+from fastfeed.commands import check_input_file, check_output_file, drop_cached, storage_files
 from fastfeed.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -94,18 +100,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-evict", action="store_true", help="skip the page-cache eviction (cold read)"
     )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="also run the full loader (phases 4-5) with the subset dropped from the page "
+        "cache first, so the verdict sees the disk (IOPS- or bandwidth-bound)",
+    )
 
 
 def _progress(msg: str) -> None:
     print(f"[fastfeed profile] {msg}", file=sys.stderr, flush=True)
-
-
-def _storage_files(source: Source, indices: Sequence[int]) -> list[str]:
-    paths = getattr(source, "paths", None)
-    if paths is not None:
-        return [paths[i] for i in indices]
-    data = getattr(source, "data_path", None)
-    return [data] if data else []
 
 
 def make_transform(name: str) -> Callable[..., Any] | None:
@@ -149,17 +153,22 @@ def _load_step(args: argparse.Namespace) -> tuple[Callable[[Any], None] | None, 
     return None, "none"
 
 
-def _timed_reads(source: Source, batches: list[list[int]]) -> tuple[float, int, Any]:
+def _timed_reads(
+    source: Source, batches: list[list[int]]
+) -> tuple[float, int, Any, dict[str, Any] | None]:
+    """Seconds, record bytes, ``/proc/self/io`` delta and the disk's figures of the reads."""
+    from fastfeed._diskstats import disk_snapshot, storage_delta
     from fastfeed._procio import read_proc_io
 
-    io0 = read_proc_io()
+    io0, disk0 = read_proc_io(), disk_snapshot()
     t0 = time.perf_counter()
     nbytes = 0
     for b in batches:
         nbytes += sum(len(r.data) for r in source.read_many(b))
     dt = time.perf_counter() - t0
-    io1 = read_proc_io()
-    return dt, nbytes, (io1 - io0) if io0 is not None and io1 is not None else None
+    io1, disk1 = read_proc_io(), disk_snapshot()
+    io = (io1 - io0) if io0 is not None and io1 is not None else None
+    return dt, nbytes, io, storage_delta(disk0, disk1)
 
 
 def _run_loader(
@@ -296,34 +305,36 @@ def _measure(
     _progress(f"{args.path}: {len(base):,} records; profiling {n} in {nb} batches of {bs}")
 
     # 1. cold raw read
-    files = _storage_files(base, chosen)
+    files = storage_files(base, chosen)
     evicted = None
     if files and not args.no_evict:
-        from fastfeed._procio import evict, residency
-
-        evict(files)
-        evicted = residency(files)
+        evicted = drop_cached(files)
         _progress(
             f"phase 1/5 raw read, cold: evicted, {100 * evicted.fraction:.0f}% of "
             f"{evicted.total_bytes / 1e6:.1f} MB still in the page cache"
         )
     else:
         _progress("phase 1/5 raw read, cold: no files to evict (reading as is)")
-    cold_s, nbytes, cold_io = _timed_reads(sub, batches)
+    cold_s, nbytes, cold_io, cold_disk = _timed_reads(sub, batches)
     # 2. warm raw read
     _progress(f"phase 2/5 raw read, warm ({cold_s:.2f} s cold, {nbytes / 1e6 / cold_s:.0f} MB/s)")
-    warm_s, _, _ = _timed_reads(sub, batches)
+    warm_s, _, _, _ = _timed_reads(sub, batches)
     # 3. read + transform on one thread
     _progress(
         f"phase 3/5 read + {args.transform} on one thread ({nbytes / 1e6 / warm_s:.0f} MB/s warm)"
     )
     prep_s, prep_cpu = _one_thread_prep(sub, batches, transform)
     # 4. full loader, no model
-    _progress(f"phase 4/5 full loader, {threads} threads, no model step")
+    cold = " (page cache dropped first)" if args.cold and files else ""
+    _progress(f"phase 4/5 full loader, {threads} threads, no model step{cold}")
+    if cold:
+        drop_cached(files)
     alone, alone_wall = _run_loader(sub, transform, args, threads, None)
     # 5. with a model step
     if step is not None:
-        _progress(f"phase 5/5 full loader with model step ({step_desc})")
+        _progress(f"phase 5/5 full loader with model step ({step_desc}){cold}")
+        if cold:
+            drop_cached(files)
         stats, _ = _run_loader(sub, transform, args, threads, step)
     else:
         _progress("phase 5/5 skipped: no --step-ms or --script (the verdict is the loader alone)")
@@ -346,6 +357,8 @@ def _measure(
         "read_cold_s_per_batch": fetch_cold,
         "read_cold_mb_per_s": nbytes / 1e6 / cold_s if cold_s > 0 else None,
         "read_cold_storage_bytes": cold_io.read_bytes if cold_io else None,
+        "read_cold_disk": cold_disk,
+        "loader_cold": bool(cold),
         "read_warm_s_per_batch": fetch_warm,
         "read_warm_mb_per_s": nbytes / 1e6 / warm_s if warm_s > 0 else None,
         "prep_s_per_batch": prep,
@@ -391,6 +404,8 @@ def _one_thread_prep(
 
 
 def _print_report(stats: LoaderStats, ph: dict[str, Any]) -> None:
+    from fastfeed.stats.storage import storage_summary
+
     ms = 1e3
     print(stats.table())
     print()
@@ -415,5 +430,10 @@ def _print_report(stats: LoaderStats, ph: dict[str, Any]) -> None:
             f"cold read: {ph['read_cold_storage_bytes'] / 1e6:.1f} MB fetched from storage for "
             f"{ph['bytes'] / 1e6:.1f} MB requested"
         )
+    disk = storage_summary(ph.get("read_cold_disk"))
+    if disk is not None:
+        print(f"cold read: {disk.line()} ({disk.reason})")
+    if ph.get("loader_cold"):
+        print("phases 4-5 read cold (page cache dropped first): the verdict is for this disk")
     curve = ", ".join(f"{100 * f:.0f}% -> {r:,.0f}/s" for f, r in stats.whatif[::2])
     print(f"RAM cache what-if (samples/s): {curve}")

@@ -132,3 +132,20 @@ def test_profile_an_lmdb(folder: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert rc == 0
     assert "24 records" in captured.err or "records; profiling 24" in captured.err
     assert "verdict: " in captured.out
+
+
+def test_profile_cold_reads_the_loader_phases_cold(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "s.json"
+    rc = main(_args(folder, "--cold", "--step-ms", "1", "--json", str(out)))
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "phase 4/5 full loader, 2 threads, no model step (page cache dropped first)" in (
+        captured.err
+    )
+    assert "(1 ms sleep) (page cache dropped first)" in captured.err
+    assert "phases 4-5 read cold (page cache dropped first)" in captured.out
+    phases = json.loads(out.read_text())["extra"]["phases"]
+    assert phases["loader_cold"] is True
+    assert "read_cold_disk" in phases  # the disk's figures, None where not counted
