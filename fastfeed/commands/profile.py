@@ -297,6 +297,7 @@ def _measure(
     random.Random(args.seed + 1).shuffle(order)  # random access, as in training
     from fastfeed.sources.subset import Subset
     from fastfeed.stats import cache_whatif
+    from fastfeed.stats.storage import storage_summary
 
     sub = Subset(base, order)
     bs = args.batch_size
@@ -371,7 +372,10 @@ def _measure(
         "threads_needed_warm": math.ceil((fetch_warm + prep) / compute) if compute else None,
     }
     stats.extra["phases"] = phases
+    disk = storage_summary(cold_disk)
+    bound = disk is not None and (disk.iops_bound or disk.bandwidth_bound)
     stats.whatif = cache_whatif(
+        disk_s=fetch_cold if bound else None,
         read_storage_s=fetch_cold,
         read_memory_s=fetch_warm,
         other_s=prep,

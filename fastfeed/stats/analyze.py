@@ -51,6 +51,7 @@ def cache_whatif(
     fractions: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
     cores: float | None = None,
     other_cpu_s: float | None = None,
+    disk_s: float | None = None,
 ) -> list[tuple[float, float]]:
     """Predicted throughput when a fraction of the dataset is cached in RAM.
 
@@ -71,6 +72,9 @@ def cache_whatif(
         cores: Cores free for the workers (None: no cap).
         other_cpu_s: CPU time per batch of the non-read stages (for the core cap;
             None: ``other_s``).
+        disk_s: Seconds per batch the disk needs at its best, whatever the threads (an
+            IOPS- or bandwidth-bound disk); ``(1 - f) x disk_s`` caps the rate. None:
+            more threads keep more reads in flight.
 
     Returns:
         ``[(fraction, samples_per_s), ...]``.
@@ -81,7 +85,7 @@ def cache_whatif(
     for f in fractions:
         worker = (1.0 - f) * read_storage_s + f * read_memory_s + other_s
         core_bound = cpu / cores if cores else 0.0
-        per_batch = max(compute_s, worker / t, core_bound, copy_s)
+        per_batch = max(compute_s, worker / t, core_bound, copy_s, (1.0 - f) * (disk_s or 0.0))
         out.append((f, batch_size / per_batch if per_batch > 0 else math.inf))
     return out
 

@@ -213,3 +213,22 @@ def test_block_read_bytes_is_the_run_piece() -> None:
     from fastfeed.sources._lmdb_cold import RUN_PIECE_BYTES
 
     assert BLOCK_READ_BYTES == RUN_PIECE_BYTES == MiB
+
+
+def test_cache_whatif_on_a_bound_disk_does_not_scale_with_threads() -> None:
+    from fastfeed.stats import cache_whatif
+
+    args = {
+        "read_storage_s": 0.16,  # one batch of 64 at 400 reads/s
+        "read_memory_s": 0.01,
+        "other_s": 0.0,
+        "threads": 4,
+        "batch_size": 64,
+        "fractions": (0.0, 0.5, 1.0),
+    }
+    free = cache_whatif(**args)
+    bound = cache_whatif(**args, disk_s=0.16)
+    assert free[0][1] == pytest.approx(64 / 0.04)  # 4 threads hide the latency
+    assert bound[0][1] == pytest.approx(64 / 0.16)  # the disk's rate, whatever the threads
+    assert bound[1][1] == pytest.approx(64 / 0.08)  # half the reads leave the disk
+    assert bound[2][1] == free[2][1] == pytest.approx(64 / 0.0025)
