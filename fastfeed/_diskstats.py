@@ -47,11 +47,15 @@ class DiskSnapshot:
     Attributes:
         time_s: ``time.perf_counter()`` when read, seconds.
         devices: ``"major:minor"`` -> counters (name, reads, read bytes, ms reading,
-            ms busy).
+            ms busy), machine-wide.
+        cgroup: ``"major:minor"`` -> ``(reads, read bytes)`` of this process's own IO
+            cgroup (a container, a job, ``slowdisk``), when it is not the root one:
+            the reads of this process and its cgroup peers only.
     """
 
     time_s: float
     devices: dict[str, _Dev]
+    cgroup: dict[str, tuple[int, int]]
 
 
 def _whole_disks() -> set[str] | None:
@@ -83,7 +87,42 @@ def disk_snapshot() -> DiskSnapshot | None:
             )
         except ValueError:
             continue
-    return DiskSnapshot(now, devices)
+    return DiskSnapshot(now, devices, _cgroup_reads())
+
+
+def _cgroup_reads() -> dict[str, tuple[int, int]]:
+    """``(reads, read bytes)`` per device of this process's innermost non-root IO cgroup."""
+    dirs = _cgroup_dirs()
+    if not dirs:
+        return {}
+    version, d = dirs[0]
+    if d == next(r for v, r in reversed(dirs) if v == version):
+        return {}  # the root cgroup: machine-wide, no better than /proc/diskstats
+    out: dict[str, tuple[int, int]] = {}
+    if version == "v2":
+        for line in _read(os.path.join(d, "io.stat")).splitlines():
+            p = line.split()
+            kv = dict(x.partition("=")[::2] for x in p[1:])
+            try:
+                out[p[0]] = (int(kv.get("rios", 0)), int(kv.get("rbytes", 0)))
+            except (ValueError, IndexError):
+                continue
+        return out
+    ops = _v1_reads(os.path.join(d, "blkio.throttle.io_serviced"))
+    nbytes = _v1_reads(os.path.join(d, "blkio.throttle.io_service_bytes"))
+    return {dev: (n, nbytes.get(dev, 0)) for dev, n in ops.items()}
+
+
+def _v1_reads(path: str) -> dict[str, int]:
+    out = {}
+    for line in _read(path).splitlines():
+        p = line.split()
+        if len(p) == 3 and p[1] == "Read":
+            try:
+                out[p[0]] = int(p[2])
+            except ValueError:
+                continue
+    return out
 
 
 def _cgroup_dirs() -> list[tuple[str, str]]:
@@ -169,11 +208,13 @@ def io_limits(device: str) -> tuple[float | None, float | None]:
 def storage_delta(start: DiskSnapshot | None, end: DiskSnapshot | None) -> dict[str, Any] | None:
     """What the busiest disk read between two snapshots, as a JSON-ready dict.
 
-    Counts are machine-wide for that disk (other processes' reads included).
+    Counts are this process's IO cgroup's when it has its own (``scope`` "cgroup"),
+    else machine-wide for that disk (``scope`` "machine": other processes' reads
+    included).
 
     Returns:
         None when unknown or when nothing was read. Otherwise ``device``
-        ("major:minor"), ``name``, ``seconds``, ``reads``, ``read_bytes``,
+        ("major:minor"), ``name``, ``scope``, ``seconds``, ``reads``, ``read_bytes``,
         ``reads_per_s``, ``mb_per_s`` (10^6 bytes), ``bytes_per_read``, ``busy`` (share
         of the interval the disk had reads or writes in flight, 0..1),
         ``limit_reads_per_s`` and ``limit_mb_per_s`` (the cgroup quota, None without).
@@ -193,10 +234,15 @@ def storage_delta(start: DiskSnapshot | None, end: DiskSnapshot | None) -> dict[
         return None
     nbytes, dev, s, e = best
     reads = e.reads - s.reads
+    scope = "machine"
+    cg0, cg1 = start.cgroup.get(dev), end.cgroup.get(dev)
+    if cg0 is not None and cg1 is not None and cg1[1] > cg0[1]:
+        reads, nbytes, scope = cg1[0] - cg0[0], cg1[1] - cg0[1], "cgroup"
     iops, bps = io_limits(dev)
     return {
         "device": dev,
         "name": e.name,
+        "scope": scope,
         "seconds": seconds,
         "reads": reads,
         "read_bytes": nbytes,

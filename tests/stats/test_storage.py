@@ -232,3 +232,39 @@ def test_cache_whatif_on_a_bound_disk_does_not_scale_with_threads() -> None:
     assert bound[0][1] == pytest.approx(64 / 0.16)  # the disk's rate, whatever the threads
     assert bound[1][1] == pytest.approx(64 / 0.08)  # half the reads leave the disk
     assert bound[2][1] == free[2][1] == pytest.approx(64 / 0.0025)
+
+
+def test_own_cgroup_counts_are_preferred_to_the_machine_wide_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _fake_system(tmp_path, monkeypatch, "7:blkio:/slow\n0::/\n")
+    cg = root / "cg" / "blkio" / "slow"
+    cg.mkdir(parents=True)
+
+    def counters(reads: int, nbytes: int) -> None:
+        (cg / "blkio.throttle.io_serviced").write_text(
+            f"8:0 Read {reads}\n8:0 Write 5\n252:16 Read 1\nTotal {reads + 6}\n"
+        )
+        (cg / "blkio.throttle.io_service_bytes").write_text(f"8:0 Read {nbytes}\n8:0 Write 9\n")
+
+    (root / "diskstats").write_text(_diskstats_text((100, 800, 10), (10, 80, 0)))
+    counters(10, 40_960)
+    start = _diskstats.disk_snapshot()
+    # The machine read 2,000 times; this cgroup 400 times, 100 KB each.
+    (root / "diskstats").write_text(_diskstats_text((2100, 800 + 400_000, 1010), (10, 80, 0)))
+    counters(410, 40_960 + 40_960_000)
+    end = _diskstats.disk_snapshot()
+    assert start is not None and end is not None
+    assert end.cgroup == {"8:0": (410, 41_000_960), "252:16": (1, 0)}
+    d = _diskstats.storage_delta(start, end)
+    assert d is not None
+    assert (d["scope"], d["reads"], d["read_bytes"]) == ("cgroup", 400, 40_960_000)
+
+
+def test_the_root_cgroup_is_machine_wide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _fake_system(tmp_path, monkeypatch, "7:blkio:/\n0::/\n")
+    (root / "cg" / "blkio").mkdir(parents=True)
+    (root / "cg" / "blkio" / "blkio.throttle.io_serviced").write_text("8:0 Read 5\n")
+    (root / "diskstats").write_text(_diskstats_text((100, 800, 10), (10, 80, 0)))
+    snap = _diskstats.disk_snapshot()
+    assert snap is not None and snap.cgroup == {}
