@@ -104,14 +104,24 @@ def storage_files(source: Any, indices: Sequence[int] | None = None) -> list[str
     return [data] if data else []
 
 
-def drop_cached(files: Sequence[str]) -> Residency:
+def drop_cached(files: Sequence[str], source: Any = None) -> Residency:
     """Drop ``files`` from the page cache (``posix_fadvise(DONTNEED)``, no root needed).
+
+    Args:
+        files: The files (see :func:`storage_files`).
+        source: The open source reading them: its memory map's pages are released
+            first (a page this process maps is not dropped).
 
     Returns:
         What stayed in the page cache (``mincore``): dirty pages and pages other
         processes map can stay.
     """
     from fastfeed._procio import evict, residency
+    from fastfeed.sources.base import source_chain
 
+    if source is not None:
+        release = getattr(source_chain(source)[-1], "release_mapped_pages", None)
+        if callable(release):
+            release()
     evict(files)
     return residency(files)

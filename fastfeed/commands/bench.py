@@ -169,7 +169,7 @@ def bench(
 
         def prepare() -> float | None:
             """Drop the records from the page cache (--cold); what stayed, 0..1."""
-            return drop_cached(files).fraction if cold else None
+            return drop_cached(files, source).fraction if cold else None
 
         rows = []
         loader = Loader(subset, transform=transform, batch_size=batch_size, num_threads=threads)

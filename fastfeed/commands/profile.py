@@ -309,7 +309,7 @@ def _measure(
     files = storage_files(base, chosen)
     evicted = None
     if files and not args.no_evict:
-        evicted = drop_cached(files)
+        evicted = drop_cached(files, base)
         _progress(
             f"phase 1/5 raw read, cold: evicted, {100 * evicted.fraction:.0f}% of "
             f"{evicted.total_bytes / 1e6:.1f} MB still in the page cache"
@@ -329,13 +329,13 @@ def _measure(
     cold = " (page cache dropped first)" if args.cold and files else ""
     _progress(f"phase 4/5 full loader, {threads} threads, no model step{cold}")
     if cold:
-        drop_cached(files)
+        drop_cached(files, base)
     alone, alone_wall = _run_loader(sub, transform, args, threads, None)
     # 5. with a model step
     if step is not None:
         _progress(f"phase 5/5 full loader with model step ({step_desc}){cold}")
         if cold:
-            drop_cached(files)
+            drop_cached(files, base)
         stats, _ = _run_loader(sub, transform, args, threads, step)
     else:
         _progress("phase 5/5 skipped: no --step-ms or --script (the verdict is the loader alone)")

@@ -147,6 +147,37 @@ def test_warm_batches_make_no_syscall_per_record(
     assert len(mincalls) <= 8 * 4
 
 
+def test_large_records_are_probed_on_every_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cold batch of 80 KB records taken for warm is faulted in a page at a time: after
+    # warm calls, the very next cold call must still be found cold and read with pread.
+    payloads = _payloads(40, 20_000, 30_000)
+    pack(ListSource(payloads), tmp_path / "db", progress=False)
+    with LMDBSource(tmp_path / "db") as src:
+        for _ in range(4):
+            src.read_many(list(range(40)))  # warm: the calls after it would skip probes
+        monkeypatch.setattr(lmdb_io, "_mincore", _nothing_resident)  # the cache dropped
+        counter = _PreadCounter(monkeypatch)
+        recs = src.read_many([5, 17, 30])
+        assert [r.data for r in recs] == [payloads[5], payloads[17], payloads[30]]
+        assert counter.calls == 3  # one exact pread per record
+
+
+def test_small_records_skip_probes_after_a_warm_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payloads = _payloads(400, 2_500, 3_500)
+    pack(ListSource(payloads), tmp_path / "db", progress=False)
+    with LMDBSource(tmp_path / "db") as src:
+        src.read_many(list(range(400)))
+        src.read_many(list(range(400)))  # warm verdict: the next call skips its probes
+        monkeypatch.setattr(lmdb_io, "_mincore", _nothing_resident)
+        counter = _PreadCounter(monkeypatch)
+        assert src.read_many([7])[0].data == payloads[7]
+        assert counter.calls == 0  # copied from the map, no probe, no pread
+
+
 def test_missing_record_on_the_cold_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "gap.lmdb"
     with lmdb.open(str(path), map_size=1 << 24) as env, env.begin(write=True) as txn:
@@ -209,3 +240,16 @@ def test_memory_cache_over_a_cold_lmdb_with_run_reads(
         stats = cache.cache_stats()
         assert stats["hits"] > 0 and stats["entries"] > 0
         assert inner.run_reads > 0
+
+
+def test_release_mapped_pages_keeps_reads_working(tmp_path: Path) -> None:
+    payloads = _payloads(30, 20_000, 30_000)
+    pack(ListSource(payloads), tmp_path / "db", progress=False)
+    src = LMDBSource(tmp_path / "db")
+    try:
+        src.read_many(list(range(30)))
+        assert src.release_mapped_pages() is True
+        assert [r.data for r in src.read_many(list(range(30)))] == payloads
+    finally:
+        src.close()
+    assert src.release_mapped_pages() is False  # closed: nothing mapped
