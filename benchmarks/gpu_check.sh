@@ -1,106 +1,128 @@
 #!/usr/bin/env bash
-# One-shot GPU check for fastfeed: run on a CUDA machine from anywhere in the repo.
+# The GPU machine's checks and 16-core benchmarks, in one call: run from anywhere in the repo.
 #
-#   bash benchmarks/gpu_check.sh            # logs and JSON go to $OUT, else ./gpu_out
+#   bash benchmarks/gpu_check.sh                       # the default steps
+#   bash benchmarks/gpu_check.sh cuda-tests dropin     # chosen steps, in that order
 #
-# Steps (each one's exit status is recorded; a failing step never stops the next):
-#   1. environment: nvidia-smi, python, torch, CUDA
-#   2. the CUDA tests:            python -m pytest -m cuda -v
-#   3. the staging benchmark:     benchmarks/gpu_staging.py (table + JSON)
-#   4. the whole suite, -x, if enough of the time budget is left (GPU_CHECK_SKIP_SUITE=1: never)
-# Total runtime stays under 8 minutes: every step runs under `timeout`.
-# At most 8 files are written to $OUT (the device tool brings back no more).
-
+# Steps (each under `timeout`; a failing step never stops the next; its exit status is in
+# the summary):
+#   env            nvidia-smi, python, torch, CUDA, cores
+#   cuda-tests     python -m pytest -m cuda (every CUDA test)
+#   process-tests  tests/workers and tests/pipeline (worker processes on a many-core box)
+#   staging        benchmarks/gpu_staging.py: pinned ring + side-stream copy rates
+#   shared-ring    benchmarks/gpu_shared_ring.py: H2D from the CUDA-registered shared ring
+#   sweep          benchmarks/loader_vs_torch.py JPEG rows, processes x threads, 16 cores
+#   noisy          benchmarks/noisy_neighbour.py: the loader's cost to a Python-bound step
+#   dropin         benchmarks/dataloader_dropin.py: fastfeed.DataLoader vs torch, one run
+#   overhead       benchmarks/profiling_overhead.py: the profiler's cost on 3 KB records
+#   decode         benchmarks/image_decode.py: CPU and GIL per image, one core
+#   suite          the whole test suite, -x
+# Default: env cuda-tests dropin overhead decode sweep. Logs, JSON and summary.txt go to
+# $OUT (else ./gpu_out); at most 8 files are kept there (the device tool brings back no
+# more), so per-step logs are appended to one log.txt.
 set -u
-
 cd "$(dirname "$0")/.." || exit 1
 REPO=$(pwd)
 OUT_DIR=${OUT:-$REPO/gpu_out}
 mkdir -p "$OUT_DIR"
-SUMMARY="$OUT_DIR/summary.txt"
-: >"$SUMMARY"
+S="$OUT_DIR/summary.txt"
+LOG="$OUT_DIR/log.txt"
+: >"$S"
+: >"$LOG"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-BUDGET_S=450 # the whole script, seconds (under 8 minutes with start-up slack)
-START=$SECONDS
+note() { echo "$*" | tee -a "$S"; }
 
-note() { echo "$*" | tee -a "$SUMMARY"; }
-
-# Packages the machine lacks (lmdb) travel as wheels in .whl/.
+# Packages the machine lacks (lmdb, nvImageCodec) travel as wheels in .whl/.
 if compgen -G ".whl/*.whl" >/dev/null; then
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; then
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-        note "wheels: installed $(ls .whl | tr '\n' ' ')"
     else
-        note "wheels: install FAILED (continuing; tests that need lmdb will fail)"
+        note "wheels: install FAILED (continuing; what needs lmdb will fail)"
     fi
 fi
-# Import fastfeed from this checkout (no build step: works offline).
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} # this checkout, no build step
 
 declare -A RC
-run_step() { # name timeout_s logfile command...
-    local name=$1 limit=$2 log=$3
-    shift 3
-    local t0=$SECONDS
+ORDER=()
+step() { # name limit command...
+    local name=$1 limit=$2 t0=$SECONDS
+    shift 2
     note ""
     note "== $name (limit ${limit}s): $*"
-    timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+    echo "===== $name: $*" >>"$LOG"
+    timeout --kill-after=5 "$limit" "$@" >"$OUT_DIR/step.log" 2>&1
     local rc=$?
+    cat "$OUT_DIR/step.log" >>"$LOG"
+    tail -n "${TAIL:-30}" "$OUT_DIR/step.log" | tee -a "$S"
+    rm -f "$OUT_DIR/step.log"
     RC[$name]=$rc
-    tail -n 40 "$log"
-    note "== $name: exit $rc after $((SECONDS - t0)) s (log: $log)"
+    ORDER+=("$name")
+    note "== $name: exit $rc after $((SECONDS - t0)) s"
 }
 
-left() { echo $((BUDGET_S - (SECONDS - START))); }
+run() {
+    case $1 in
+    env)
+        step env 60 bash -c "nvidia-smi -L; nproc; $PY -c 'import torch, platform; \
+print(platform.python_version(), torch.__version__, torch.version.cuda, torch.cuda.is_available())'"
+        ;;
+    cuda-tests)
+        step cuda-tests "${T_TESTS:-170}" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
+        ;;
+    process-tests)
+        step process-tests "${T_PTESTS:-120}" \
+            "$PY" -m pytest -q -p no:cacheprovider tests/workers tests/pipeline
+        ;;
+    staging)
+        step staging "${T_STAGING:-200}" \
+            "$PY" benchmarks/gpu_staging.py --out "$OUT_DIR/gpu_staging.json"
+        ;;
+    shared-ring)
+        step shared-ring "${T_RING:-60}" \
+            "$PY" benchmarks/gpu_shared_ring.py --out "$OUT_DIR/gpu_shared_ring.json"
+        ;;
+    sweep)
+        step sweep "${T_SWEEP:-200}" "$PY" benchmarks/loader_vs_torch.py --only jpeg \
+            --workers 16 --jpeg-n 1536 --epochs 3 --rate total \
+            --processes "${SWEEP:-2:8,4:4,8:2}" --work-dir /tmp/ffbench --out "$OUT_DIR/sweep.json"
+        ;;
+    noisy)
+        step noisy "${T_NOISY:-90}" "$PY" benchmarks/noisy_neighbour.py \
+            --work-dir /tmp/ffnoisy --out "$OUT_DIR/noisy.json"
+        ;;
+    dropin)
+        step dropin "${T_DROPIN:-150}" "$PY" benchmarks/dataloader_dropin.py \
+            --out "$OUT_DIR/dropin.json"
+        ;;
+    overhead)
+        step overhead "${T_OVERHEAD:-150}" "$PY" benchmarks/profiling_overhead.py \
+            --json "$OUT_DIR/overhead.json"
+        ;;
+    decode)
+        step decode "${T_DECODE:-150}" "$PY" benchmarks/image_decode.py \
+            --json "$OUT_DIR/decode.json"
+        ;;
+    suite)
+        step suite "${T_SUITE:-400}" "$PY" -m pytest -x -q -p no:cacheprovider
+        ;;
+    *)
+        note "unknown step $1"
+        RC[$1]=2
+        ORDER+=("$1")
+        ;;
+    esac
+}
 
-# 1. environment
-{
-    nvidia-smi 2>&1 || echo "nvidia-smi not available"
-    echo
-    "$PY" - <<'EOF'
-import os, platform, sys
-import torch
-print("python", platform.python_version(), sys.executable)
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("gpu", torch.cuda.get_device_name(), "count", torch.cuda.device_count())
-print("cpus", os.cpu_count())
-print("storage use count:", hasattr(torch._C, "_storage_Use_Count"))
-EOF
-} 2>&1 | tee -a "$SUMMARY"
-RC[environment]=${PIPESTATUS[0]}
-
-# 2. CUDA tests
-run_step cuda_tests 150 "$OUT_DIR/pytest_cuda.log" \
-    "$PY" -m pytest -m cuda -v -p no:cacheprovider --timeout 120 -o addopts="-ra" \
-    --continue-on-collection-errors
-
-# 3. staging benchmark
-run_step gpu_staging 200 "$OUT_DIR/gpu_staging.log" \
-    "$PY" benchmarks/gpu_staging.py --out "$OUT_DIR/gpu_staging.json"
-
-# 4. the whole suite, if time allows
-REMAIN=$(left)
-if [ -n "${GPU_CHECK_SKIP_SUITE:-}" ]; then
-    note "== full_suite: skipped (GPU_CHECK_SKIP_SUITE is set)"
-    RC[full_suite]=skipped
-elif [ "$REMAIN" -gt 60 ]; then
-    run_step full_suite "$((REMAIN - 15))" "$OUT_DIR/pytest_all.log" \
-        "$PY" -m pytest -x -q -p no:cacheprovider --timeout 120 -o addopts="-ra"
-else
-    note "== full_suite: skipped, only ${REMAIN}s of the budget left"
-    RC[full_suite]=skipped
-fi
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(env cuda-tests dropin overhead decode sweep)
+for s in "${STEPS[@]}"; do run "$s"; done
 
 note ""
-note "== summary ($((SECONDS - START)) s)"
+note "== summary"
 FAILED=0
-for name in environment cuda_tests gpu_staging full_suite; do
-    note "$(printf '%-12s %s' "$name" "${RC[$name]:-not run}")"
-    case "${RC[$name]:-x}" in
-    0 | skipped) ;;
-    *) FAILED=1 ;;
-    esac
+for name in "${ORDER[@]}"; do
+    note "$(printf '%-14s %s' "$name" "${RC[$name]}")"
+    [ "${RC[$name]}" = 0 ] || FAILED=1
 done
 exit $FAILED
