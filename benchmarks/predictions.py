@@ -18,7 +18,14 @@ Scenarios (constructed, with known answers):
   ``__getitem__`` runs a pure-Python loop, 2 thread workers, 2 ms step (GIL);
 - ``source-numpy-transform``: ``fastfeed.Loader`` with a numpy transform on 1 thread
   (CPU; on a machine other processes keep busy the verdict is host-saturated and no
-  action applies).
+  action applies);
+- ``lmdb-iops-bound`` (only with ``--lmdb PACK``, run under a disk quota): a
+  ``fastfeed.Loader`` over the pack with a full shuffle, 4 threads, 1 ms step, one cold
+  epoch each (page cache dropped first, first batch included); the verdict should name
+  the IOPS-bound disk and advise ``shuffle="block"``::
+
+      ../shared/slowdisk --bps 100M --iops 400 --readahead-kb 128 -- \
+          python benchmarks/predictions.py --lmdb /tmp/ffslow/jpegs.lmdb --only lmdb-iops-bound
 
 Throughput is measured after the first epoch (start-up and cache filling excluded).
 Other processes sharing the machine move the figures; the JSON records the load.
@@ -127,6 +134,24 @@ def _run(make: Callable[[], Any], step_s: float, epochs: int) -> tuple[float, Lo
         loader.close()
 
 
+def _run_cold(make: Callable[[], Any], step_s: float, epochs: int) -> tuple[float, LoaderStats]:
+    """One cold epoch: the source's files dropped from the page cache, first batch included."""
+    from fastfeed.commands import drop_cached, storage_files
+
+    del epochs  # a second epoch would read from the page cache
+    loader = make()
+    try:
+        drop_cached(storage_files(loader.source), loader.source)
+        n, t0 = 0, time.perf_counter()
+        for batch in loader:
+            time.sleep(step_s)
+            n += _batch_len(batch)
+        rate = n / (time.perf_counter() - t0)
+        return rate, loader.stats()
+    finally:
+        loader.close()
+
+
 def _apply(text: str, kwargs: dict[str, Any], source_kind: str) -> dict[str, Any] | None:
     """The loader arguments after the action ``text``; None when a program cannot apply it."""
     out = dict(kwargs)
@@ -139,15 +164,36 @@ def _apply(text: str, kwargs: dict[str, Any], source_kind: str) -> dict[str, Any
         # Persistent, as a training run keeps them: the warm-up epoch pays the start-up.
         out.update(worker_type="process", num_workers=int(m.group(1)), persistent_workers=True)
         return out
+    if text == 'read it in runs with Loader(source, shuffle="block")':
+        out["shuffle"] = "block"
+        return out
     if text.startswith("cache the dataset in RAM") and source_kind == "source":
         out["source"] = MemoryCache(out["source"], capacity=1 << 30)
         return out
     return None
 
 
-def _scenarios(scale: float) -> list[dict[str, Any]]:
+def _scenarios(scale: float, lmdb: str | None) -> list[dict[str, Any]]:
     n = int(320 * scale)
-    return [
+    extra = []
+    if lmdb:
+        from fastfeed.sources import LMDBSource
+
+        extra.append(
+            {
+                "name": "lmdb-iops-bound",
+                "kind": "source",
+                "cold": True,
+                "step_s": 0.001,
+                "kwargs": {
+                    "source": LMDBSource(lmdb),
+                    "batch_size": 64,
+                    "shuffle": True,
+                    "num_threads": 4,
+                },
+            }
+        )
+    base = [
         {
             "name": "dataset-sleepy-read",
             "kind": "dataset",
@@ -178,6 +224,7 @@ def _scenarios(scale: float) -> list[dict[str, Any]]:
             },
         },
     ]
+    return [*extra, *base]
 
 
 def _maker(kind: str, kwargs: dict[str, Any]) -> Callable[[], Any]:
@@ -191,14 +238,16 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3, help="epochs per run (the first warms up)")
     ap.add_argument("--scale", type=float, default=1.0, help="dataset size factor")
     ap.add_argument("--only", default=None, help="run only the scenario with this name")
+    ap.add_argument("--lmdb", default=None, help="a pack on a throttled disk: lmdb-iops-bound")
     ap.add_argument("--json", default="predictions.json")
     args = ap.parse_args()
 
     rows = []
-    for sc in _scenarios(args.scale):
+    for sc in _scenarios(args.scale, args.lmdb):
         if args.only and sc["name"] != args.only:
             continue
-        before, stats = _run(_maker(sc["kind"], sc["kwargs"]), sc["step_s"], args.epochs)
+        run = _run_cold if sc.get("cold") else _run
+        before, stats = run(_maker(sc["kind"], sc["kwargs"]), sc["step_s"], args.epochs)
         v = stats.verdict
         row: dict[str, Any] = {
             "scenario": sc["name"],
@@ -220,7 +269,7 @@ def main() -> int:
             print(f"{sc['name']}: {v.sentence}", file=sys.stderr)
             continue
         action, new_kwargs = applied
-        after, _ = _run(_maker(sc["kind"], new_kwargs), sc["step_s"], args.epochs)
+        after, _ = run(_maker(sc["kind"], new_kwargs), sc["step_s"], args.epochs)
         measured = after / before
         row.update(
             action=action.text,
