@@ -371,15 +371,36 @@ def test_resume_yields_exactly_the_rest(threads: int, in_order: bool, stop_after
 
 
 def test_resume_out_of_order_records_batches_ahead() -> None:
-    loader = _make(4, False)
+    first = set(_make(4, False).sampler.batches(0)[0].tolist())
+    release = threading.Event()
+
+    def slow_first_batch(data: bytes) -> int:
+        i = decode(data)
+        if i in first:  # batch 0 finishes only after 4 later batches were taken
+            release.wait(30)
+        return i
+
+    loader = Loader(
+        ledger_source(50),
+        slow_first_batch,
+        batch_size=4,
+        shuffle=True,
+        seed=9,
+        num_threads=4,
+        in_order=False,
+        collate_fn=list,
+    )
     it = iter(loader)
     got = [next(it)[0] for _ in range(4)]
     state = loader.state_dict()
+    release.set()
     del it
     order = loader.sampler.batches(0)
     numbers = [next(k for k, b in enumerate(order) if b.tolist() == g) for g in got]
-    # Slow batches (0, 3, 6...) finish late, so later batches were delivered ahead.
-    assert state["ahead"], state
+    assert 0 not in numbers
+    # Batch 0 is still being built: the 4 delivered batches are all ahead of position 0.
+    assert state["position"] == 0
+    assert sorted(state["ahead"]) == sorted(numbers)
     assert sorted(list(range(state["position"])) + state["ahead"]) == sorted(numbers)
     resumed = _make(4, False)
     resumed.load_state_dict(state)
