@@ -295,6 +295,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         _common.PeakRSS(interval_s=0.005) as mem,
         _common.PeakRSS(interval_s=0.05, measure=tree_pss_bytes) as pss,
     ):
+        cpu0 = _cpu_s()
         t0 = time.perf_counter()
         loader = make()
         it = iter(loader)
@@ -310,6 +311,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 samples += len(x)
         elapsed = time.perf_counter() - t1
         checksum = int(first[0].reshape(-1)[:16].sum())
+        del it, loader  # torch joins its workers: their CPU time joins the children's
+        cpu_s = _cpu_s() - cpu0
     first_n = len(first[0])
     return {
         "samples": samples,
@@ -323,7 +326,17 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_pss_mb": pss.peak_bytes / 2**20,
         "base_rss_mb": mem.start_bytes / 2**20,
         "checksum": checksum,
+        # CPU time of the process and its reaped children (torch's workers), start-up
+        # included, per sample: steadier than rates on a machine shared with other jobs.
+        "cpu_s": cpu_s,
+        "cpu_ms_per_sample": cpu_s / (samples + first_n) * 1e3,
     }
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process and its waited-for children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _numpy_gather(spec: dict[str, Any]) -> dict[str, Any]:
@@ -496,6 +509,7 @@ def main() -> None:
         "samples_per_s",
         "total_per_s",
         "ttfb_s",
+        "cpu_ms_per_sample",
         "peak_rss_mb",
         "peak_pss_mb",
         "base_rss_mb",
@@ -573,6 +587,8 @@ def _ratios(
                         "fastfeed": f"{ff['loader']} w={ff['workers']}",
                         "vs": f"{baseline} w={torch_row['workers']}",
                         "throughput_x": ff[rate] / torch_row[rate],
+                        "cpu_per_sample_x": ff["cpu_ms_per_sample"]
+                        / torch_row["cpu_ms_per_sample"],
                         "peak_rss_x": ff["peak_rss_mb"] / torch_row["peak_rss_mb"],
                         "peak_pss_x": ff["peak_pss_mb"] / torch_row["peak_pss_mb"],
                         "ttfb_x": ff["ttfb_s"] / torch_row["ttfb_s"],
