@@ -48,7 +48,9 @@ original images, and the fraction is measured by one of two methods:
   GIL-held s/image = (1 - rate_pipeline / rate_burner) x window_s / images, divided by the
   single-thread CPU s/image. It needs two idle cores: on a loaded machine it is noise.
 
-``--gil-method none`` skips the table.
+``--gil-method none`` skips the table. A py-spy run that fails (no ptrace permission, a
+child that died, a timeout) no longer ends the benchmark before the table: the reason goes
+to stderr and that row is measured by the counter method (its ``method`` says so).
 """
 
 from __future__ import annotations
@@ -386,7 +388,12 @@ def gil_fraction_pyspy(pipeline: str, seconds: float, py_spy: str) -> float:
         for flags in (["--gil"], []):
             out = Path(tmp) / "raw.txt"
             cmd = [py_spy, "record", *flags, "-r", "200", "-f", "raw", "-o", str(out), "--"]
-            subprocess.run(cmd + child, check=True, capture_output=True, timeout=seconds + 120)
+            done = subprocess.run(
+                cmd + child, capture_output=True, text=True, timeout=seconds + 120
+            )
+            if done.returncode != 0 or not out.exists():
+                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+                raise RuntimeError(f"py-spy exited with {done.returncode}: {' | '.join(tail)}")
             counts.append(_worker_samples(out))
     held, running = counts
     if running == 0:
@@ -463,19 +470,34 @@ def gil_rows(method: str, seconds: float, single_ms: dict[str, float]) -> list[d
         method = "py-spy" if py_spy else "counter"
     if method == "py-spy" and not py_spy:
         raise SystemExit("--gil-method py-spy: py-spy is not on PATH (pip install py-spy)")
+    pipelines = [p for p in _GIL_PIPELINES if p in single_ms]  # partial decode may be missing
+    per_run_s = 2 * (seconds + 5) if method == "py-spy" else 2.2 * seconds
+    print(
+        f"GIL table: {len(pipelines)} pipelines by {method}, ~{len(pipelines) * per_run_s:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     rows = []
-    for pipeline in _GIL_PIPELINES:
-        if pipeline not in single_ms:  # partial decode unavailable here
-            continue
-        if method == "py-spy":
-            fraction = gil_fraction_pyspy(pipeline, seconds, py_spy)  # type: ignore[arg-type]
-        else:
+    for pipeline in pipelines:
+        used = method
+        try:
+            if method == "py-spy":
+                fraction = gil_fraction_pyspy(pipeline, seconds, py_spy)  # type: ignore[arg-type]
+            else:
+                fraction = gil_fraction_counter(pipeline, seconds)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            # One failed measurement (py-spy refused by ptrace, a child that died, a
+            # timeout) must not lose the table: say why, measure this row another way.
+            print(f"GIL {pipeline!r}: {method} failed: {exc}", file=sys.stderr, flush=True)
+            if method != "py-spy":
+                continue
+            used = "counter (py-spy failed)"
             fraction = gil_fraction_counter(pipeline, seconds)
         cpu_ms = single_ms[pipeline]
         rows.append(
             {
                 "pipeline": pipeline,
-                "method": method,
+                "method": used,
                 "gil held %": round(100 * fraction, 1),
                 "cpu ms/img (1 thread)": round(cpu_ms, 3),
                 "gil ms/img": round(fraction * cpu_ms, 3),
@@ -546,10 +568,15 @@ def main() -> None:
     if args.decoders:
         survey = decoder_rows(original, args.repeats)
         print_table(survey, title="JPEG decoders on the original images (one core)")
-    gil = []
+    gil: list[dict] = []
+    gil_error = None
     if args.gil_method != "none":
         single_ms = {r["pipeline"]: r["cpu ms/img"] for r in rows if r["images"] == "original"}
-        gil = gil_rows(args.gil_method, args.gil_seconds, single_ms)
+        try:
+            gil = gil_rows(args.gil_method, args.gil_seconds, single_ms)
+        except Exception as exc:  # report it, keep the first table's JSON
+            gil_error = f"{type(exc).__name__}: {exc}"
+            print(f"GIL table failed: {gil_error}", file=sys.stderr, flush=True)
         print_table(gil, title="GIL held while one thread runs the pipeline (original images)")
     env = environment()
     print(f"python {env['python']}, torch {torch.__version__}, cpus {env.get('cpu_count')}")
@@ -558,6 +585,7 @@ def main() -> None:
         "count": args.count,
         "rows": rows,
         "gil": gil,
+        "gil_error": gil_error,
         "decoders": survey,
         "partial_jpeg": _jpeg.available(),
         "nvimgcodec": getattr(_jpeg._nv(), "__version__", None),

@@ -22,6 +22,14 @@ measured from the same baseline for both loaders):
    ``/proc``) and time to first batch (loader construction to first batch in hand).
 4. ``torch-threads``: fastfeed with a float-normalizing transform (torch ops in the worker
    threads), ``torch_threads=1`` (default) vs ``None`` (torch's default intra-op width).
+5. ``dali`` rows on ``jpeg-warm`` / ``jpeg-cold`` where NVIDIA DALI imports (``pip install
+   nvidia-dali-cuda120``: it runs CPU-only without a GPU; not a fastfeed dependency): its
+   CPU pipeline over the same ImageFolder, ``fn.readers.file`` (shuffled) →
+   ``fn.decoders.image_random_crop`` (DALI's RandomResizedCrop decode: only the crop
+   window, libjpeg-turbo) → ``fn.resize`` 224x224 → ``fn.crop_mirror_normalize`` (random
+   flip, uint8 CHW), batch 64, ``num_threads`` = the machine's cores, batches delivered as
+   CPU torch tensors by ``DALIGenericIterator``. Skipped with a message when DALI does
+   not import.
 
 Usage::
 
@@ -172,6 +180,54 @@ def _jpeg_torch_dataset(spec: dict[str, Any]) -> Any:
     return JpegFolder()
 
 
+def dali_available() -> bool:
+    """Whether NVIDIA DALI is installed (found without importing it: its import is noisy)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _dali_loader(spec: dict[str, Any]) -> Any:
+    """DALI's CPU pipeline over the ImageFolder, iterated as CPU torch tensors."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    @pipeline_def(batch_size=JPEG_BATCH, num_threads=spec["workers"], device_id=None, seed=0)
+    def pipeline() -> Any:
+        jpegs, labels = fn.readers.file(
+            file_root=spec["jpeg_root"], random_shuffle=True, name="Reader"
+        )
+        # RandomResizedCrop the DALI way: the decoder picks the window (scale 0.08-1,
+        # ratio 3/4-4/3) and decodes only it; then resize to 224x224.
+        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
+        images = fn.resize(images, size=[224, 224])
+        images = fn.crop_mirror_normalize(
+            images, dtype=types.UINT8, output_layout="CHW", mirror=fn.random.coin_flip()
+        )
+        return images, labels
+
+    return DALIGenericIterator(
+        pipeline(),
+        ["x", "y"],
+        reader_name="Reader",
+        last_batch_policy=LastBatchPolicy.PARTIAL,
+        auto_reset=True,
+    )
+
+
+class _DaliBatches:
+    """DALIGenericIterator's batches as (x, y) pairs, like the other loaders yield."""
+
+    def __init__(self, iterator: Any) -> None:
+        self.iterator = iterator
+
+    def __iter__(self) -> Any:
+        return ((b[0]["x"], b[0]["y"]) for b in self.iterator)
+
+
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -179,6 +235,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     epochs = spec.get("epochs", 1)
     if data.startswith("tiny") and kind == "numpy":
         return _numpy_gather(spec)
+    if kind == "dali" and data == "jpeg-cold":
+        _common.drop_page_cache([spec["jpeg_root"]])
     if data.startswith("tiny"):
         batch = TINY_BATCH
         if kind == "torch":
@@ -193,7 +251,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 n = len(source)
                 for k in range(0, n, 4096):  # warm the cache: every record in RAM
                     source.read_many(list(range(k, min(n, k + 4096))))
-    else:
+    elif kind != "dali":
         batch = JPEG_BATCH
         if kind in ("torch", "fastfeed.DataLoader"):
             dataset = _jpeg_torch_dataset(spec)
@@ -209,6 +267,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             _common.drop_page_cache([spec["jpeg_root"]])
 
     def make() -> Any:
+        if kind == "dali":
+            return _DaliBatches(_dali_loader(spec))
         if kind in ("torch", "fastfeed.DataLoader"):
             if kind == "torch":
                 from torch.utils.data import DataLoader
@@ -235,6 +295,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         _common.PeakRSS(interval_s=0.005) as mem,
         _common.PeakRSS(interval_s=0.05, measure=tree_pss_bytes) as pss,
     ):
+        cpu0 = _cpu_s()
         t0 = time.perf_counter()
         loader = make()
         it = iter(loader)
@@ -250,6 +311,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 samples += len(x)
         elapsed = time.perf_counter() - t1
         checksum = int(first[0].reshape(-1)[:16].sum())
+        del it, loader  # torch joins its workers: their CPU time joins the children's
+        cpu_s = _cpu_s() - cpu0
     first_n = len(first[0])
     return {
         "samples": samples,
@@ -263,7 +326,17 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_pss_mb": pss.peak_bytes / 2**20,
         "base_rss_mb": mem.start_bytes / 2**20,
         "checksum": checksum,
+        # CPU time of the process and its reaped children (torch's workers), start-up
+        # included, per sample: steadier than rates on a machine shared with other jobs.
+        "cpu_s": cpu_s,
+        "cpu_ms_per_sample": cpu_s / (samples + first_n) * 1e3,
     }
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process and its waited-for children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _numpy_gather(spec: dict[str, Any]) -> dict[str, Any]:
@@ -309,8 +382,11 @@ def _run_child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
 def _plan(quick: bool, workers: int = 2, only: str | None = None) -> list[dict[str, Any]]:
     runs = _all_runs(quick)
     for run in runs:
-        if run["workers"] == 2:
+        if run["workers"] == 2 and run["loader"] != "dali":
             run["workers"] = workers
+    if not dali_available():
+        print("DALI rows skipped: nvidia.dali does not import (pip install nvidia-dali-cuda120)")
+        runs = [r for r in runs if r["loader"] != "dali"]
     if only:
         runs = [r for r in runs if r.get("scenario", r["data"]).startswith(only)]
     return runs
@@ -334,6 +410,8 @@ def _all_runs(quick: bool) -> list[dict[str, Any]]:
         runs.append({"data": data, "loader": "torch", "workers": 2, "naive": True})
         runs.append({"data": data, "loader": "fastfeed", "workers": 2})
         runs.append({"data": data, "loader": "fastfeed.DataLoader", "workers": 2})
+        # DALI's CPU pipeline with one thread per core (where it imports).
+        runs.append({"data": data, "loader": "dali", "workers": os.cpu_count() or 1})
     # Pre-resized at pack time (--max-side 320): fewer bytes to read and decode.
     runs.append({"data": "jpeg-320", "loader": "fastfeed", "workers": 2})
     if not quick:
@@ -431,13 +509,14 @@ def main() -> None:
         "samples_per_s",
         "total_per_s",
         "ttfb_s",
+        "cpu_ms_per_sample",
         "peak_rss_mb",
         "peak_pss_mb",
         "base_rss_mb",
         "samples",
     ]
     _common.print_table(rows, cols, title="\nfastfeed.Loader vs torch DataLoader (same run)")
-    title = f"\nratios: fastfeed / torch DataLoader(num_workers={args.workers})"
+    title = f"\nratios: fastfeed / torch DataLoader(num_workers={args.workers}) and DALI"
     _common.print_table(ratios, title=title)
     path = _common.write_json(
         args.out,
@@ -490,9 +569,14 @@ def _ratios(
         here = [r for r in rows if r["scenario"] == scenario]
         # jpeg-320 is compared with torch on the original files (warm): the gain of packing.
         base = [r for r in rows if r["scenario"] == "jpeg-warm"] if scenario == "jpeg-320" else here
-        for baseline in ("torch", "torch (naive PIL)"):
+        for baseline in ("torch", "torch (naive PIL)", "dali"):
             torch_row = next(
-                (r for r in base if r["loader"] == baseline and r["workers"] == workers), None
+                (
+                    r
+                    for r in base
+                    if r["loader"] == baseline and (r["workers"] == workers or baseline == "dali")
+                ),
+                None,
             )
             if torch_row is None:
                 continue
@@ -501,8 +585,10 @@ def _ratios(
                     {
                         "scenario": scenario,
                         "fastfeed": f"{ff['loader']} w={ff['workers']}",
-                        "vs": f"{baseline} w={workers}",
+                        "vs": f"{baseline} w={torch_row['workers']}",
                         "throughput_x": ff[rate] / torch_row[rate],
+                        "cpu_per_sample_x": ff["cpu_ms_per_sample"]
+                        / torch_row["cpu_ms_per_sample"],
                         "peak_rss_x": ff["peak_rss_mb"] / torch_row["peak_rss_mb"],
                         "peak_pss_x": ff["peak_pss_mb"] / torch_row["peak_pss_mb"],
                         "ttfb_x": ff["ttfb_s"] / torch_row["ttfb_s"],

@@ -252,6 +252,33 @@ def test_threads_decode_with_their_own_decoders_and_agree():
 
 
 @needs_partial
+def test_scratch_region_decode_reuses_the_thread_image_and_equals_a_fresh_one(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    data, _ = VARIANTS["baseline 4:2:0"]
+    header = _jpeg.open_jpeg(data)
+    assert header is not None
+    boxes = [(0, 0, 403, 301), (10, 20, 200, 150), (100, 50, 390, 290)]
+    fresh = [_jpeg.decode_region(header, box, "RGB").copy() for box in boxes]
+    addresses = set()
+    for box, expected in zip(boxes, fresh, strict=True):
+        region = _jpeg.decode_region(header, box, "RGB", scratch=True)
+        assert region is not None
+        np.testing.assert_array_equal(region, expected)
+        addresses.add(region.__array_interface__["data"][0])
+    # The largest region came first: the later ones fit in the same buffer.
+    assert len(addresses) == 1
+    grey = _jpeg.decode_region(header, boxes[1], "L", scratch=True)
+    assert grey is not None and grey.shape == (130, 190, 1)
+    np.testing.assert_array_equal(grey, _jpeg.decode_region(header, boxes[1], "L"))
+    # Over the limit: a fresh image, and the thread's scratch image is left alone.
+    monkeypatch.setattr(_jpeg, "_SCRATCH_LIMIT_BYTES", 100)
+    big = _jpeg.decode_region(header, boxes[1], "RGB", scratch=True)
+    assert big is not None and big.__array_interface__["data"][0] not in addresses
+    np.testing.assert_array_equal(big, fresh[1])
+
+
+@needs_partial
 def test_gil_is_released_for_the_whole_decode():
     # A 4000x3000 noise JPEG takes tens of milliseconds to decode in C. A Python thread
     # beside it advances only while the decoding thread does not hold the GIL.
