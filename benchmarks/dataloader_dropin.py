@@ -15,7 +15,9 @@ round is reported, so load from other work on a shared machine hits every loader
 Each timed run starts with ``gc.collect()``: a full collection costs ~90 ms here (170k
 tracked objects, mostly torch's) and would otherwise land on whichever loader happens to
 allocate past the threshold (in one run, always the first fastfeed loader). Ratios are
-against torch at ``num_workers=0`` and ``num_workers=2`` of the same run.
+against torch at ``num_workers=0`` and ``num_workers=2`` of the same run;
+``samples_per_cpu_s`` (samples per CPU-second of this process, for loaders whose work all
+runs in it) is steadier than wall time on a busy machine.
 ``one_batch_at_a_time`` says whether the GIL gate (``fastfeed._torch_compat.gilgate``)
 ran thread workers' batches one at a time at the end.
 
@@ -61,15 +63,16 @@ class RamJpegs:
         return self.transform(self.payloads[i]), self.labels[i]
 
 
-def _epochs(loader: Any, epochs: int) -> float:
-    """Samples/s over ``epochs`` epochs (garbage collected first: see the module doc)."""
+def _epochs(loader: Any, epochs: int) -> tuple[float, float]:
+    """Samples per second of wall time and per CPU-second of this process, over
+    ``epochs`` epochs (garbage collected first: see the module doc)."""
     gc.collect()
     n = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(epochs):
         for x, _y in loader:
             n += len(x)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
 
 
 def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[dict[str, Any]]:
@@ -86,13 +89,14 @@ def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[di
     loaders: list[Any] = []
     for kind, nw, profile in configs:
         g = torch.Generator().manual_seed(0)
-        kw = {"batch_size": batch, "shuffle": True, "num_workers": nw, "generator": g}
+        kw: dict[str, Any] = {"batch_size": batch, "shuffle": True, "num_workers": nw}
+        kw["generator"] = g
         if kind == "torch":
             loaders.append(tud.DataLoader(ds, **kw))
         else:
             loaders.append(DataLoader(ds, worker_type=kind, profile=profile, **kw))
         _epochs(loaders[-1], 1)  # warm-up epoch (worker start, page faults, ring slots)
-    rates: list[list[float]] = [[] for _ in configs]
+    rates: list[list[tuple[float, float]]] = [[] for _ in configs]
     for _ in range(rounds):  # alternating: every config once per round
         for i, loader in enumerate(loaders):
             rates[i].append(_epochs(loader, epochs))
@@ -101,23 +105,30 @@ def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[di
         execution = loader.stats().execution if hasattr(loader, "stats") else None
         if hasattr(loader, "close"):
             loader.close()
+        ran_as = getattr(loader, "worker_type", "torch")
+        in_process = nw == 0 or ran_as == "thread"  # else workers' CPU is not counted
+        cpu = statistics.median(c for _, c in r)
         rows.append(
             {
                 "workload": workload,
                 "loader": kind,
                 "num_workers": nw,
                 "profile": profile,
-                "ran_as": getattr(loader, "worker_type", "torch"),
+                "ran_as": ran_as,
                 "one_batch_at_a_time": bool(execution and execution.get("one_batch_at_a_time")),
-                "samples_per_s": round(statistics.median(r), 1),
-                "rounds_samples_per_s": [round(x, 1) for x in r],
+                "samples_per_s": round(statistics.median(w for w, _ in r), 1),
+                "samples_per_cpu_s": round(cpu, 1) if in_process else None,
+                "rounds_samples_per_s": [round(w, 1) for w, _ in r],
             }
         )
     base0 = rows[0]["samples_per_s"]
     base2 = rows[1]["samples_per_s"]
+    cpu0 = rows[0]["samples_per_cpu_s"]
     for row in rows:
         row["vs_torch_nw0"] = round(row["samples_per_s"] / base0, 2)
         row["vs_torch_nw2"] = round(row["samples_per_s"] / base2, 2)
+        cpu = row["samples_per_cpu_s"]
+        row["cpu_vs_torch_nw0"] = None if cpu is None else round(cpu / cpu0, 2)
     return rows
 
 

@@ -13,12 +13,12 @@ time delivered 0.80x and spent 25% less CPU per sample. Work that releases the G
 1. *Parallel* (the normal state): every worker thread runs batches at once. After
    ``window`` batches it computes how many cores the workers kept busy: the sum of their
    thread CPU time (``time.thread_time``) over the elapsed time. Clearly more than one
-   core (> ``_PARALLEL_CORES``): parallelism pays, nothing changes. Far less than one
-   (< ``_IDLE_CORES``): the workers wait (IO, or a full queue), nothing changes.
-2. Otherwise one core's worth, the GIL-bound signature: a *serial* probe of ``window``
-   batches, one batch at a time. If it delivers at least ``_KEEP`` of the parallel
-   throughput, batches go on one at a time (*serial*); else back to parallel.
-   A serial probe stops as soon as it can no longer win.
+   core (> ``_PARALLEL_CORES``): parallelism pays, nothing changes.
+2. At most one core's worth: GIL-bound, or waiting (IO, a full queue, or a machine too
+   busy to give the threads their cores). A *serial* probe tells them apart: ``window``
+   batches, one at a time. If it delivers at least ``_KEEP`` of the parallel
+   throughput, batches go on one at a time (*serial*); else back to parallel. A serial
+   probe stops as soon as it can no longer win (IO-bound work: after about half of it).
 3. Every ``_REPROBE_S`` seconds the choice is measured again (a dataset can change, and
    so can the machine's load); after each serial probe that lost, twice as late (up to
    ``_MAX_REPROBE_S``), so work that only looks GIL-bound on a busy machine pays little.
@@ -45,7 +45,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _PARALLEL_CORES = 1.3  # workers busier than this many cores: parallelism pays
-_IDLE_CORES = 0.5  # workers busy less than this: they wait, not compute
 _KEEP = 0.95  # serial must keep this share of the parallel throughput
 _REPROBE_S = 2.0  # measure the choice again after this long, seconds
 _MAX_REPROBE_S = 60.0  # ... doubled after each probe serial lost, up to this, seconds
@@ -164,14 +163,13 @@ class GilGate:
             if self._done < self.window or elapsed < _MIN_WINDOW_S:
                 return
             rate, cores = self._done / elapsed, self._cpu_s / elapsed
-            if _IDLE_CORES <= cores <= _PARALLEL_CORES:
+            if cores <= _PARALLEL_CORES:
                 self._parallel = (rate, cores)
                 self._set(_PROBE_SERIAL)
                 return
-            why = "more than" if cores > _PARALLEL_CORES else "less than"
             self.reason = (
-                f"parallel: {self.threads} threads kept {cores:.2f} cores busy "
-                f"({why} one core's worth: not GIL-bound)"
+                f"parallel: {self.threads} threads kept {cores:.2f} cores busy (more than "
+                "one core's worth: not GIL-bound)"
             )
             self._settle(_PARALLEL, now)
 
@@ -191,7 +189,7 @@ class GilGate:
         serial_wins = not lost and rate >= _KEEP * par_rate
         self.reason = (
             f"{'serial' if serial_wins else 'parallel'}: {self.threads} threads kept "
-            f"{par_cores:.2f} cores busy (GIL-bound?); one batch at a time gave "
+            f"{par_cores:.2f} cores busy; one batch at a time gave "
             f"{rate / par_rate:.2f}x the batches/s of {self.threads} at once"
         )
         if serial_wins:
