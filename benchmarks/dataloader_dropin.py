@@ -12,9 +12,11 @@ process at ``num_workers`` 0 and 2, and auto / thread again with ``profile=False
 the profiler's hooks cost). Every loader is built and warmed up (one epoch) first; then
 ``--rounds`` alternating rounds time each loader over ``--epochs`` epochs, and the median
 round is reported, so load from other work on a shared machine hits every loader alike.
-Each timed run starts with ``gc.collect()``: a full collection costs ~90 ms here (170k
-tracked objects, mostly torch's) and would otherwise land on whichever loader happens to
-allocate past the threshold (in one run, always the first fastfeed loader). Ratios are
+Each timed run starts settled (:func:`_settle`): ``gc.collect()`` (a full collection
+costs ~90 ms here, 170k tracked objects, and otherwise lands on whichever loader
+allocates past the threshold: in one run always the first fastfeed loader), and one
+write to each record (the copy-on-write faults left by a loader that forked workers
+otherwise land on the loader timed after it). Ratios are
 against torch at ``num_workers=0`` and ``num_workers=2`` of the same run;
 ``samples_per_cpu_s`` (samples per CPU-second of this process, for loaders whose work all
 runs in it) is steadier than wall time on a busy machine.
@@ -63,10 +65,27 @@ class RamJpegs:
         return self.transform(self.payloads[i]), self.labels[i]
 
 
-def _epochs(loader: Any, epochs: int) -> tuple[float, float]:
-    """Samples per second of wall time and per CPU-second of this process, over
-    ``epochs`` epochs (garbage collected first: see the module doc)."""
+def _settle(ds: Any) -> None:
+    """Make the next timed run start clean: collect garbage, and write once to every
+    record object (iterating a list increments each element's reference count).
+
+    After a loader that forked worker processes every page of this process is
+    copy-on-write; the first write to each page faults. Without this, the loader timed
+    right after torch's ``num_workers=2`` paid ~32k page faults for the records' reference
+    counts: measured 0.74x of torch's ``num_workers=0`` in CPU per sample there, 0.98x
+    for the same loader one place later.
+    """
     gc.collect()
+    for value in vars(ds).values():
+        if isinstance(value, list):
+            for _ in value:
+                pass
+
+
+def _epochs(loader: Any, ds: Any, epochs: int) -> tuple[float, float]:
+    """Samples per second of wall time and per CPU-second of this process, over
+    ``epochs`` epochs (settled first: see :func:`_settle`)."""
+    _settle(ds)
     n = 0
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(epochs):
@@ -95,11 +114,11 @@ def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[di
             loaders.append(tud.DataLoader(ds, **kw))
         else:
             loaders.append(DataLoader(ds, worker_type=kind, profile=profile, **kw))
-        _epochs(loaders[-1], 1)  # warm-up epoch (worker start, page faults, ring slots)
+        _epochs(loaders[-1], ds, 1)  # warm-up epoch (worker start, page faults, ring slots)
     rates: list[list[tuple[float, float]]] = [[] for _ in configs]
     for _ in range(rounds):  # alternating: every config once per round
         for i, loader in enumerate(loaders):
-            rates[i].append(_epochs(loader, epochs))
+            rates[i].append(_epochs(loader, ds, epochs))
     rows: list[dict[str, Any]] = []
     for (kind, nw, profile), loader, r in zip(configs, loaders, rates, strict=True):
         execution = loader.stats().execution if hasattr(loader, "stats") else None

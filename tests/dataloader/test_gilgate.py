@@ -32,7 +32,9 @@ class _Clocks:
 
 def _gate(threads: int = 2) -> tuple[GilGate, _Clocks]:
     clocks = _Clocks()
-    gate = GilGate(threads, window=4, clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu)
+    gate = GilGate(
+        threads, window=4, warm_up=0, clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu
+    )
     return gate, clocks
 
 
@@ -43,50 +45,76 @@ def _run(gate: GilGate, fn: Any, n: int) -> None:
 
 def test_one_core_busy_then_serial_as_fast_goes_serial() -> None:
     gate, clocks = _gate()
-    # Two threads, GIL-bound: 10 ms per batch of which each thread computes 5 ms
+    # Two threads, GIL-bound: 30 ms per batch of which each thread computes 15 ms
     # (sequential fake calls stand for the overlapping ones: 0.5 cores per batch-time).
-    _run(gate, clocks.work(0.010, 0.010), 4)  # parallel window: 1.0 core busy
+    _run(gate, clocks.work(0.030, 0.030), 4)  # parallel window: 1.0 core busy
     assert gate.serial and "probe" in gate._state
-    _run(gate, clocks.work(0.010, 0.010), 4)  # serial window: as fast
+    _run(gate, clocks.work(0.030, 0.030), 4)  # serial window: as fast
     assert gate.serial
     d = gate.describe()
     assert d["serial"] and d["reason"].startswith("serial:") and "1.00 cores" in d["reason"]
 
 
+def test_nearly_as_fast_for_much_less_cpu_goes_serial() -> None:
+    gate, clocks = _gate()
+    _run(gate, clocks.work(0.030, 0.030), 4)  # GIL contention: 30 ms CPU per batch
+    _run(gate, clocks.work(0.032, 0.022), 4)  # 0.94x the rate, 0.73x the CPU
+    assert gate.serial and "0.73x the CPU" in gate.describe()["reason"]
+
+
+def test_first_window_is_a_warm_up() -> None:
+    clocks = _Clocks()
+    gate = GilGate(2, window=4, clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu)
+    _run(gate, clocks.work(0.030, 0.030), 4)
+    assert gate._state == "probe-parallel"  # measured again: start-up is not the workload
+    _run(gate, clocks.work(0.030, 0.030), 4)
+    assert gate._state == "probe-serial"
+
+
 def test_more_than_one_core_busy_stays_parallel_without_a_serial_probe() -> None:
     gate, clocks = _gate()
-    _run(gate, clocks.work(0.010, 0.019), 4)  # 1.9 cores: parallelism pays
+    _run(gate, clocks.work(0.030, 0.057), 4)  # 1.9 cores: parallelism pays
     assert not gate.serial
     assert "more than one core" in gate.describe()["reason"]
 
 
 def test_waiting_workers_lose_the_serial_probe_halfway() -> None:
     gate, clocks = _gate()
-    _run(gate, clocks.work(0.010, 0.001), 4)  # 0.1 cores: IO, a full queue, or GIL-bound
+    _run(gate, clocks.work(0.030, 0.003), 4)  # 0.1 cores: IO, a full queue, or GIL-bound
     assert gate.serial  # a serial probe tells them apart
-    wait = clocks.work(0.020, 0.001)  # IO-bound: one at a time takes twice as long
+    wait = clocks.work(0.060, 0.003)  # IO-bound: one at a time takes twice as long
     _run(gate, wait, 2)
-    assert gate.serial  # 2 of 4 batches in 40 ms: could still reach 95% of 100/s
+    assert gate.serial  # 2 of 4 batches in 120 ms: could still reach 95% of 33/s
     gate.run(wait, 0)
     assert not gate.serial and gate.describe()["reason"].startswith("parallel:")
 
 
 def test_a_slower_serial_probe_goes_back_to_parallel_and_backs_off() -> None:
     gate, clocks = _gate()
-    _run(gate, clocks.work(0.010, 0.010), 4)
+    _run(gate, clocks.work(0.030, 0.030), 4)
     assert gate.serial
-    gate.run(clocks.work(0.050, 0.010), 0)  # one serial batch already too slow to win
+    gate.run(clocks.work(0.150, 0.030), 0)  # one serial batch already too slow to win
     assert not gate.serial
     assert gate.describe()["reason"].startswith("parallel:")
     assert gate._backoff_s == 2 * gilgate._REPROBE_S
 
 
+def test_an_idle_gap_restarts_the_window() -> None:
+    gate, clocks = _gate()
+    _run(gate, clocks.work(0.030, 0.030), 3)
+    clocks.wall += 5.0  # between epochs: would read as 0.02 cores busy
+    _run(gate, clocks.work(0.030, 0.057), 3)
+    assert gate._state == "probe-parallel"  # 3 batches since the gap: window not full
+    _run(gate, clocks.work(0.030, 0.057), 1)
+    assert not gate.serial and "1.90 cores" in gate.describe()["reason"]
+
+
 def test_choice_is_measured_again_later() -> None:
     gate, clocks = _gate()
-    _run(gate, clocks.work(0.010, 0.019), 4)
+    _run(gate, clocks.work(0.030, 0.057), 4)
     assert not gate.serial and gate._state == "parallel"
     clocks.wall += gilgate._REPROBE_S + 1
-    gate.run(clocks.work(0.010, 0.019), 0)
+    gate.run(clocks.work(0.030, 0.057), 0)
     assert gate._state == "probe-parallel"
 
 
