@@ -36,11 +36,11 @@ Thread workers, where they differ from processes (``auto`` picks processes for e
 - ``multiprocessing_context`` is a ConfigError (threads start no processes);
 - with 2+ thread workers on a map-style dataset, batches run one at a time (still each
   on one of the ``num_workers`` threads, same order and results) while that is measured
-  to be no slower: a pure-Python ``__getitem__`` holds the GIL, so threads only take
-  turns, and each turn costs a GIL hand-off (3 KB records: 0.70x -> 0.85x of torch's
-  ``num_workers=0``). Re-measured every few seconds; work that releases the GIL
-  (decoding, IO) keeps all threads running. ``stats().execution`` says which and why
-  (:mod:`fastfeed._torch_compat.gilgate`).
+  to be no slower (or under 10% slower for 15% less CPU): a pure-Python ``__getitem__``
+  holds the GIL, so threads only take turns, and each turn costs a GIL hand-off (3 KB
+  records, 2 threads: 1.56x the batches/s for half the CPU per batch). Re-measured every
+  few seconds; work that releases the GIL (decoding, IO) keeps all threads running.
+  ``stats().execution`` says which and why (:mod:`fastfeed._torch_compat.gilgate`).
 
 Raised as :class:`~fastfeed.errors.ConfigError` (a ValueError) at construction, where
 torch fails later or cannot apply: ``timeout > 0`` with ``num_workers=0``,

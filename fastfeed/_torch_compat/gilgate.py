@@ -3,10 +3,12 @@
 Worker threads of one process share one GIL. A dataset whose ``__getitem__`` is pure
 Python (or calls C code that keeps the GIL) gains nothing from a second worker thread:
 the threads take turns, and every turn costs a GIL hand-off. Measured on 3 KB records
-(``benchmarks/dataloader_dropin.py``, 2 cores): two thread workers used 1.0 core and
-delivered 0.70x of torch's ``num_workers=0``; the same two threads taking one batch at a
-time delivered 0.80x and spent 25% less CPU per sample. Work that releases the GIL
-(image decoding, most torch ops, file reads) keeps every thread busy and is not touched.
+(``benchmarks/dataloader_dropin.py``'s dataset, batch 256, 2 shared cores): two thread
+workers kept 1.1 cores busy; in the gate's own probe, one batch at a time then gave 1.56x
+the batches/s for 0.51x the CPU time per batch (over whole epochs, alternating runs:
+0.69-0.77x of torch's ``num_workers=0`` with both threads at once, 0.78-0.82x one batch
+at a time). Work that releases the GIL (image decoding, most torch ops, file reads)
+keeps every thread busy and is not touched (JPEG decode: 1.8 cores busy, never probed).
 
 :class:`GilGate` decides from measurements, repeatedly, never from a guess:
 
