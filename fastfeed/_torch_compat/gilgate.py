@@ -58,7 +58,7 @@ _REPROBE_S = 2.0  # measure the choice again after this long, seconds
 _MAX_REPROBE_S = 60.0  # ... doubled after each probe serial lost, up to this, seconds
 _MIN_WINDOW_S = 0.1  # a measuring window lasts at least this long, seconds
 _GAP_S = 0.2  # a batch started this long after the last one ended: the window restarts, s
-_BYPASS_S = 5.0  # longest a batch waits for its turn before it runs anyway, seconds
+_BYPASS_S = 1.0  # longest a batch waits for its turn before it runs anyway, seconds
 _POLL_S = 0.05  # how often a waiting batch looks at the stop flag, seconds
 
 _PARALLEL, _PROBE_PARALLEL, _PROBE_SERIAL, _SERIAL = (
