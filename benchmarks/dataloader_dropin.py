@@ -7,20 +7,32 @@ Two workloads, each a torch map-style Dataset used unchanged by both loaders:
 - ``jpeg``: 500x375 JPEGs held in RAM, decoded + RandomResizedCrop(224) + flip with
   ``fastfeed.image`` (releases the GIL), batch 64, shuffled.
 
-For each: torch ``num_workers`` 0 and 2, and fastfeed ``worker_type`` auto / thread /
-process at ``num_workers`` 0 and 2. Throughput (samples/s) is measured over ``--epochs``
-epochs after one warm-up epoch, in this process tree; ratios are against torch at
-``num_workers=0`` and ``num_workers=2`` of the same run (the machine may be shared: only
-same-run ratios mean anything).
+For each: torch ``num_workers`` 0 and 2, fastfeed ``worker_type`` auto / thread /
+process at ``num_workers`` 0 and 2, and auto / thread again with ``profile=False`` (what
+the profiler's hooks cost). Every loader is built and warmed up (one epoch) first; then
+``--rounds`` alternating rounds time each loader over ``--epochs`` epochs, and the median
+round is reported, so load from other work on a shared machine hits every loader alike.
+Each timed run starts settled (:func:`_settle`): ``gc.collect()`` (a full collection
+costs ~90 ms here, 170k tracked objects, and otherwise lands on whichever loader
+allocates past the threshold: in one run always the first fastfeed loader), and one
+write to each record (the copy-on-write faults left by a loader that forked workers
+otherwise land on the loader timed after it). Ratios are
+against torch at ``num_workers=0`` and ``num_workers=2`` of the same run;
+``samples_per_cpu_s`` (samples per CPU-second of this process, for loaders whose work all
+runs in it) is steadier than wall time on a busy machine.
+``one_batch_at_a_time`` says whether the GIL gate (``fastfeed._torch_compat.gilgate``)
+ran thread workers' batches one at a time at the end.
 
 Usage::
 
-    python benchmarks/dataloader_dropin.py [--quick] [--out PATH.json]
+    python benchmarks/dataloader_dropin.py [--quick] [--epochs N] [--rounds N] [--out PATH.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,66 +65,101 @@ class RamJpegs:
         return self.transform(self.payloads[i]), self.labels[i]
 
 
-def _throughput(loader: Any, epochs: int) -> tuple[float, str]:
-    for _ in loader:  # warm-up epoch (worker start, page faults, ring slots)
-        pass
+def _settle(ds: Any) -> None:
+    """Make the next timed run start clean: collect garbage, and write once to every
+    record object (iterating a list increments each element's reference count).
+
+    After a loader that forked worker processes every page of this process is
+    copy-on-write; the first write to each page faults. Without this, the loader timed
+    right after torch's ``num_workers=2`` paid ~32k page faults for the records' reference
+    counts: measured 0.74x of torch's ``num_workers=0`` in CPU per sample there, 0.98x
+    for the same loader one place later.
+    """
+    gc.collect()
+    for value in vars(ds).values():
+        if isinstance(value, list):
+            for _ in value:
+                pass
+
+
+def _epochs(loader: Any, ds: Any, epochs: int) -> tuple[float, float]:
+    """Samples per second of wall time and per CPU-second of this process, over
+    ``epochs`` epochs (settled first: see :func:`_settle`)."""
+    _settle(ds)
     n = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(epochs):
         for x, _y in loader:
             n += len(x)
-    dt = time.perf_counter() - t0
-    return n / dt, getattr(loader, "worker_type", "torch")
+    return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
 
 
-def run(workload: str, ds: Any, batch: int, epochs: int) -> list[dict[str, Any]]:
+def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[dict[str, Any]]:
     import torch
     import torch.utils.data as tud
 
     from fastfeed import DataLoader
 
-    rows: list[dict[str, Any]] = []
-    configs: list[tuple[str, int]] = [("torch", 0), ("torch", 2)]
+    configs: list[tuple[str, int, bool]] = [("torch", 0, True), ("torch", 2, True)]
     for wt in ("auto", "thread", "process"):
-        configs += [(wt, 0), (wt, 2)]
-    for kind, nw in configs:
+        configs += [(wt, 0, True), (wt, 2, True)]
+    for wt in ("auto", "thread"):
+        configs += [(wt, 0, False), (wt, 2, False)]
+    loaders: list[Any] = []
+    for kind, nw, profile in configs:
         g = torch.Generator().manual_seed(0)
-        kw = {"batch_size": batch, "shuffle": True, "num_workers": nw, "generator": g}
+        kw: dict[str, Any] = {"batch_size": batch, "shuffle": True, "num_workers": nw}
+        kw["generator"] = g
         if kind == "torch":
-            loader: Any = tud.DataLoader(ds, **kw)
+            loaders.append(tud.DataLoader(ds, **kw))
         else:
-            loader = DataLoader(ds, worker_type=kind, **kw)
-        rate, chosen = _throughput(loader, epochs)
+            loaders.append(DataLoader(ds, worker_type=kind, profile=profile, **kw))
+        _epochs(loaders[-1], ds, 1)  # warm-up epoch (worker start, page faults, ring slots)
+    rates: list[list[tuple[float, float]]] = [[] for _ in configs]
+    for _ in range(rounds):  # alternating: every config once per round
+        for i, loader in enumerate(loaders):
+            rates[i].append(_epochs(loader, ds, epochs))
+    rows: list[dict[str, Any]] = []
+    for (kind, nw, profile), loader, r in zip(configs, loaders, rates, strict=True):
+        execution = loader.stats().execution if hasattr(loader, "stats") else None
         if hasattr(loader, "close"):
             loader.close()
+        ran_as = getattr(loader, "worker_type", "torch")
+        in_process = nw == 0 or ran_as == "thread"  # else workers' CPU is not counted
+        cpu = statistics.median(c for _, c in r)
         rows.append(
             {
                 "workload": workload,
                 "loader": kind,
                 "num_workers": nw,
-                "ran_as": chosen,
-                "samples_per_s": round(rate, 1),
+                "profile": profile,
+                "ran_as": ran_as,
+                "one_batch_at_a_time": bool(execution and execution.get("one_batch_at_a_time")),
+                "samples_per_s": round(statistics.median(w for w, _ in r), 1),
+                "samples_per_cpu_s": round(cpu, 1) if in_process else None,
+                "rounds_samples_per_s": [round(w, 1) for w, _ in r],
             }
         )
-    base0 = next(
-        r["samples_per_s"] for r in rows if r["loader"] == "torch" and r["num_workers"] == 0
-    )
-    base2 = next(
-        r["samples_per_s"] for r in rows if r["loader"] == "torch" and r["num_workers"] == 2
-    )
-    for r in rows:
-        r["vs_torch_nw0"] = round(r["samples_per_s"] / base0, 2)
-        r["vs_torch_nw2"] = round(r["samples_per_s"] / base2, 2)
+    base0 = rows[0]["samples_per_s"]
+    base2 = rows[1]["samples_per_s"]
+    cpu0 = rows[0]["samples_per_cpu_s"]
+    for row in rows:
+        row["vs_torch_nw0"] = round(row["samples_per_s"] / base0, 2)
+        row["vs_torch_nw2"] = round(row["samples_per_s"] / base2, 2)
+        cpu = row["samples_per_cpu_s"]
+        row["cpu_vs_torch_nw0"] = None if cpu is None else round(cpu / cpu0, 2)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer records and epochs")
-    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per timed run")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (median)")
     ap.add_argument("--out", default="benchmarks/results/dataloader_dropin.json")
     args = ap.parse_args()
-    epochs = args.epochs or (2 if args.quick else 3)
+    epochs = args.epochs or 1
+    rounds = args.rounds or (3 if args.quick else 5)
     tiny_n = 8192 if args.quick else 32768
     jpeg_n = 256 if args.quick else 1024
     rng = np.random.default_rng(0)
@@ -121,9 +168,11 @@ def main() -> None:
         rng.integers(0, 10, tiny_n).tolist(),
     )
     payloads, labels = _common.synthetic_jpegs(jpeg_n)
-    rows = run("tiny", tiny, 256, epochs) + run("jpeg", RamJpegs(payloads, labels), 64, epochs)
-    _common.print_table(rows, title="fastfeed.DataLoader vs torch (same run)")
-    path = _common.write_json(args.out, {"epochs": epochs, "rows": rows})
+    rows = run("tiny", tiny, 256, epochs, rounds)
+    rows += run("jpeg", RamJpegs(payloads, labels), 64, epochs, max(1, rounds - 2))
+    columns = [k for k in rows[0] if k != "rounds_samples_per_s"]
+    _common.print_table(rows, columns=columns, title="fastfeed.DataLoader vs torch (same run)")
+    path = _common.write_json(args.out, {"epochs": epochs, "rounds": rounds, "rows": rows})
     print(f"wrote {path}")
 
 
