@@ -20,8 +20,6 @@ otherwise land on the loader timed after it). Ratios are
 against torch at ``num_workers=0`` and ``num_workers=2`` of the same run;
 ``samples_per_cpu_s`` (samples per CPU-second of this process, for loaders whose work all
 runs in it) is steadier than wall time on a busy machine.
-``one_batch_at_a_time`` says whether the GIL gate (``fastfeed._torch_compat.gilgate``)
-ran thread workers' batches one at a time at the end.
 
 Usage::
 
@@ -121,7 +119,6 @@ def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[di
             rates[i].append(_epochs(loader, ds, epochs))
     rows: list[dict[str, Any]] = []
     for (kind, nw, profile), loader, r in zip(configs, loaders, rates, strict=True):
-        execution = loader.stats().execution if hasattr(loader, "stats") else None
         if hasattr(loader, "close"):
             loader.close()
         ran_as = getattr(loader, "worker_type", "torch")
@@ -134,7 +131,6 @@ def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[di
                 "num_workers": nw,
                 "profile": profile,
                 "ran_as": ran_as,
-                "one_batch_at_a_time": bool(execution and execution.get("one_batch_at_a_time")),
                 "samples_per_s": round(statistics.median(w for w, _ in r), 1),
                 "samples_per_cpu_s": round(cpu, 1) if in_process else None,
                 "rounds_samples_per_s": [round(w, 1) for w, _ in r],

@@ -33,14 +33,7 @@ Thread workers, where they differ from processes (``auto`` picks processes for e
 - an IterableDataset gets one ``iter()`` per worker thread, like torch's processes: a
   dataset that shards itself by ``get_worker_info()`` is sharded across threads, one that
   configures ``get_worker_info().dataset`` in place would configure the shared object;
-- ``multiprocessing_context`` is a ConfigError (threads start no processes);
-- with 2+ thread workers on a map-style dataset, batches run one at a time (still each
-  on one of the ``num_workers`` threads, same order and results) while that is measured
-  to be no slower (or under 10% slower for 15% less CPU): a pure-Python ``__getitem__``
-  holds the GIL, so threads only take turns, and each turn costs a GIL hand-off (3 KB
-  records, 2 threads: 1.56x the batches/s for half the CPU per batch). Re-measured every
-  few seconds; work that releases the GIL (decoding, IO) keeps all threads running.
-  ``stats().execution`` says which and why (:mod:`fastfeed._torch_compat.gilgate`).
+- ``multiprocessing_context`` is a ConfigError (threads start no processes).
 
 Raised as :class:`~fastfeed.errors.ConfigError` (a ValueError) at construction, where
 torch fails later or cannot apply: ``timeout > 0`` with ``num_workers=0``,
@@ -63,7 +56,6 @@ from torch.utils.data import IterableDataset
 
 from fastfeed._torch_compat import torch_private as _tp
 from fastfeed._torch_compat.fetch import Fetch
-from fastfeed._torch_compat.gilgate import GilGate
 from fastfeed._torch_compat.process import ProcessIter
 from fastfeed._torch_compat.rngstate import probe_global_rng
 from fastfeed._torch_compat.state import (
@@ -242,8 +234,6 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         self._latest: weakref.ReferenceType[Epoch] | None = None  # for state_dict()
         self._resume: dict[str, Any] | None = None
         self._torch_iter_pid = os.getpid()
-        # Shared by this loader's thread pools: what it measured carries across epochs.
-        self._gate = GilGate(self.num_workers) if self.num_workers >= 2 else None
 
     def _probe_global_rng(self) -> bool | None:
         """Does reading (and collating) sample 0 draw from a global RNG? (auto's probe)."""
@@ -256,7 +246,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         # Like torch's, the loader pickles (spawn-based launchers do that); its running
         # state (workers, iterators, figures) does not travel.
         state = self.__dict__.copy()
-        for name in ("_pool", "_pool_user", "_live", "_latest", "_iterator", "_pipeline", "_gate"):
+        for name in ("_pool", "_pool_user", "_live", "_latest", "_iterator", "_pipeline"):
             state[name] = None
         state["recorder"] = None
         state["_profile"] = self.recorder.enabled
@@ -372,8 +362,6 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             _tp.abandon_torch_iterator(torch_iter)
             self._iterator = None
         self._torch_iter_pid = os.getpid()
-        if self._gate is not None:  # its locks may have been held by the parent's threads
-            self._gate = GilGate(self.num_workers)
 
     def _process_iter(self, tracked: TrackedSampler | None) -> ProcessIter:
         persistent = bool(self.persistent_workers)
@@ -459,7 +447,6 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             recorder=self.recorder,
             worker_init_fn=self.worker_init_fn,
             base_seed=base_seed,
-            gate=self._gate,
         )
 
     # -- resume -----------------------------------------------------------------------
@@ -497,10 +484,6 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             gather: Also gather every rank's figures under torch.distributed and name the
                 slowest rank. A collective call: every rank must make it.
         """
-        reason = self.worker_type_reason
-        gate = self._gate.describe() if self._gate is not None else None
-        if gate is not None and self.worker_type == "thread" and not self._iterable:
-            reason = f"{reason}; batches at a time: {gate['reason']}"
         return LoaderStats.collect(
             self.recorder,
             batch_size=self.batch_size,
@@ -512,8 +495,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
                 "mode": "processes" if self.worker_type == "process" else "threads",
                 "worker_type": self.worker_type,
                 "processes": self.num_workers if self.worker_type == "process" else 0,
-                "reason": reason,
-                "one_batch_at_a_time": bool(gate is not None and gate["serial"]),
+                "reason": self.worker_type_reason,
             },
             gather=gather,
         )

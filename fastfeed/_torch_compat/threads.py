@@ -23,7 +23,6 @@ How it keeps torch's semantics:
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import queue
@@ -33,7 +32,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastfeed._torch_compat.fetch import END, STALE, Failed, Fetch, Task, describe
-from fastfeed._torch_compat.gilgate import GilGate
 from fastfeed._torch_compat.rngstate import rng_changes, rng_restore, rng_save
 from fastfeed._torch_compat.torch_private import THREAD_INFO, WorkerInfo
 from fastfeed.errors import FastFeedError, LoaderTimeoutError
@@ -135,7 +133,6 @@ class Pool:
         recorder: Receives the queue figures.
         worker_init_fn: The user's, called with the worker id in each thread.
         base_seed: This pool's base seed (worker ``seed = base_seed + id``).
-        gate: The loader's :class:`GilGate` (map-style, 2+ threads), or None.
     """
 
     def __init__(
@@ -149,7 +146,6 @@ class Pool:
         recorder: Recorder,
         worker_init_fn: Callable[[int], None] | None,
         base_seed: int,
-        gate: GilGate | None = None,
     ) -> None:
         self.fetch = fetch
         self.feed = _Feed()
@@ -186,13 +182,9 @@ class Pool:
             finally:
                 inits.one_done()
 
-        # Map-style batches run one at a time while measured GIL-bound (gilgate.py).
-        work: Callable[[Task], Any] = fetch
-        if gate is not None and num_threads >= 2 and not fetch.iterable:
-            work = functools.partial(gate.run, fetch)
         self.prefetcher: Prefetcher[Task, Any] = Prefetcher(
             self.feed,
-            work,
+            fetch,
             num_threads=num_threads,
             depth=depth,
             in_order=in_order,
