@@ -325,6 +325,7 @@ def test_stats_say_which_mode_ran_and_why():
         "threads": 1,
         "in_flight": 4,
         "reason": "processes=2 given",
+        "order": "sequential",
     }
     stages = ld.stats().to_dict()["stages"]
     assert stages["read"]["items"] == 40  # worker spans reach the training process
