@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 import torch
@@ -28,11 +29,15 @@ from fastfeed.errors import (
 from fastfeed.pipeline.batch import BatchResult, BatchTask, SkippedSample
 from fastfeed.pipeline.collate import Collator
 from fastfeed.profiling import Recorder, Stage
-from fastfeed.profiling.recorder import ChainTime
+from fastfeed.profiling.recorder import ChainSpan, ChainTime
+from fastfeed.profiling.spans import STAGE_CODE
 from fastfeed.rng import set_sample_key
 from fastfeed.sources.base import Record, Source
 
 __all__ = ["BatchBuilder", "SampleSpec", "TorchThreads", "sample_spec"]
+
+# The stages' codes in the recorder's chain records (numbers only, see Recorder.chain).
+_READ, _TRANSFORM, _COLLATE = (STAGE_CODE[s] for s in (Stage.READ, Stage.TRANSFORM, Stage.COLLATE))
 
 _INIT_WAIT_S = 5.0  # longest wait for worker threads to apply torch_threads, seconds
 
@@ -171,14 +176,14 @@ class BatchBuilder:
         # the hooks cost per call (profiling/recorder.py, Recorder.chain).
         clock, record = rec.chain()
         start = clock()
-        spans: list[tuple[Any, ChainTime, int, int]] = []
+        spans: list[ChainSpan] = []
         try:
             indices, records = self._read(task.indices, failures)
             # Plain comprehensions and map(len): for tiny records these per-record steps
             # are a large share of the batch's cost.
             datas = [r.data for r in records]
             labels = [r.label for r in records]
-            spans.append((Stage.READ, clock(), len(task.indices), sum(map(len, datas))))
+            spans.append((_READ, clock(), len(task.indices), sum(map(len, datas))))
             if self.spec is not None:
                 data, labels_t, kept = self._fill(clock, spans, indices, datas, labels, failures)
             else:
@@ -187,13 +192,13 @@ class BatchBuilder:
                 )
         finally:
             if spans:
-                record((start, spans))
+                record([len(spans), start, *chain.from_iterable(spans)])
         return BatchResult(task.number, data, labels_t, kept, failures)
 
     def _generic(
         self,
         clock: Callable[[], ChainTime],
-        spans: list[tuple[Any, ChainTime, int, int]],
+        spans: list[ChainSpan],
         number: int,
         indices: list[int],
         datas: list[Any],
@@ -230,7 +235,7 @@ class BatchBuilder:
                 set_sample_key(None)
             labels, kept = _select(labels, kept, kept2), kept2
         if transform is not None or self.batch_transform is not None:
-            spans.append((Stage.TRANSFORM, clock(), len(datas), 0))
+            spans.append((_TRANSFORM, clock(), len(datas), 0))
         if kept and self.batch_transform is None:
             if transform is None:
                 data = samples  # raw record bytes: a list (documented)
@@ -240,13 +245,13 @@ class BatchBuilder:
                 )
                 labels, kept = _select(labels, kept, kept2), kept2
         labels_t = self.collator.labels(labels) if kept else None
-        spans.append((Stage.COLLATE, clock(), len(kept), 0))
+        spans.append((_COLLATE, clock(), len(kept), 0))
         return (data if kept else None), labels_t, kept
 
     def _fill(
         self,
         clock: Callable[[], ChainTime],
-        spans: list[tuple[Any, ChainTime, int, int]],
+        spans: list[ChainSpan],
         indices: list[int],
         datas: list[Any],
         all_labels: list[int | None],
@@ -276,17 +281,17 @@ class BatchBuilder:
             labels.append(lab)
             row += 1
         set_sample_key(None)
-        spans.append((Stage.TRANSFORM, clock(), len(datas), 0))
+        spans.append((_TRANSFORM, clock(), len(datas), 0))
         if not kept:
             if out is not None:
                 self.collator.release(out)
-            spans.append((Stage.COLLATE, clock(), 0, 0))
+            spans.append((_COLLATE, clock(), 0, 0))
             return None, None, []
         assert out is not None
         if row < len(datas):
             out = out[:row]  # a view: skipped samples shrink the batch, never substituted
         labels_t = self.collator.labels(labels)
-        spans.append((Stage.COLLATE, clock(), row, 0))
+        spans.append((_COLLATE, clock(), row, 0))
         return out, labels_t, kept
 
 

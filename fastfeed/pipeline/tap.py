@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from fastfeed.profiling import Recorder
+from fastfeed.profiling.books import STEP_ROW
 
 __all__ = ["Tap"]
 
@@ -58,7 +59,7 @@ class Tap(Generic[_T]):
         self._closed = False
         self._started_s = started_s
         # Where the recorder lets the next hand-overs be reported directly, and how many.
-        self._sink: Callable[[tuple[float, float, float]], object] | None = None
+        self._sink: Callable[[bytes], object] | None = None
         self._direct = 0
 
     def __iter__(self) -> Tap[_T]:
@@ -84,7 +85,7 @@ class Tap(Generic[_T]):
             # Most hand-overs: one list append, no call into the recorder (on tiny
             # records a call per batch cost ~1% of the loop).
             self._direct -= 1
-            self._sink((now, now - t_enter, -1.0 if step is None else step))  # type: ignore[misc]
+            self._sink(STEP_ROW.pack(now, now - t_enter, -1.0 if step is None else step))  # type: ignore[misc]
         else:
             self._sink, self._direct = rec.consumer_report(now - t_enter, step, now)
         if self._release is not None:

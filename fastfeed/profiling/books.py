@@ -15,10 +15,10 @@ one. Only the owner (or whoever finds the thread finished) rewinds a full book.
 
 from __future__ import annotations
 
+import struct
 import threading
 from array import array
-from collections import deque
-from typing import Any, TypeAlias
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from fastfeed.profiling.clocks import (
     _run_delay_s,
 )
 from fastfeed.profiling.figures import QueueStats, StageStats
-from fastfeed.profiling.rings import TraceEvent, _CounterRing, _EventRing, _Reservoir
+from fastfeed.profiling.rings import TraceEvent, _CounterRing, _EventRing, _Reservoir, _StepRing
 from fastfeed.profiling.stages import Stage
 
 __all__ = ["CHUNK", "Book", "BookKeeper", "ConsumerFigures"]
@@ -37,32 +37,42 @@ __all__ = ["CHUNK", "Book", "BookKeeper", "ConsumerFigures"]
 #: Records a book holds before its thread folds it (~80 KB a thread at most): a fold
 #: costs ~30 us plus ~0.1 us a record.
 CHUNK = 512
-#: Chains (a batch's spans, see ``Recorder.chain``) a book holds before it is folded.
-CHAIN_CHUNK = 256
+#: A span row, a queue row, a hand-over row as the bytes a book's array takes:
+#: ``array.frombytes(pack(...))`` costs 0.11 us, ``array.extend(tuple)`` 0.29 us.
+SPAN_ROW, QUEUE_ROW, STEP_ROW = struct.Struct("6d"), struct.Struct("5d"), struct.Struct("3d")
+#: Numbers of span rows (6 a span) and of chains (~14 a batch) before a fold.
+ROWS_FULL = 6 * CHUNK
+CHAINS_FULL = 14 * CHUNK
+#: The stages' codes in every recorder (custom stage names get the next ones), as the
+#: floats a chain record holds (``Recorder.chain``).
+STAGE_CODE: dict[Stage, float] = {s: float(i) for i, s in enumerate(Stage)}
 #: How often a recording thread tells the GIL probe it still records, seconds.
 _TOUCH_S = 0.1
 _NO_ITEMS = -1  # an event without args (the consumer's waits, kept apart in ``srows``)
 
 
-#: ``(stage_code, start_s, end_s, items, nbytes, failed)``: one span in a book.
-_SpanRow: TypeAlias = tuple[int, float, float, int, int, bool]
-
-
 class Book:
     """One thread's records for one recorder since they were last folded.
 
-    Each record is one tuple appended to a list (~0.07 us; six array stores cost 0.2 us):
+    Each record is a few numbers appended to a flat ``array("d")`` (``frombytes`` of a
+    packed struct, ~0.1 us), fixed width per kind:
 
     - ``rows``: a span, ``(stage_code, start_s, end_s, items, nbytes, failed)``;
     - ``qrows``: a queue operation, ``(queue_code, time_s, depth, put_wait_s, get_wait_s)``;
     - ``srows``: a hand-over to the training loop, ``(time_s, wait_s, step_s or -1)``;
-    - ``crows``: a chain of spans, ``(start, [(stage, end, items, nbytes), ...])``, where
-      start and ends are ``perf_counter`` seconds or, on measured chains, full marks.
+    - ``crows``: a chain of spans (``Recorder.chain``), ``(k, start, code, end, items,
+      nbytes, ...)`` with ``k`` spans, each starting where the previous one ended
+      (``fromlist``: the chain's length varies).
+
+    Numbers in arrays, not tuples in lists: a kept tuple is an object the garbage
+    collector tracks until its next pass, and 512 of them a thread set off collections
+    that promoted the loop's live objects, then full collections (75 ms each with torch
+    imported: 30% of a 50,000-record epoch of 3 KB records).
 
     Attributes:
         thread: The owning thread (its book is dropped once it finished and was folded).
         name: The thread's name, read once.
-        base / qbase / sbase / cbase: Records of each list already folded.
+        base / qbase / sbase / cbase: Numbers of each array already folded.
         chains: Mark chains started since the last measured one (``SCHED_SAMPLE_EVERY``).
         sampled_s: When the last measured chain started (``perf_counter``, seconds).
         spans: Per stage, ``[spans since the last measured one, when it started]``
@@ -90,10 +100,10 @@ class Book:
     def __init__(self, thread: threading.Thread, first_sample: int) -> None:
         self.thread = thread
         self.name = thread.name
-        self.rows: list[_SpanRow] = []
-        self.qrows: list[tuple[int, float, float, float, float]] = []
-        self.srows: list[tuple[float, float, float]] = []
-        self.crows: list[tuple[Any, list[tuple[Any, Any, int, int]]]] = []
+        self.rows = array("d")
+        self.qrows = array("d")
+        self.srows = array("d")
+        self.crows = array("d")
         self.base = self.qbase = self.sbase = self.cbase = 0
         self.chains = first_sample  # so the first chain is measured
         self.sampled_s = -1e9
@@ -101,19 +111,19 @@ class Book:
         self.touched_s = -1e9
 
     def clear(self) -> None:
-        """Forget every record, in place (whoever holds ``crows.append`` keeps it)."""
-        self.rows.clear()
-        self.qrows.clear()
-        self.srows.clear()
-        self.crows.clear()
+        """Forget every record, in place (whoever holds ``crows.fromlist`` keeps it)."""
+        del self.rows[:]
+        del self.qrows[:]
+        del self.srows[:]
+        del self.crows[:]
         self.base = self.qbase = self.sbase = self.cbase = 0
 
     def full(self) -> bool:
         return (
-            len(self.rows) >= CHUNK
-            or len(self.qrows) >= CHUNK
-            or len(self.srows) >= CHUNK
-            or len(self.crows) >= CHAIN_CHUNK
+            len(self.rows) >= ROWS_FULL
+            or len(self.qrows) >= 5 * CHUNK
+            or len(self.srows) >= 3 * CHUNK
+            or len(self.crows) >= CHAINS_FULL
         )
 
 
@@ -128,7 +138,7 @@ class ConsumerFigures:
         self.first_batches = 0
         self.step_waits = _Reservoir()
         self.step_times = _Reservoir()
-        self.step_log: deque[tuple[float, float, float]] = deque(maxlen=_STEP_LOG)
+        self.step_log = _StepRing(_STEP_LOG)
 
 
 _STEP_LOG = 20_000  # per-step (end, wait, step) kept for plots, count
@@ -151,8 +161,8 @@ class BookKeeper:
         self._local = threading.local()
         self._books: list[Book] = []
         # Names travel in the books as small codes, fixed for the recorder's life.
-        self._stage_code: dict[Any, int] = {}
-        self._stage_names: list[Any] = []
+        self._stage_code: dict[Any, int] = {s: int(c) for s, c in STAGE_CODE.items()}
+        self._stage_names: list[Any] = list(STAGE_CODE)
         self._queue_code: dict[Any, int] = {}
         self._queue_names: list[Any] = []
         self._queue_capacity: list[int] = []
@@ -254,8 +264,8 @@ class BookKeeper:
         if code is None:
             code = self._register(self._stage_code, self._stage_names, stage)
         rows = book.rows
-        rows.append((code, start_s, end_s, items, nbytes, failed))
-        if len(rows) >= CHUNK or end_s - book.touched_s > _TOUCH_S:
+        rows.frombytes(SPAN_ROW.pack(code, start_s, end_s, items, nbytes, failed))
+        if len(rows) >= ROWS_FULL or end_s - book.touched_s > _TOUCH_S:
             self._after_put(book, end_s, stage)
 
     def _put_via_add(
@@ -270,44 +280,42 @@ class BookKeeper:
     # -- folding (the caller holds the lock) -------------------------------------------
 
     def _fold(self, book: Book) -> None:
-        """Add the book's unfolded records to the figures and rings."""
+        """Add the book's unfolded records to the figures and rings.
+
+        Copies (C slices) before viewing with numpy: a view would stop the owner's
+        appends ("cannot resize an array that is exporting buffers").
+        """
         hi = len(book.rows)
         if hi > book.base:
             rows, book.base = book.rows[book.base : hi], hi
-            self._fold_spans(book.name, rows)
+            self._fold_spans(book.name, np.frombuffer(rows).reshape(-1, 6))
         hi = len(book.crows)
         if hi > book.cbase:
             chains, book.cbase = book.crows[book.cbase : hi], hi
-            self._fold_spans(book.name, self._unchain(chains))
+            self._fold_spans(book.name, self._unchain(chains.tolist()))
         hi = len(book.qrows)
         if hi > book.qbase:
             qrows, book.qbase = book.qrows[book.qbase : hi], hi
-            self._fold_queues(qrows)
+            self._fold_queues(np.frombuffer(qrows).reshape(-1, 5))
         hi = len(book.srows)
         if hi > book.sbase:
             srows, book.sbase = book.srows[book.sbase : hi], hi
-            self._fold_steps(book.name, srows)
+            self._fold_steps(book.name, np.frombuffer(srows).reshape(-1, 3))
 
-    def _unchain(self, chains: list[tuple[Any, list[tuple[Any, Any, int, int]]]]) -> list[_SpanRow]:
-        """Span rows of chains; a measured chain's CPU, run-queue wait and switches go to
-        the stage figures now."""
-        table = self._stage_code
-        rows: list[_SpanRow] = []
-        append = rows.append
-        for start, spans in chains:
-            prev = start
-            for stage, end, items, nbytes in spans:
-                code = table.get(stage)
-                if code is None:
-                    code = table[stage] = len(self._stage_names)
-                    self._stage_names.append(stage)
-                if type(end) is float:
-                    append((code, prev, end, items, nbytes, False))
-                else:
-                    self._measured(stage, prev, end)
-                    append((code, prev[0], end[0], items, nbytes, False))
+    def _unchain(self, flat: list[float]) -> np.ndarray:
+        """Span rows ``(m, 6)`` of chain records ``(k, start, code, end, items, nbytes, ...)``."""
+        out: list[float] = []
+        i, n = 0, len(flat)
+        while i < n:
+            k, prev = int(flat[i]), flat[i + 1]
+            j = i + 2
+            for _ in range(k):
+                code, end, items, nbytes = flat[j : j + 4]
+                out += (code, prev, end, items, nbytes, 0.0)
                 prev = end
-        return rows
+                j += 4
+            i = j
+        return np.frombuffer(array("d", out)).reshape(-1, 6)
 
     def _measured(self, stage: Any, since: Mark, now: Mark) -> None:
         """Add a measured span's CPU time, run-queue wait and switches (lock held)."""
@@ -327,29 +335,31 @@ class BookKeeper:
             st.switches_busy_s += wall
             st.switches_spans += 1
 
-    def _fold_spans(self, thread: str, rows: list[_SpanRow]) -> None:
-        # Columns as typed arrays (C-speed conversions), numpy views over them: ~0.1 us a row.
-        codes, starts, ends, items, nbytes, failed = zip(*rows, strict=True)
-        a_starts, a_ends = array("d", starts), array("d", ends)
-        a_items, a_bytes, a_failed = array("q", items), array("q", nbytes), array("B", failed)
+    def _fold_spans(self, thread: str, a: np.ndarray) -> None:
+        """Fold span rows ``(m, 6)``: events into the ring, figures per stage."""
+        if len(a) == 0:
+            return
+        c = a[:, 0].astype(np.int64)
+        starts, ends = np.ascontiguousarray(a[:, 1]), np.ascontiguousarray(a[:, 2])
+        items, nbytes = a[:, 3].astype(np.int64), a[:, 4].astype(np.int64)
+        failed = a[:, 5].astype(np.uint8)
         names = self._stage_names
         self._events.extend(
-            list(map(names.__getitem__, codes)),
+            list(map(names.__getitem__, c.tolist())),
             thread,
-            a_starts,
-            a_ends,
-            a_items,
-            a_bytes,
-            a_failed,
+            array("d", starts.tobytes()),
+            array("d", ends.tobytes()),
+            array("q", items.tobytes()),
+            array("q", nbytes.tobytes()),
+            array("B", failed.tobytes()),
         )
         k = len(names)
-        c = np.frombuffer(array("q", codes), np.int64)
-        d = np.frombuffer(a_ends) - np.frombuffer(a_starts)
+        d = ends - starts
         count = np.bincount(c, minlength=k).tolist()
         busy = np.bincount(c, d, k).tolist()
-        n_items = np.bincount(c, np.frombuffer(a_items, np.int64), k).tolist()
-        n_bytes = np.bincount(c, np.frombuffer(a_bytes, np.int64), k).tolist()
-        n_failed = np.bincount(c, np.frombuffer(a_failed, np.uint8), k).tolist()
+        n_items = np.bincount(c, a[:, 3], k).tolist()
+        n_bytes = np.bincount(c, a[:, 4], k).tolist()
+        n_failed = np.bincount(c, a[:, 5], k).tolist()
         for code, n in enumerate(count):
             if n == 0:
                 continue
@@ -361,19 +371,22 @@ class BookKeeper:
             st.failures += round(n_failed[code])
             st.busy_s += busy[code]
             st.bytes += round(n_bytes[code])
-            st.durations.add_many(d if n == len(rows) else d[c == code])
+            st.durations.add_many(d if n == len(a) else d[c == code])
 
-    def _fold_queues(self, rows: list[tuple[int, float, float, float, float]]) -> None:
-        codes, times, depths, puts, gets = zip(*rows, strict=True)
+    def _fold_queues(self, a: np.ndarray) -> None:
+        c = a[:, 0].astype(np.int64)
         names = self._queue_names
-        a_depths = array("d", depths)
-        self._counters.extend(list(map(names.__getitem__, codes)), array("d", times), a_depths)
+        depths = np.ascontiguousarray(a[:, 2])
+        self._counters.extend(
+            list(map(names.__getitem__, c.tolist())),
+            array("d", np.ascontiguousarray(a[:, 1]).tobytes()),
+            array("d", depths.tobytes()),
+        )
         k = len(names)
-        c = np.frombuffer(array("q", codes), np.int64)
         count = np.bincount(c, minlength=k).tolist()
-        depth = np.bincount(c, np.frombuffer(a_depths), k).tolist()
-        put = np.bincount(c, np.frombuffer(array("d", puts)), k).tolist()
-        get = np.bincount(c, np.frombuffer(array("d", gets)), k).tolist()
+        depth = np.bincount(c, depths, k).tolist()
+        put = np.bincount(c, a[:, 3], k).tolist()
+        get = np.bincount(c, a[:, 4], k).tolist()
         for code, n in enumerate(count):
             if n == 0:
                 continue
@@ -385,11 +398,8 @@ class BookKeeper:
             q.put_wait_s += put[code]
             q.get_wait_s += get[code]
 
-    def _fold_steps(self, thread: str, rows: list[tuple[float, float, float]]) -> None:
-        times, waits, steps = zip(*rows, strict=True)
-        now = np.frombuffer(array("d", times))
-        wait = np.frombuffer(array("d", waits))
-        step = np.frombuffer(array("d", steps))
+    def _fold_steps(self, thread: str, a: np.ndarray) -> None:
+        now, wait, step = a[:, 0], a[:, 1], a[:, 2]
         c = self._consumer
         steady = step >= 0
         c.wait_s += float(wait.sum())
@@ -397,12 +407,12 @@ class BookKeeper:
         c.first_batches += int(np.count_nonzero(~steady))
         n_steady = int(np.count_nonzero(steady))
         if n_steady:
-            every = n_steady == len(rows)
+            every = n_steady == len(a)
             c.steps += n_steady
             c.step_s += float(step.sum() if every else step[steady].sum())
             c.step_wait_s += float(wait.sum() if every else wait[steady].sum())
             c.step_times.add_many(step if every else step[steady])
-            c.step_log.extend(rows if every else [r for r in rows if r[2] >= 0])
+            c.step_log.extend(a if every else a[steady])
         waited = wait > 0  # the waits on the timeline, as ``wait`` events without args
         m = int(np.count_nonzero(waited))
         if m:

@@ -35,7 +35,6 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -44,6 +43,8 @@ from fastfeed.profiling import clocks, gil
 from fastfeed.profiling.books import (
     _TOUCH_S,
     CHUNK,
+    QUEUE_ROW,
+    STEP_ROW,
     Book,
     ConsumerFigures,
 )
@@ -56,7 +57,7 @@ from fastfeed.profiling.clocks import (
 )
 from fastfeed.profiling.figures import QueueStats, StageStats
 from fastfeed.profiling.rings import TraceEvent
-from fastfeed.profiling.spans import ChainRecord, ChainTime, StageHooks
+from fastfeed.profiling.spans import ChainRecord, ChainSpan, ChainTime, StageHooks
 from fastfeed.profiling.stages import Stage
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "SCHED_SAMPLE_EVERY",
     "SCHED_SAMPLE_GAP_S",
     "ChainRecord",
+    "ChainSpan",
     "ChainTime",
     "Mark",
     "QueueStats",
@@ -167,9 +169,9 @@ class Recorder(StageHooks):
         return self._consumer_figures().first_batches
 
     @property
-    def step_log(self) -> deque[tuple[float, float, float]]:
+    def step_log(self) -> list[tuple[float, float, float]]:
         """``(end_s, wait_s, step_s)`` of the latest steps (``perf_counter`` times)."""
-        return self._consumer_figures().step_log
+        return self.steps_log()
 
     @property
     def events(self) -> list[TraceEvent]:
@@ -241,8 +243,8 @@ class Recorder(StageHooks):
             self._queue_capacity[code] = capacity
         now_s = time.perf_counter() if now_s is None else now_s
         rows = book.qrows
-        rows.append((code, now_s, depth, put_wait_s, get_wait_s))
-        if len(rows) >= CHUNK or now_s - book.touched_s > _TOUCH_S:
+        rows.frombytes(QUEUE_ROW.pack(code, now_s, depth, put_wait_s, get_wait_s))
+        if len(rows) >= 5 * CHUNK or now_s - book.touched_s > _TOUCH_S:
             self._after_put(book, now_s, Stage.WAIT)
 
     # -- consumer ---------------------------------------------------------------------
@@ -281,8 +283,8 @@ class Recorder(StageHooks):
         except AttributeError:
             book = self._open_book()
         rows = book.srows
-        rows.append((now, wait_s, -1.0 if step_s is None else step_s))
-        if len(rows) >= CHUNK or now - book.touched_s > _TOUCH_S:
+        rows.frombytes(STEP_ROW.pack(now, wait_s, -1.0 if step_s is None else step_s))
+        if len(rows) >= 3 * CHUNK or now - book.touched_s > _TOUCH_S:
             self._after_put(book, now, Stage.WAIT)
         if prev is not None and enter is not None and step_s is not None:
             self._measured_step(prev, enter)
@@ -300,14 +302,15 @@ class Recorder(StageHooks):
 
     def consumer_report(
         self, wait_s: float, step_s: float | None, now_s: float
-    ) -> tuple[Callable[[tuple[float, float, float]], object] | None, int]:
+    ) -> tuple[Callable[[bytes], object] | None, int]:
         """:meth:`consumer_step`, plus a way to report the next hand-overs without a call.
 
         Returns:
             ``(sink, k)``: the caller may report each of the next ``k`` hand-overs as
-            ``sink((now_s, wait_s, step_s or -1.0))`` (a list append, no call into the
-            recorder) before it calls this again; ``(None, 0)`` when it must call every
-            time (recording off, or the next step is a measured one).
+            ``sink(STEP_ROW.pack(now_s, wait_s, step_s or -1.0))`` (C functions only, no
+            call into the recorder's Python code) before it calls this again;
+            ``(None, 0)`` when it must call every time (recording off, or the next step
+            is a measured one).
         """
         self.consumer_step(wait_s, step_s, now_s)
         if not self.enabled or self.measuring_step:
@@ -316,7 +319,7 @@ class Recorder(StageHooks):
         if k <= 0:
             return None, 0
         self._consumer_n += k  # counted now: the sampling decision comes after them
-        return self._book().srows.append, k
+        return self._book().srows.frombytes, k
 
     def _measured_step(
         self,
@@ -411,7 +414,7 @@ class Recorder(StageHooks):
         """Copy of the latest ``(end_s, wait_s, step_s)`` consumer steps."""
         with self._lock:
             self._sync()
-            return list(self._consumer.step_log)
+            return self._consumer.step_log.steps()
 
     def reset(self) -> None:
         """Forget everything recorded (e.g. after warm-up)."""

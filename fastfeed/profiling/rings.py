@@ -225,6 +225,50 @@ class _EventRing:
         return out
 
 
+class _StepRing:
+    """The latest ``capacity`` ``(end_s, wait_s, step_s)`` training steps, in one flat
+    ``array("d")`` (24 B a step): no tuple kept per step, so nothing for the garbage
+    collector to look at (a deque of tuples set off collections on tiny records)."""
+
+    __slots__ = ("_a", "_n", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self._n = 0  # steps ever added
+        self._a = array("d")
+
+    def extend(self, steps: np.ndarray) -> None:
+        """Keep the rows of ``steps`` (``(m, 3)``), overwriting the oldest when full."""
+        cap = self.capacity
+        if cap == 0 or len(steps) == 0:
+            return
+        flat = array("d", np.ascontiguousarray(steps[-cap:]).tobytes())
+        m = len(flat) // 3
+        self._n += len(steps) - m
+        i = self._n % cap
+        grow = min(cap, self._n + m) * 3 - len(self._a)
+        if grow > 0:
+            self._a.frombytes(bytes(8 * grow))
+        first = min(m, cap - i)
+        self._a[3 * i : 3 * (i + first)] = flat[: 3 * first]
+        if first < m:
+            self._a[: 3 * (m - first)] = flat[3 * first :]
+        self._n += m
+
+    def __len__(self) -> int:
+        return min(self._n, self.capacity)
+
+    def steps(self) -> list[tuple[float, float, float]]:
+        """The kept steps, oldest first."""
+        n, cap, a = len(self), self.capacity, self._a
+        first = self._n - n
+        out = []
+        for k in range(first, first + n):
+            j = 3 * (k % cap)
+            out.append((a[j], a[j + 1], a[j + 2]))
+        return out
+
+
 class _CounterRing:
     """The latest ``capacity`` ``(queue_name, time_s, depth)`` samples, preallocated (24 B each)."""
 

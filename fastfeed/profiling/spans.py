@@ -25,7 +25,15 @@ from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from fastfeed.profiling import clocks
-from fastfeed.profiling.books import _TOUCH_S, CHAIN_CHUNK, CHUNK, Book, BookKeeper
+from fastfeed.profiling.books import (
+    _TOUCH_S,
+    CHAINS_FULL,
+    ROWS_FULL,
+    SPAN_ROW,
+    STAGE_CODE,
+    Book,
+    BookKeeper,
+)
 from fastfeed.profiling.clocks import (
     _NO_MARK,
     _NOT_SAMPLED,
@@ -36,12 +44,18 @@ from fastfeed.profiling.clocks import (
 )
 from fastfeed.profiling.figures import StageStats
 
-__all__ = ["ChainRecord", "ChainTime", "StageHooks"]
+__all__ = ["STAGE_CODE", "ChainRecord", "ChainSpan", "ChainTime", "StageHooks"]
+
+_new = object.__new__
 
 #: What a :meth:`Recorder.chain` clock reads: ``perf_counter`` seconds, or a full mark.
 ChainTime: TypeAlias = float | Mark
-#: ``(start, [(stage, end, items, nbytes), ...])``: one chain of spans (:meth:`Recorder.chain`).
-ChainRecord: TypeAlias = tuple[ChainTime, list[tuple[Any, ChainTime, int, int]]]
+#: ``(stage_code, end, items, nbytes)``: one span of a chain (:meth:`Recorder.chain`);
+#: the code is :data:`.STAGE_CODE`'s.
+ChainSpan: TypeAlias = tuple[float, ChainTime, int, int]
+#: ``(k, start, code, end, items, nbytes, ...)``: one chain of ``k`` spans, flat, each
+#: starting where the previous one ended (numbers only: see :class:`.Book`).
+ChainRecord: TypeAlias = list[Any]
 
 
 class StageHooks(BookKeeper):
@@ -71,20 +85,13 @@ class StageHooks(BookKeeper):
         """
         if not self.enabled:
             return _NULL_SPAN
-        return _Span(self, stage, items, nbytes)
-
-    def _span_mark(self, stage: Any) -> Mark:
-        """The start of a span: measured like a chain, per stage (see :meth:`span`)."""
-        book = self._book()
-        now_s = time.perf_counter()
-        seen = book.spans.get(stage)
-        if seen is None:
-            seen = book.spans[stage] = [clocks.SCHED_SAMPLE_EVERY - 1, -1e9]
-        seen[0] += 1
-        if seen[0] < clocks.SCHED_SAMPLE_EVERY or now_s - seen[1] < clocks.SCHED_SAMPLE_GAP_S:
-            return (now_s, -1.0, _NOT_SAMPLED, _NOT_SAMPLED)
-        seen[0], seen[1] = 0, now_s
-        return _mark()
+        span = _new(_Span)  # no __init__ call: the fields are set here
+        span._rec = self
+        span._stage = stage
+        span._items = items
+        span._nbytes = nbytes
+        span._range = None
+        return span
 
     def add(
         self,
@@ -188,8 +195,8 @@ class StageHooks(BookKeeper):
             if code is None:
                 code = self._register(self._stage_code, self._stage_names, stage)
             rows = book.rows
-            rows.append((code, since[0], now_s, items, nbytes, failed))
-            if len(rows) >= CHUNK or now_s - book.touched_s > _TOUCH_S:
+            rows.frombytes(SPAN_ROW.pack(code, since[0], now_s, items, nbytes, failed))
+            if len(rows) >= ROWS_FULL or now_s - book.touched_s > _TOUCH_S:
                 self._after_put(book, now_s, stage)
             return (now_s, -1.0, _NOT_SAMPLED, _NOT_SAMPLED)
         if now is None:
@@ -217,14 +224,15 @@ class StageHooks(BookKeeper):
 
             clock, record = rec.chain()
             start = clock()
-            ...; spans = [("read", clock(), n, nbytes)]
-            ...; spans.append(("transform", clock(), n, 0))
-            record((start, spans))  # each span starts where the previous one ended
+            ...; read = (STAGE_CODE[Stage.READ], clock(), n, nbytes)
+            ...; transform = (STAGE_CODE[Stage.TRANSFORM], clock(), n, 0)
+            record([2, start, *read, *transform])  # each starts where the previous ended
 
-        ``spans`` is ``(stage, end, items, nbytes)`` per span; the list is the
-        recorder's once recorded. One chain in :data:`.SCHED_SAMPLE_EVERY` (at most one
-        every :data:`.SCHED_SAMPLE_GAP_S`) gets a clock that also reads the thread CPU
-        time, run-queue wait and switches, as :meth:`mark` chains do.
+        Each span is ``(stage_code, end, items, nbytes)`` (a :data:`ChainSpan`), the
+        record flat numbers (a :data:`ChainRecord`). One chain in
+        :data:`.SCHED_SAMPLE_EVERY` (at most one every :data:`.SCHED_SAMPLE_GAP_S`)
+        gets a clock that also reads the thread CPU time, run-queue wait and switches,
+        as :meth:`mark` chains do.
         """
         if not self.enabled:
             return time.perf_counter, id  # id: a C-level no-op for one argument
@@ -233,7 +241,7 @@ class StageHooks(BookKeeper):
         except AttributeError:
             book = self._open_book()
         now_s = time.perf_counter()
-        if len(book.crows) >= CHAIN_CHUNK or now_s - book.touched_s > _TOUCH_S:
+        if len(book.crows) >= CHAINS_FULL or now_s - book.touched_s > _TOUCH_S:
             self._after_put(book, now_s, None)
         n = book.chains + 1
         clock: Callable[[], ChainTime] = time.perf_counter
@@ -243,11 +251,17 @@ class StageHooks(BookKeeper):
             book.chains = 0
             book.sampled_s = now_s
             clock = _mark
-        return clock, book.crows.append if self._direct else self._chain_via_add
+        if self._direct and clock is time.perf_counter:
+            return clock, book.crows.fromlist  # type: ignore[return-value]  # floats here
+        return clock, self._chain_via_add
 
     def _chain_via_add(self, chain: ChainRecord) -> None:
-        prev, spans = chain
-        for stage, end, items, nbytes in spans:
+        """A measured chain (its times are full marks), or any chain of a recorder that
+        keeps spans its own way: span by span."""
+        names, prev = self._stage_names, chain[1]
+        for i in range(2, 2 + 4 * int(chain[0]), 4):
+            code, end, items, nbytes = chain[i : i + 4]
+            stage = names[int(code)]
             if isinstance(prev, tuple) and isinstance(end, tuple):
                 self.add_since(stage, prev, items=items, nbytes=nbytes, now=end)
             else:
@@ -260,33 +274,67 @@ class StageHooks(BookKeeper):
 
 
 class _Span:
-    """One :meth:`Recorder.span` (a plain class: a generator context manager cost ~2 us)."""
+    """One :meth:`Recorder.span`: three calls in all (``span``, enter, exit), the common
+    path inlined (a generator context manager cost ~2 us; the DataLoader's fetch opens
+    two spans a batch)."""
 
-    __slots__ = ("_items", "_nbytes", "_range", "_rec", "_stage", "_start")
+    __slots__ = ("_book", "_items", "_nbytes", "_range", "_rec", "_stage", "_start")
 
-    def __init__(self, rec: StageHooks, stage: Any, items: int, nbytes: int) -> None:
-        self._rec = rec
-        self._stage = stage
-        self._items = items
-        self._nbytes = nbytes
-        self._range: contextlib.AbstractContextManager[None] | None = None
-        self._start: Mark = (0.0, 0.0, -1.0, -1)
+    _book: Book
+    _items: int
+    _nbytes: int
+    _range: contextlib.AbstractContextManager[None] | None
+    _rec: StageHooks
+    _stage: Any
+    _start: Any  # perf_counter seconds, or a full mark on measured spans
 
     def __enter__(self) -> None:
+        rec, stage = self._rec, self._stage
         if _torch_profiler_active():
-            self._range = _torch_range(self._stage)
+            self._range = _torch_range(stage)
             self._range.__enter__()
-        self._start = self._rec._span_mark(self._stage)
+        try:
+            book: Book = rec._local.book
+        except AttributeError:
+            book = rec._open_book()
+        self._book = book
+        now_s = time.perf_counter()
+        seen = book.spans.get(stage)
+        if seen is None:
+            seen = book.spans[stage] = [clocks.SCHED_SAMPLE_EVERY - 1, -1e9]
+        seen[0] += 1
+        if seen[0] < clocks.SCHED_SAMPLE_EVERY or now_s - seen[1] < clocks.SCHED_SAMPLE_GAP_S:
+            self._start = now_s
+        else:
+            seen[0], seen[1] = 0, now_s
+            self._start = _mark()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
-            self._rec.add_since(
-                self._stage,
-                self._start,
-                items=self._items,
-                nbytes=self._nbytes,
-                failed=exc_type is not None,
-            )
+            rec, start = self._rec, self._start
+            if not rec.enabled:  # switched off inside the span: dropped
+                pass
+            elif type(start) is float and rec._direct:
+                now_s = time.perf_counter()
+                code = rec._stage_code.get(self._stage)
+                if code is None:
+                    code = rec._register(rec._stage_code, rec._stage_names, self._stage)
+                book = self._book
+                rows = book.rows
+                failed = exc_type is not None
+                rows.frombytes(SPAN_ROW.pack(code, start, now_s, self._items, self._nbytes, failed))
+                if len(rows) >= ROWS_FULL or now_s - book.touched_s > _TOUCH_S:
+                    rec._after_put(book, now_s, self._stage)
+            else:
+                if type(start) is float:
+                    start = (start, -1.0, _NOT_SAMPLED, _NOT_SAMPLED)
+                rec.add_since(
+                    self._stage,
+                    start,
+                    items=self._items,
+                    nbytes=self._nbytes,
+                    failed=exc_type is not None,
+                )
         finally:
             if self._range is not None:
                 self._range.__exit__(exc_type, exc, tb)

@@ -380,3 +380,22 @@ def test_stage_ranges_show_in_torch_profiler_from_worker_threads() -> None:
     with rec.span("collate"):
         pass
     assert rec.snapshot()["stages"]["collate"]["count"] == 1
+
+
+def test_step_log_keeps_the_latest_steps_in_order() -> None:
+    import numpy as np
+
+    from fastfeed.profiling.rings import _StepRing
+
+    ring = _StepRing(5)
+    rows = np.array([[i, i / 10, i / 100] for i in range(20)], dtype=np.float64)
+    ring.extend(rows[:3])
+    assert ring.steps() == [tuple(r) for r in rows[:3].tolist()]
+    ring.extend(rows[3:7])  # wraps around
+    assert ring.steps() == [tuple(r) for r in rows[2:7].tolist()]
+    ring.extend(rows[7:20])  # more than it holds at once
+    assert ring.steps() == [tuple(r) for r in rows[15:20].tolist()]
+    rec = Recorder()
+    for k in range(3):
+        rec.consumer_step(0.001 * k, None if k == 0 else 0.1)
+    assert [(round(w, 3), s) for _, w, s in rec.step_log] == [(0.001, 0.1), (0.002, 0.1)]
