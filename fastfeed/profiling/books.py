@@ -1,16 +1,17 @@
 """Per-thread books: what one thread recorded lately, written without a lock.
 
-The hooks run on every batch of every worker, so their common path must cost about a
-microsecond: a span or a queue operation writes a handful of numbers into its thread's
-:class:`Book` (preallocated arrays, no object per span, no lock, no thread-name lookup)
-and nothing else. Every :data:`CHUNK` records, and whenever something reads the
+The hooks run on every batch of every worker, so their common path must cost well
+under a microsecond: a span or a queue operation appends a handful of numbers to its
+thread's :class:`Book` (flat arrays: no object kept per span, no lock, no thread-name
+lookup) and nothing else. Every :data:`CHUNK` records, and whenever something reads the
 recorder, the books are folded into the shared figures and rings under the recorder's
 lock, vectorized (numpy ``bincount`` and slice copies), about 0.1 us a record.
 
-Only the owning thread writes its book: it writes slot ``n`` and then advances ``n``;
-a fold reads the slots from ``base`` to ``n`` and advances ``base``, so a reader folding
-another thread's book while that thread writes never counts a record twice or loses
-one. Only the owner (or whoever finds the thread finished) rewinds a full book.
+Only the owning thread appends to its book (or the consumer tap, to the hand-over
+array of the thread it runs on); a fold copies the numbers from ``base`` to the end and
+advances ``base``, so a reader folding another thread's book while that thread appends
+never counts a record twice or loses one. Only the owner empties a full book, under the
+lock; :meth:`BookKeeper._clear_books` (a reset) empties every book in place.
 """
 
 from __future__ import annotations

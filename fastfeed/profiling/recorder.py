@@ -1,23 +1,27 @@
 """In-training hooks: every pipeline stage reports to a :class:`Recorder`.
 
-The recorder owns no stage. Stages call :meth:`Recorder.span` (per batch, not per
-sample, so the cost stays far below 1% of a batch), queues report put-wait vs get-wait
-(which side is slow), and the consumer reports how long each step waited for its batch.
-Everything is kept as cumulative counters plus bounded reservoirs (for percentiles)
-and a bounded ring of timeline events (for Chrome traces). The rings are preallocated
-flat arrays (about 49 bytes per event, ~1 MiB for the default 20,000 events), so memory
+The recorder owns no stage. Stages report spans (:mod:`.spans`: per batch, not per
+sample), queues report put-wait vs get-wait (which side is slow), and the consumer tap
+reports how long each step waited for its batch. Everything is kept as cumulative
+counters plus bounded reservoirs (for percentiles) and a bounded ring of timeline events
+(for Chrome traces, about 49 bytes an event, ~1 MiB for the default 20,000), so memory
 stays flat however long training runs.
 
-Cost per batch of the Loader's hooks (``mark`` + three ``add_since``): the run-queue wait
-(``/proc/thread-self/schedstat``) and voluntary context switches (``getrusage``) are read
-on every :data:`SCHED_SAMPLE_EVERY`-th chain of marks per thread and scaled up to every
-span of the stage (:class:`StageStats`); wall and CPU time are measured on every span.
+Always on, so it must cost nearly nothing (goal: < 2% on 3 KB records, a batch of 256
+in ~300 us): each record is a few numbers appended to its thread's book without a lock
+(:mod:`.books`), folded into the figures 512 records at a time; the Loader makes one
+call into the recorder per batch (:meth:`Recorder.chain`) and the consumer tap most
+hand-overs without any (:meth:`Recorder.consumer_report`). The thread CPU time,
+run-queue wait (``/proc/thread-self/schedstat``) and voluntary context switches
+(``getrusage``) are read on one chain in :data:`SCHED_SAMPLE_EVERY` per thread, at most
+one every :data:`SCHED_SAMPLE_GAP_S`, and scaled up to every span of the stage
+(:class:`StageStats`); wall time is measured on every span.
 
-The consumer's own clocks are read at every hand-over (:meth:`Recorder.consumer_step`):
-its CPU time, run-queue wait and blocking switches during the steps tell how much the
-loader's threads slow the training step. A GIL probe thread (:mod:`.gil`) runs while the
-recorder records and measures what one GIL acquisition costs, which splits blocked time
-into GIL wait and IO wait.
+The consumer's own clocks are read on one step in :data:`CONSUMER_SAMPLE_EVERY` (at most
+one per gap): its CPU time, run-queue wait and blocking switches during the steps tell
+how much the loader's threads slow the training step. A GIL probe thread (:mod:`.gil`)
+runs while the recorder records and measures what one GIL acquisition costs, which
+splits blocked time into GIL wait and IO wait.
 
 The analysis of these numbers (verdict, summary, JSON) lives in :mod:`fastfeed.stats`,
 the Chrome trace export in :mod:`fastfeed.profiling.trace`, the plots in :mod:`fastfeed.stats.plot`.
