@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -399,3 +400,30 @@ def test_step_log_keeps_the_latest_steps_in_order() -> None:
     for k in range(3):
         rec.consumer_step(0.001 * k, None if k == 0 else 0.1)
     assert [(round(w, 3), s) for _, w, s in rec.step_log] == [(0.001, 0.1), (0.002, 0.1)]
+
+
+def test_chains_record_back_to_back_spans_in_one_call() -> None:
+    from fastfeed.profiling import Stage
+    from fastfeed.profiling.spans import STAGE_CODE
+
+    rec = Recorder()
+    read, transform = STAGE_CODE[Stage.READ], STAGE_CODE[Stage.TRANSFORM]
+    for i in range(600):  # more than a book holds: folded on the way, then on reading
+        clock, record = rec.chain()
+        t0 = clock()
+        spans = [(read, clock(), 8, 800)]
+        if i % 3:  # chains of two lengths
+            spans.append((transform, clock(), 8, 0))
+        record([len(spans), t0, *(x for s in spans for x in s)])
+    st = rec.snapshot()["stages"]
+    assert st["read"]["count"] == 600 and st["read"]["items"] == 4800
+    assert st["read"]["bytes"] == 480_000
+    assert st["transform"]["count"] == 400 and st["transform"]["bytes"] == 0
+    assert st["read"]["cpu_s"] is not None  # the first chain was measured
+    ev = [e for e in rec.events if e[0] in ("read", "transform")]
+    assert len(ev) == 1000
+    assert all(b[2] >= a[2] for a, b in itertools.pairwise(ev))  # oldest first
+    r, t = ev[1], ev[2]  # chain 1: its transform starts where its read ended
+    assert (r[0], t[0]) == ("read", "transform") and t[2] == r[3]
+    rec.reset()
+    assert rec.snapshot()["stages"] == {} and rec.events == []
