@@ -6,7 +6,9 @@ recorder on and off in alternating rounds, and reports the throughput difference
 on a small shared machine). Also times one span, one ``add_since`` and the
 torch-profiler check on their own, and, the steadier figure, the process CPU time per
 sample of an inline ``Loader`` epoch with ``profile=True`` vs ``False`` (tiny records
-and JPEGs), median of alternating rounds.
+and JPEGs), and of ``fastfeed.DataLoader(num_workers=0)`` and ``(num_workers=2)`` over
+the same 3 KB records (the way most users meet the profiler: it is on by default), with
+samples per second beside; median of alternating rounds and the least-disturbed round.
 
     python benchmarks/profiling_overhead.py --batches 400 --batch-ms 2 --rounds 5 \
         --json profiling_overhead.json
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastfeed.pipeline.prefetch import Prefetcher
-from fastfeed.profiling.recorder import Recorder, _torch_profiler_active
+from fastfeed.profiling.clocks import _torch_profiler_active
+from fastfeed.profiling.recorder import Recorder
 
 
 @dataclass
@@ -143,6 +146,54 @@ def _loader_overhead(rounds: int) -> list[dict[str, float | str]]:
     return out
 
 
+def _dataloader_round(profile: bool, dataset, workers: int, batch: int) -> tuple[float, float, str]:
+    """(process CPU s per sample, samples per s, worker type) of one DataLoader epoch."""
+    from fastfeed import DataLoader
+
+    loader = DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, profile=profile
+    )
+    c0, t0 = time.process_time(), time.perf_counter()
+    n = sum(len(y) for _, y in loader)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    kind = loader.worker_type
+    loader.close()
+    return cpu / n, n / wall, kind
+
+
+def _dataloader_overhead(rounds: int, samples: int = 50_000) -> list[dict[str, float | str]]:
+    """profile=True vs False of fastfeed.DataLoader on 3 KB records, alternating rounds."""
+    import _common
+
+    rng = np.random.default_rng(0)
+    tiny = _common.RamArrays(
+        [rng.bytes(3072) for _ in range(samples)], [i % 10 for i in range(samples)]
+    )
+    out = []
+    for workers in (0, 2):
+        runs: dict[bool, list[tuple[float, float, str]]] = {False: [], True: []}
+        _dataloader_round(True, tiny, workers, 256)  # warm-up (threads, imports)
+        for _ in range(rounds):
+            for profile in (False, True):
+                runs[profile].append(_dataloader_round(profile, tiny, workers, 256))
+        cpu = {p: [r[0] for r in runs[p]] for p in runs}
+        rate = {p: [r[1] for r in runs[p]] for p in runs}
+        out.append(
+            {
+                "case": f"DataLoader(num_workers={workers}), 3 KB records, batch 256",
+                "worker_type": runs[True][0][2],
+                "cpu_us_per_sample_off": statistics.median(cpu[False]) * 1e6,
+                "cpu_us_per_sample_on": statistics.median(cpu[True]) * 1e6,
+                "overhead": statistics.median(cpu[True]) / statistics.median(cpu[False]) - 1.0,
+                "overhead_min": min(cpu[True]) / min(cpu[False]) - 1.0,
+                "samples_per_s_off": statistics.median(rate[False]),
+                "samples_per_s_on": statistics.median(rate[True]),
+                "rate_loss": 1.0 - statistics.median(rate[True]) / statistics.median(rate[False]),
+            }
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=400)
@@ -205,6 +256,22 @@ def main() -> None:
                 f"{100 * r['overhead']:+.2f}% (min of rounds {100 * r['overhead_min']:+.2f}%)",
             )
         )
+    dl_rows = _dataloader_overhead(args.rounds)
+    for r in dl_rows:
+        rows.append(
+            (
+                f"{r['case']} ({r['worker_type']}): CPU per sample off / on (us), overhead",
+                f"{r['cpu_us_per_sample_off']:.2f} / {r['cpu_us_per_sample_on']:.2f}, "
+                f"{100 * r['overhead']:+.2f}% (min of rounds {100 * r['overhead_min']:+.2f}%)",
+            )
+        )
+        rows.append(
+            (
+                f"{r['case']}: samples/s off / on",
+                f"{r['samples_per_s_off']:,.0f} / {r['samples_per_s_on']:,.0f} "
+                f"({100 * r['rate_loss']:+.2f}% slower)",
+            )
+        )
     width = max(len(r[0]) for r in rows)
     print(
         f"profiling overhead: {args.batches} batches x {args.rounds} rounds, "
@@ -223,6 +290,7 @@ def main() -> None:
         "span_disabled_us": off_us,
         "torch_profiler_check_ns": check_ns,
         "loader_cpu_overhead": loader_rows,
+        "dataloader_overhead": dl_rows,
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,

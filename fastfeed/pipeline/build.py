@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 import torch
@@ -27,11 +28,16 @@ from fastfeed.errors import (
 )
 from fastfeed.pipeline.batch import BatchResult, BatchTask, SkippedSample
 from fastfeed.pipeline.collate import Collator
-from fastfeed.profiling import Mark, Recorder, Stage
+from fastfeed.profiling import Recorder, Stage
+from fastfeed.profiling.recorder import ChainSpan, ChainTime
+from fastfeed.profiling.spans import STAGE_CODE
 from fastfeed.rng import set_sample_key
 from fastfeed.sources.base import Record, Source
 
 __all__ = ["BatchBuilder", "SampleSpec", "TorchThreads", "sample_spec"]
+
+# The stages' codes in the recorder's chain records (numbers only, see Recorder.chain).
+_READ, _TRANSFORM, _COLLATE = (STAGE_CODE[s] for s in (Stage.READ, Stage.TRANSFORM, Stage.COLLATE))
 
 _INIT_WAIT_S = 5.0  # longest wait for worker threads to apply torch_threads, seconds
 
@@ -160,33 +166,41 @@ class BatchBuilder:
             self.epoch = task.epoch
         rec = self.recorder
         failures: list[SkippedSample] = []
-        mark = rec.mark()
-        indices, records = self._read(task.indices, failures)
-        if task.hint_next:
-            # After this batch's own reads: on a disk that counts operations, hinted
-            # reads queued first delayed the first batch (1.2 s instead of 0.4 s at 400
-            # IO/s, `fastfeed bench --cold`).
-            try:
-                self.source.hint(task.hint_next)
-            except Exception:  # advisory only: a real problem shows up in the read
-                pass
-        # Plain comprehensions and map(len): for tiny records these per-record steps are
-        # a large share of the batch's cost.
-        datas = [r.data for r in records]
-        labels = [r.label for r in records]
-        mark = rec.add_since(Stage.READ, mark, items=len(task.indices), nbytes=sum(map(len, datas)))
-
-        if self.spec is not None:
-            data, labels_t, kept = self._fill(mark, indices, datas, labels, failures)
-        else:
-            data, labels_t, kept = self._generic(
-                mark, task.number, indices, datas, labels, failures
-            )
+        # One call into the recorder per batch, C functions after it: on tiny records
+        # the hooks cost per call (profiling/recorder.py, Recorder.chain).
+        clock, record = rec.chain()
+        start = clock()
+        spans: list[ChainSpan] = []
+        try:
+            indices, records = self._read(task.indices, failures)
+            if task.hint_next:
+                # After this batch's own reads: on a disk that counts operations, hinted
+                # reads queued first delayed the first batch (1.2 s instead of 0.4 s at
+                # 400 IO/s, `fastfeed bench --cold`).
+                try:
+                    self.source.hint(task.hint_next)
+                except Exception:  # advisory only: a real problem shows up in the read
+                    pass
+            # Plain comprehensions and map(len): for tiny records these per-record steps
+            # are a large share of the batch's cost.
+            datas = [r.data for r in records]
+            labels = [r.label for r in records]
+            spans.append((_READ, clock(), len(task.indices), sum(map(len, datas))))
+            if self.spec is not None:
+                data, labels_t, kept = self._fill(clock, spans, indices, datas, labels, failures)
+            else:
+                data, labels_t, kept = self._generic(
+                    clock, spans, task.number, indices, datas, labels, failures
+                )
+        finally:
+            if spans:
+                record([len(spans), start, *chain.from_iterable(spans)])
         return BatchResult(task.number, data, labels_t, kept, failures)
 
     def _generic(
         self,
-        mark: Mark,
+        clock: Callable[[], ChainTime],
+        spans: list[ChainSpan],
         number: int,
         indices: list[int],
         datas: list[Any],
@@ -194,7 +208,6 @@ class BatchBuilder:
         failures: list[SkippedSample],
     ) -> tuple[Any, torch.Tensor | None, list[int]]:
         """Generic path: transform each sample, then collate (or batch_transform) the list."""
-        rec = self.recorder
         seed, epoch, transform = self.seed, self.epoch, self.transform
         if transform is None:
             samples, kept, labels = datas, indices, all_labels
@@ -224,7 +237,7 @@ class BatchBuilder:
                 set_sample_key(None)
             labels, kept = _select(labels, kept, kept2), kept2
         if transform is not None or self.batch_transform is not None:
-            mark = rec.add_since(Stage.TRANSFORM, mark, items=len(datas))
+            spans.append((_TRANSFORM, clock(), len(datas), 0))
         if kept and self.batch_transform is None:
             if transform is None:
                 data = samples  # raw record bytes: a list (documented)
@@ -234,12 +247,13 @@ class BatchBuilder:
                 )
                 labels, kept = _select(labels, kept, kept2), kept2
         labels_t = self.collator.labels(labels) if kept else None
-        rec.add_since(Stage.COLLATE, mark, items=len(kept))
+        spans.append((_COLLATE, clock(), len(kept), 0))
         return (data if kept else None), labels_t, kept
 
     def _fill(
         self,
-        mark: Mark,
+        clock: Callable[[], ChainTime],
+        spans: list[ChainSpan],
         indices: list[int],
         datas: list[Any],
         all_labels: list[int | None],
@@ -247,7 +261,6 @@ class BatchBuilder:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int]]:
         """Fixed-shape path: each transform writes its sample straight into a batch row."""
         assert self.spec is not None and self.transform is not None
-        rec = self.recorder
         shape, dtype = self.spec
         # Taking the (ring) buffer counts as transform time: the rows are written there.
         out = self.collator.new_batch(len(datas), shape, dtype) if datas else None
@@ -270,17 +283,17 @@ class BatchBuilder:
             labels.append(lab)
             row += 1
         set_sample_key(None)
-        mark = rec.add_since(Stage.TRANSFORM, mark, items=len(datas))
+        spans.append((_TRANSFORM, clock(), len(datas), 0))
         if not kept:
             if out is not None:
                 self.collator.release(out)
-            rec.add_since(Stage.COLLATE, mark, items=0)
+            spans.append((_COLLATE, clock(), 0, 0))
             return None, None, []
         assert out is not None
         if row < len(datas):
             out = out[:row]  # a view: skipped samples shrink the batch, never substituted
         labels_t = self.collator.labels(labels)
-        rec.add_since(Stage.COLLATE, mark, items=row)
+        spans.append((_COLLATE, clock(), row, 0))
         return out, labels_t, kept
 
 

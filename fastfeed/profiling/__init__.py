@@ -1,6 +1,8 @@
 """Profiling: the :class:`Recorder` every stage reports to, its event rings, the trace export.
 
-- :mod:`.recorder`: spans, marks, queue depths and the consumer tap's (wait, step) pairs;
+- :mod:`.recorder`: the Recorder: queue depths, the consumer tap's (wait, step) pairs, reading;
+- :mod:`.spans`: the stage hooks (spans, mark chains, one-call chains);
+- :mod:`.books`: the per-thread books the hooks append to without a lock, and their folds;
 - :mod:`.clocks`: the per-thread clocks a mark reads (wall, CPU, run-queue wait, switches);
 - :mod:`.figures`: the cumulative per-stage and per-queue figures;
 - :mod:`.rings`: the bounded reservoirs and preallocated event rings;

@@ -1,23 +1,27 @@
 """In-training hooks: every pipeline stage reports to a :class:`Recorder`.
 
-The recorder owns no stage. Stages call :meth:`Recorder.span` (per batch, not per
-sample, so the cost stays far below 1% of a batch), queues report put-wait vs get-wait
-(which side is slow), and the consumer reports how long each step waited for its batch.
-Everything is kept as cumulative counters plus bounded reservoirs (for percentiles)
-and a bounded ring of timeline events (for Chrome traces). The rings are preallocated
-flat arrays (about 49 bytes per event, ~1 MiB for the default 20,000 events), so memory
+The recorder owns no stage. Stages report spans (:mod:`.spans`: per batch, not per
+sample), queues report put-wait vs get-wait (which side is slow), and the consumer tap
+reports how long each step waited for its batch. Everything is kept as cumulative
+counters plus bounded reservoirs (for percentiles) and a bounded ring of timeline events
+(for Chrome traces, about 49 bytes an event, ~1 MiB for the default 20,000), so memory
 stays flat however long training runs.
 
-Cost per batch of the Loader's hooks (``mark`` + three ``add_since``): the run-queue wait
-(``/proc/thread-self/schedstat``) and voluntary context switches (``getrusage``) are read
-on every :data:`SCHED_SAMPLE_EVERY`-th chain of marks per thread and scaled up to every
-span of the stage (:class:`StageStats`); wall and CPU time are measured on every span.
+Always on, so it must cost nearly nothing (goal: < 2% on 3 KB records, a batch of 256
+in ~300 us): each record is a few numbers appended to its thread's book without a lock
+(:mod:`.books`), folded into the figures 512 records at a time; the Loader makes one
+call into the recorder per batch (:meth:`Recorder.chain`) and the consumer tap most
+hand-overs without any (:meth:`Recorder.consumer_report`). The thread CPU time,
+run-queue wait (``/proc/thread-self/schedstat``) and voluntary context switches
+(``getrusage``) are read on one chain in :data:`SCHED_SAMPLE_EVERY` per thread, at most
+one every :data:`SCHED_SAMPLE_GAP_S`, and scaled up to every span of the stage
+(:class:`StageStats`); wall time is measured on every span.
 
-The consumer's own clocks are read at every hand-over (:meth:`Recorder.consumer_step`):
-its CPU time, run-queue wait and blocking switches during the steps tell how much the
-loader's threads slow the training step. A GIL probe thread (:mod:`.gil`) runs while the
-recorder records and measures what one GIL acquisition costs, which splits blocked time
-into GIL wait and IO wait.
+The consumer's own clocks are read on one step in :data:`CONSUMER_SAMPLE_EVERY` (at most
+one per gap): its CPU time, run-queue wait and blocking switches during the steps tell
+how much the loader's threads slow the training step. A GIL probe thread (:mod:`.gil`)
+runs while the recorder records and measures what one GIL acquisition costs, which
+splits blocked time into GIL wait and IO wait.
 
 The analysis of these numbers (verdict, summary, JSON) lives in :mod:`fastfeed.stats`,
 the Chrome trace export in :mod:`fastfeed.profiling.trace`, the plots in :mod:`fastfeed.stats.plot`.
@@ -31,39 +35,44 @@ The check costs one module-attribute read per span while no profiler runs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
 from fastfeed._diskstats import disk_snapshot, storage_delta
 from fastfeed._procio import ProcIO, cpu_times, read_proc_io
-from fastfeed.profiling import gil
+from fastfeed.profiling import clocks, gil
+from fastfeed.profiling.books import (
+    _TOUCH_S,
+    CHUNK,
+    QUEUE_ROW,
+    STEP_ROW,
+    Book,
+    ConsumerFigures,
+)
 from fastfeed.profiling.clocks import (
-    _NO_MARK,
-    _NOT_SAMPLED,
     SCHED_SAMPLE_EVERY,
+    SCHED_SAMPLE_GAP_S,
     Mark,
-    _light_mark,
-    _mark,
     _run_delay_s,
-    _tls,
-    _torch_profiler_active,
-    _torch_range,
     _voluntary_switches,
 )
 from fastfeed.profiling.figures import QueueStats, StageStats
-from fastfeed.profiling.rings import _NO_ITEMS, TraceEvent, _CounterRing, _EventRing, _Reservoir
+from fastfeed.profiling.rings import TraceEvent
+from fastfeed.profiling.spans import ChainRecord, ChainSpan, ChainTime, StageHooks
 from fastfeed.profiling.stages import Stage
 
 __all__ = [
     "CONSUMER_SAMPLE_EVERY",
     "DEFAULT_MAX_EVENTS",
     "SCHED_SAMPLE_EVERY",
+    "SCHED_SAMPLE_GAP_S",
+    "ChainRecord",
+    "ChainSpan",
+    "ChainTime",
     "Mark",
     "QueueStats",
     "Recorder",
@@ -71,15 +80,17 @@ __all__ = [
     "TraceEvent",
 ]
 
-_STEP_LOG = 20_000  # per-step (wait, step) pairs kept for plots, count
+#: ``(thread id, perf_counter, thread CPU, run-queue wait, switches)`` of the training loop.
+_Clocks: TypeAlias = tuple[int, float, float, float, int]
 #: Timeline events (and, separately, queue-depth samples) a Recorder keeps by default.
 DEFAULT_MAX_EVENTS = 20_000
 #: Training steps of which one measures the loop's own CPU time, run-queue wait and
-#: blocking switches (~14 us on a busy VM); the figures are ratios over those steps.
+#: blocking switches (~5 us); the figures are ratios over those steps. Like mark chains,
+#: at most one every :data:`SCHED_SAMPLE_GAP_S` (a step of tiny records takes 0.3 ms).
 CONSUMER_SAMPLE_EVERY = 8
 
 
-class Recorder:
+class Recorder(StageHooks):
     """Collects stage spans, queue waits and consumer steps from every pipeline stage.
 
     Besides the per-stage and per-queue figures it notes, at creation and at
@@ -102,41 +113,87 @@ class Recorder:
         first_batches: Batches handed over without a previous one (epoch starts).
         step_log: ``(end_s, wait_s, step_s)`` of the latest steps (``perf_counter``
             times), for plots.
+        measuring_step: The training loop's current step is one of the measured ones:
+            whoever times the loop calls :meth:`consumer_enter` before asking for the
+            next batch (only then: one call fewer per batch).
         extra: Free-form figures merged into :meth:`snapshot`.
     """
 
     def __init__(self, enabled: bool = True, max_events: int = DEFAULT_MAX_EVENTS) -> None:
         self.enabled = enabled
-        self._lock = threading.Lock()
-        self.stages: dict[str, StageStats] = {}
-        self.queues: dict[str, QueueStats] = {}
-        self._events = _EventRing(max_events)
-        self._counters = _CounterRing(max_events)
+        super().__init__(max_events)
+        # A subclass that keeps spans its own way gets every span through its add().
+        self._direct = type(self).add is StageHooks.add
+        if not self._direct:
+            self._put = self._put_via_add  # type: ignore[method-assign]
         self.extra: dict[str, Any] = {}
         self._zero()
+
+    @property
+    def stages(self) -> dict[str, StageStats]:
+        """Cumulative figures per stage (folded from every thread's book now)."""
+        with self._lock:
+            self._sync()
+            return self._stages
+
+    @property
+    def queues(self) -> dict[str, QueueStats]:
+        """Cumulative figures per queue (folded from every thread's book now)."""
+        with self._lock:
+            self._sync()
+            return self._queues
+
+    def _consumer_figures(self) -> ConsumerFigures:
+        with self._lock:
+            self._sync()
+            return self._consumer
+
+    @property
+    def steps(self) -> int:
+        """Consumer steps counted (batches after the first of each epoch)."""
+        return self._consumer_figures().steps
+
+    @property
+    def wait_s(self) -> float:
+        """Time the consumer waited for batches, all batches, seconds."""
+        return self._consumer_figures().wait_s
+
+    @property
+    def step_wait_s(self) -> float:
+        """The part of ``wait_s`` inside counted steps (no epoch's first batch), seconds."""
+        return self._consumer_figures().step_wait_s
+
+    @property
+    def step_s(self) -> float:
+        """Time between consecutive batch hand-overs, summed, seconds."""
+        return self._consumer_figures().step_s
+
+    @property
+    def first_batches(self) -> int:
+        """Batches handed over without a previous one (epoch starts)."""
+        return self._consumer_figures().first_batches
+
+    @property
+    def step_log(self) -> list[tuple[float, float, float]]:
+        """``(end_s, wait_s, step_s)`` of the latest steps (``perf_counter`` times)."""
+        return self.steps_log()
 
     @property
     def events(self) -> list[TraceEvent]:
         """A copy of the kept timeline events, oldest first (see :meth:`timeline`)."""
         with self._lock:
-            return self._events.events()
+            self._sync()
+            return self._sorted_events()
 
     @property
     def counters(self) -> list[tuple[str, float, float]]:
         """A copy of the kept ``(queue_name, time_s, depth)`` samples, oldest first."""
         with self._lock:
+            self._sync()
             return self._counters.samples()
 
     def _zero(self) -> None:
         """Start every figure from zero, now (caller holds the lock or owns the object)."""
-        self.steps = 0
-        self.wait_s = 0.0
-        self.step_wait_s = 0.0
-        self.step_s = 0.0
-        self.first_batches = 0
-        self.step_waits = _Reservoir()
-        self.step_times = _Reservoir()
-        self.step_log: deque[tuple[float, float, float]] = deque(maxlen=_STEP_LOG)
         self.started_at = time.perf_counter()
         self.started_wall = time.time()
         self.started_cpu_s = time.process_time()
@@ -151,177 +208,13 @@ class Recorder:
         self.consumer_runq_s = 0.0
         self.consumer_switches = 0
         self.consumer_steps = 0
-        self._consumer_n = 0
-        self._consumer_prev: tuple[int, float, float, float, int] | None = None
-        self._consumer_enter: tuple[int, float, float, float, int] | None = None
+        self._consumer_n = 0  # steps since the last measured one
+        self._consumer_sampled_s = -1e9
+        self._consumer_prev: _Clocks | None = None
+        self.measuring_step = False
+        self._consumer_enter: _Clocks | None = None
 
     # -- stage spans ----------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def span(self, stage: str, items: int = 1, nbytes: int = 0) -> Iterator[None]:
-        """Time the enclosed block as one span of ``stage`` (wall and thread CPU time).
-
-        Like a :meth:`mark` chain, one span in :data:`SCHED_SAMPLE_EVERY` per thread (the
-        first included) also reads the thread CPU time, run-queue wait and context
-        switches (~7 us); the others read only the wall clock, and the figures are
-        scaled to every span.
-
-        Args:
-            stage: A :class:`~fastfeed.profiling.stages.Stage` or any name.
-            items: Samples in the span (spans are per batch, not per sample).
-            nbytes: Bytes the span handled (for MB/s).
-        """
-        if not self.enabled:
-            yield
-            return
-        # No ExitStack per span (~2 us): the torch range only while a profiler runs.
-        ranged = _torch_range(stage) if _torch_profiler_active() else contextlib.nullcontext()
-        with ranged:
-            start = _mark() if self._next_span_sampled(stage) else _light_mark()
-            failed = False
-            try:
-                yield
-            except BaseException:
-                failed = True
-                raise
-            finally:
-                self.add_since(stage, start, items=items, nbytes=nbytes, failed=failed)
-
-    def add(
-        self,
-        stage: str,
-        start_s: float,
-        end_s: float,
-        cpu_s: float | None,
-        *,
-        items: int = 1,
-        nbytes: int = 0,
-        failed: bool = False,
-        runq_s: float | None = None,
-        switches: int | None = None,
-    ) -> None:
-        """Record one span measured by the caller (``perf_counter`` times, seconds).
-
-        Args:
-            stage: Stage name.
-            start_s: ``time.perf_counter()`` at the start, seconds.
-            end_s: ``time.perf_counter()`` at the end, seconds.
-            cpu_s: Thread CPU time spent, seconds; None when not measured.
-            items: Samples in the span.
-            nbytes: Bytes handled.
-            failed: The span raised.
-            runq_s: Run-queue wait during the span (see :class:`StageStats`), seconds;
-                None when not measured.
-            switches: Voluntary context switches during the span; None when not measured.
-        """
-        if not self.enabled:
-            return
-        wall = end_s - start_s
-        name = threading.current_thread().name
-        if not gil.running():
-            gil.ensure_running(_run_delay_s)
-        gil.touch(end_s)
-        with self._lock:
-            st = self.stages.get(stage)
-            if st is None:
-                st = self.stages[stage] = StageStats()
-            st.count += 1
-            st.items += items
-            st.failures += failed
-            st.busy_s += wall
-            if cpu_s is not None:
-                st.cpu_s += cpu_s
-                st.cpu_busy_s += wall
-                st.cpu_spans += 1
-            if runq_s is not None:
-                st.runq_s += runq_s
-                st.runq_busy_s += wall
-                st.runq_spans += 1
-            if switches is not None:
-                st.switches += switches
-                st.switches_busy_s += wall
-                st.switches_spans += 1
-            st.bytes += nbytes
-            st.durations.add(wall)
-            self._events.append(stage, name, start_s, end_s, items, nbytes, failed)
-
-    def mark(self) -> Mark:
-        """This thread's clocks now, for :meth:`add_since` (free when disabled).
-
-        Starts a chain of marks: one chain in :data:`SCHED_SAMPLE_EVERY` per thread
-        reads the thread CPU time, run-queue wait and context switches (~7 us on a
-        busy VM), the others only the wall clock (~0.1 us); :meth:`add_since`
-        continues in the same mode and the figures are scaled to every span.
-        """
-        if not self.enabled:
-            return _NO_MARK
-        return _mark() if self._next_chain_sampled() else _light_mark()
-
-    def _next_span_sampled(self, stage: str) -> bool:
-        """Count a span of ``stage`` on this thread; True for its first and every
-        :data:`SCHED_SAMPLE_EVERY`-th after (per stage: a stage timed per sample and
-        one timed per batch both get measured)."""
-        counts = getattr(_tls, "spans", None)
-        if counts is None:
-            counts = _tls.spans = {}
-        key = (id(self), stage)
-        n = counts.get(key, 0)
-        counts[key] = n + 1
-        return n % SCHED_SAMPLE_EVERY == 0
-
-    def _next_chain_sampled(self) -> bool:
-        """Count a chain on this thread; True for its first with this recorder and every
-        :data:`SCHED_SAMPLE_EVERY`-th after."""
-        c = getattr(_tls, "chains", None)
-        if c is None or c[0] != id(self):
-            c = _tls.chains = [id(self), 0]
-        n = c[1]
-        c[1] = n + 1
-        return n % SCHED_SAMPLE_EVERY == 0
-
-    def add_since(
-        self,
-        stage: str,
-        since: Mark,
-        *,
-        items: int = 1,
-        nbytes: int = 0,
-        failed: bool = False,
-    ) -> Mark:
-        """Record a span of ``stage`` from ``since`` to now on this thread; return now's mark.
-
-        For back-to-back stages (read, then transform, then collate) without nesting
-        ``with`` blocks: ``m = rec.mark(); ...; m = rec.add_since("read", m, items=n)``.
-        Measures the same as :meth:`span` (wall, CPU, run-queue wait, blocking switches),
-        the last two on the sampled chains only (see :meth:`mark`).
-        """
-        if not self.enabled:
-            return _NO_MARK
-        if since[2] == _NOT_SAMPLED:
-            now = _light_mark()
-            cpu_s: float | None = None
-            runq_s: float | None = None
-            switches: int | None = None
-        else:
-            now = _mark()
-            cpu_s = now[1] - since[1]
-            runq_s = now[2] - since[2] if since[2] >= 0 and now[2] >= 0 else None
-            switches = now[3] - since[3] if since[3] >= 0 and now[3] >= 0 else None
-        if since is not _NO_MARK:
-            self.add(
-                stage,
-                since[0],
-                now[0],
-                cpu_s,
-                items=items,
-                nbytes=nbytes,
-                failed=failed,
-                runq_s=runq_s,
-                switches=switches,
-            )
-        return now
-
-    # -- queues -----------------------------------------------------------------------
 
     def queue(
         self,
@@ -331,26 +224,42 @@ class Recorder:
         capacity: int,
         put_wait_s: float = 0.0,
         get_wait_s: float = 0.0,
+        now_s: float | None = None,
     ) -> None:
-        """Report one put or get on queue ``name``: its depth after the operation and the wait."""
+        """Report one put or get on queue ``name``: its depth after the operation and the wait.
+
+        Args:
+            name: The queue.
+            depth: Items in the queue after the operation.
+            capacity: The queue's bound.
+            put_wait_s: How long the producer waited for room, seconds.
+            get_wait_s: How long the consumer waited for an item, seconds.
+            now_s: ``time.perf_counter()`` of the operation when the caller has it.
+        """
         if not self.enabled:
             return
-        with self._lock:
-            q = self.queues.get(name)
-            if q is None:
-                q = self.queues[name] = QueueStats(capacity=capacity)
-            q.put_wait_s += put_wait_s
-            q.get_wait_s += get_wait_s
-            q.depth_sum += depth
-            q.depth_samples += 1
-            self._counters.append(name, time.perf_counter(), depth)
+        try:
+            book: Book = self._local.book
+        except AttributeError:
+            book = self._open_book()
+        code = self._queue_code.get(name)
+        if code is None:
+            code = self._register(self._queue_code, self._queue_names, name)
+        if self._queue_capacity[code] != capacity:
+            self._queue_capacity[code] = capacity
+        now_s = time.perf_counter() if now_s is None else now_s
+        rows = book.qrows
+        rows.frombytes(QUEUE_ROW.pack(code, now_s, depth, put_wait_s, get_wait_s))
+        if len(rows) >= 5 * CHUNK or now_s - book.touched_s > _TOUCH_S:
+            self._after_put(book, now_s, Stage.WAIT)
 
     # -- consumer ---------------------------------------------------------------------
 
     def consumer_enter(self) -> None:
         """Note the training loop's clocks as it asks for the next batch (the tap calls it).
 
-        On the sampled steps (one in :data:`CONSUMER_SAMPLE_EVERY`) the loop's own work
+        On the sampled steps (one in :data:`CONSUMER_SAMPLE_EVERY`, at most one every
+        :data:`SCHED_SAMPLE_GAP_S`) the loop's own work
         is measured from the previous hand-over to here, so the time it spends waiting
         (and being woken up) for the batch is not counted as its own.
         """
@@ -358,53 +267,82 @@ class Recorder:
             return
         self._consumer_enter = _consumer_clocks()
 
-    def consumer_step(self, wait_s: float, step_s: float | None) -> None:
+    def consumer_step(
+        self, wait_s: float, step_s: float | None, now_s: float | None = None
+    ) -> None:
         """Report one batch handed to the training loop (call right after the hand-over).
 
         Args:
             wait_s: How long the training loop was blocked waiting for it, seconds.
             step_s: Time since the previous batch was handed over (one training step),
                 seconds; None for the first batch of an epoch.
+            now_s: ``time.perf_counter()`` at the hand-over, when the caller has it.
         """
         if not self.enabled:
             return
-        now = time.perf_counter()
-        name = threading.current_thread().name
+        now = time.perf_counter() if now_s is None else now_s
         prev, self._consumer_prev = self._consumer_prev, None
+        self.measuring_step = False
         enter, self._consumer_enter = self._consumer_enter, None
-        gil.touch(now)
-        with self._lock:
-            if (
-                step_s is not None
-                and prev is not None
-                and enter is not None
-                and prev[0] == enter[0] == threading.get_ident()
-            ):
-                # A sampled step: the loop's own work, from the previous hand-over to
-                # asking for this batch.
-                self.consumer_steps += 1
-                self.consumer_compute_s += enter[1] - prev[1]
-                self.consumer_cpu_s += enter[2] - prev[2]
-                if enter[3] >= 0 and prev[3] >= 0:
-                    self.consumer_runq_s += enter[3] - prev[3]
-                if enter[4] >= 0 and prev[4] >= 0:
-                    self.consumer_switches += enter[4] - prev[4]
-            self._consumer_n += 1
-            sample_next = self._consumer_n % CONSUMER_SAMPLE_EVERY == 0
-            self.wait_s += wait_s
-            self.step_waits.add(wait_s)
-            if step_s is not None:
-                self.steps += 1
-                self.step_s += step_s
-                self.step_wait_s += wait_s
-                self.step_times.add(step_s)
-                self.step_log.append((now, wait_s, step_s))
-            else:
-                self.first_batches += 1
-            if wait_s > 0:
-                self._events.append(Stage.WAIT, name, now - wait_s, now, _NO_ITEMS, 0, False)
-        if sample_next:  # the next step is measured: its start is this hand-over
+        try:
+            book: Book = self._local.book
+        except AttributeError:
+            book = self._open_book()
+        rows = book.srows
+        rows.frombytes(STEP_ROW.pack(now, wait_s, -1.0 if step_s is None else step_s))
+        if len(rows) >= 3 * CHUNK or now - book.touched_s > _TOUCH_S:
+            self._after_put(book, now, Stage.WAIT)
+        if prev is not None and enter is not None and step_s is not None:
+            self._measured_step(prev, enter)
+        # One step in CONSUMER_SAMPLE_EVERY, at most one per gap: the next is measured,
+        # from this hand-over on (the training loop is the only writer of these).
+        n = self._consumer_n + 1
+        gap_s = clocks.SCHED_SAMPLE_GAP_S
+        if n >= CONSUMER_SAMPLE_EVERY and now - self._consumer_sampled_s >= gap_s:
+            self._consumer_n = 0
+            self._consumer_sampled_s = now
             self._consumer_prev = _consumer_clocks()
+            self.measuring_step = True
+        else:
+            self._consumer_n = n
+
+    def consumer_report(
+        self, wait_s: float, step_s: float | None, now_s: float
+    ) -> tuple[Callable[[bytes], object] | None, int]:
+        """:meth:`consumer_step`, plus a way to report the next hand-overs without a call.
+
+        Returns:
+            ``(sink, k)``: the caller may report each of the next ``k`` hand-overs as
+            ``sink(STEP_ROW.pack(now_s, wait_s, step_s or -1.0))`` (C functions only, no
+            call into the recorder's Python code) before it calls this again;
+            ``(None, 0)`` when it must call every time (recording off, or the next step
+            is a measured one).
+        """
+        self.consumer_step(wait_s, step_s, now_s)
+        if not self.enabled or self.measuring_step:
+            return None, 0
+        k = CONSUMER_SAMPLE_EVERY - 1 - self._consumer_n
+        if k <= 0:
+            return None, 0
+        self._consumer_n += k  # counted now: the sampling decision comes after them
+        return self._book().srows.frombytes, k
+
+    def _measured_step(
+        self,
+        prev: tuple[int, float, float, float, int],
+        enter: tuple[int, float, float, float, int],
+    ) -> None:
+        """A sampled step: the loop's own work, from the previous hand-over to asking again."""
+        if not prev[0] == enter[0] == threading.get_ident():
+            return
+        with self._lock:
+            self.consumer_steps += 1
+            self.consumer_compute_s += enter[1] - prev[1]
+            self.consumer_cpu_s += enter[2] - prev[2]
+            if enter[3] >= 0 and prev[3] >= 0:
+                self.consumer_runq_s += enter[3] - prev[3]
+            if enter[4] >= 0 and prev[4] >= 0:
+                self.consumer_switches += enter[4] - prev[4]
 
     # -- reading ----------------------------------------------------------------------
 
@@ -415,8 +353,8 @@ class Recorder:
         Steady state: the waits for each epoch's first batch (start-up) are left out;
         they are in ``wait_s`` and in the snapshot's ``startup_wait_s``.
         """
-        with self._lock:
-            return self.step_wait_s / self.step_s if self.step_s > 0 else 0.0
+        c = self._consumer_figures()
+        return c.step_wait_s / c.step_s if c.step_s > 0 else 0.0
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-serializable copy of everything recorded so far.
@@ -432,6 +370,8 @@ class Recorder:
         now_machine = cpu_times()
         now_disk = disk_snapshot()
         with self._lock:
+            self._sync()
+            c = self._consumer
             io = None
             if now_io is not None and self.started_io is not None:
                 d = now_io - self.started_io
@@ -449,17 +389,17 @@ class Recorder:
                 "machine_busy": machine,
                 "io": io,
                 "storage": storage_delta(self.started_disk, now_disk),
-                "steps": self.steps,
-                "first_batches": self.first_batches,
-                "wait_s": self.wait_s,
-                "step_wait_s": self.step_wait_s,
-                "startup_wait_s": self.wait_s - self.step_wait_s,
-                "step_s": self.step_s,
-                "stall_fraction": self.step_wait_s / self.step_s if self.step_s > 0 else 0.0,
-                "step_wait": self.step_waits.percentiles(),
-                "step_time": self.step_times.percentiles(),
-                "stages": {k: v.to_dict() for k, v in self.stages.items()},
-                "queues": {k: v.to_dict() for k, v in self.queues.items()},
+                "steps": c.steps,
+                "first_batches": c.first_batches,
+                "wait_s": c.wait_s,
+                "step_wait_s": c.step_wait_s,
+                "startup_wait_s": c.wait_s - c.step_wait_s,
+                "step_s": c.step_s,
+                "stall_fraction": c.step_wait_s / c.step_s if c.step_s > 0 else 0.0,
+                "step_wait": c.step_waits.percentiles(),
+                "step_time": c.step_times.percentiles(),
+                "stages": {k: v.to_dict() for k, v in self._stages.items()},
+                "queues": {k: v.to_dict() for k, v in self._queues.items()},
                 "gil": {
                     **gil.totals().since(self._gil_start),
                     "switch_interval_s": sys.getswitchinterval(),
@@ -477,24 +417,23 @@ class Recorder:
     def timeline(self) -> tuple[list[TraceEvent], list[tuple[str, float, float]]]:
         """Copies of the kept timeline events and queue-depth samples (for traces)."""
         with self._lock:
-            return self._events.events(), self._counters.samples()
+            self._sync()
+            return self._sorted_events(), self._counters.samples()
 
     def steps_log(self) -> list[tuple[float, float, float]]:
         """Copy of the latest ``(end_s, wait_s, step_s)`` consumer steps."""
         with self._lock:
-            return list(self.step_log)
+            self._sync()
+            return self._consumer.step_log.steps()
 
     def reset(self) -> None:
         """Forget everything recorded (e.g. after warm-up)."""
         with self._lock:
-            self.stages.clear()
-            self.queues.clear()
-            self._events.clear()
-            self._counters.clear()
+            self._clear_books()
             self._zero()
 
 
-def _consumer_clocks() -> tuple[int, float, float, float, int]:
+def _consumer_clocks() -> _Clocks:
     """``(thread id, perf_counter, thread CPU, run-queue wait, switches)`` of this thread."""
     return (
         threading.get_ident(),

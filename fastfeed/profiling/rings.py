@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 from array import array
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
+
+import numpy as np
 
 __all__ = ["TraceEvent"]
 
@@ -24,12 +26,13 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 class _Reservoir:
     """Uniform sample of at most ``_RESERVOIR`` values (Vitter's algorithm R)."""
 
-    __slots__ = ("_rng", "seen", "values")
+    __slots__ = ("_np_rng", "_rng", "seen", "values")
 
     def __init__(self) -> None:
         self.values: list[float] = []
         self.seen = 0
         self._rng = random.Random(0)
+        self._np_rng: np.random.Generator | None = None
 
     def add(self, value: float) -> None:
         self.seen += 1
@@ -39,6 +42,32 @@ class _Reservoir:
             j = int(self._rng.random() * self.seen)  # cheaper than randrange
             if j < _RESERVOIR:
                 self.values[j] = value
+
+    def add_many(self, values: np.ndarray) -> None:
+        """Offer every value of ``values`` in order, as :meth:`add` one by one would.
+
+        Vectorized (a per-thread book hands over 256 spans at a time): one random draw
+        per value once the reservoir is full, a Python step only for the values kept.
+        """
+        free = _RESERVOIR - len(self.values)
+        if free > 0:
+            head = values[:free].tolist()
+            self.values.extend(head)
+            self.seen += len(head)
+            values = values[free:]
+        m = len(values)
+        if m == 0:
+            return
+        if self._np_rng is None:
+            self._np_rng = np.random.default_rng(self.seen)
+        # Algorithm R for items seen+1 .. seen+m: item k replaces slot floor(u * k) if < R.
+        ks = np.arange(self.seen + 1, self.seen + m + 1, dtype=np.float64)
+        slots = (self._np_rng.random(m) * ks).astype(np.int64)
+        kept = np.flatnonzero(slots < _RESERVOIR)
+        vals = self.values
+        for k, slot in zip(kept.tolist(), slots[kept].tolist(), strict=True):
+            vals[slot] = float(values[k])
+        self.seen += m
 
     def percentiles(self) -> dict[str, float]:
         v = sorted(self.values)
@@ -129,6 +158,45 @@ class _EventRing:
         self._bytes[i] = nbytes
         self._failed[i] = failed
 
+    def extend(
+        self,
+        stages: Sequence[str],
+        thread: str,
+        starts: array,
+        ends: array,
+        items: array,
+        nbytes: array,
+        failed: array,
+    ) -> None:
+        """Keep a run of one thread's events (equal-length sequences), oldest first.
+
+        Slice copies at C speed: how a per-thread book hands over its events.
+        """
+        cap, m = self.capacity, len(starts)
+        if cap == 0 or m == 0:
+            return
+        lo = 0
+        if m > cap:  # only the last ``cap`` can stay
+            lo = m - cap
+            self._n += lo
+        need = min(cap, self._n + m - lo)
+        while self._size < need:
+            self._grow()
+        i = self._n % cap
+        first = min(m - lo, cap - i)
+        for dst, a, b in ((i, lo, lo + first), (0, lo + first, m)):
+            if b <= a:
+                continue
+            k = b - a
+            self._stage[dst : dst + k] = stages[a:b]
+            self._thread[dst : dst + k] = [thread] * k
+            self._start[dst : dst + k] = starts[a:b]
+            self._end[dst : dst + k] = ends[a:b]
+            self._items[dst : dst + k] = items[a:b]
+            self._bytes[dst : dst + k] = nbytes[a:b]
+            self._failed[dst : dst + k] = failed[a:b]
+        self._n += m - lo
+
     def __len__(self) -> int:
         return min(self._n, self.capacity)
 
@@ -157,6 +225,50 @@ class _EventRing:
         return out
 
 
+class _StepRing:
+    """The latest ``capacity`` ``(end_s, wait_s, step_s)`` training steps, in one flat
+    ``array("d")`` (24 B a step): no tuple kept per step, so nothing for the garbage
+    collector to look at (a deque of tuples set off collections on tiny records)."""
+
+    __slots__ = ("_a", "_n", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(0, int(capacity))
+        self._n = 0  # steps ever added
+        self._a = array("d")
+
+    def extend(self, steps: np.ndarray) -> None:
+        """Keep the rows of ``steps`` (``(m, 3)``), overwriting the oldest when full."""
+        cap = self.capacity
+        if cap == 0 or len(steps) == 0:
+            return
+        flat = array("d", np.ascontiguousarray(steps[-cap:]).tobytes())
+        m = len(flat) // 3
+        self._n += len(steps) - m
+        i = self._n % cap
+        grow = min(cap, self._n + m) * 3 - len(self._a)
+        if grow > 0:
+            self._a.frombytes(bytes(8 * grow))
+        first = min(m, cap - i)
+        self._a[3 * i : 3 * (i + first)] = flat[: 3 * first]
+        if first < m:
+            self._a[: 3 * (m - first)] = flat[3 * first :]
+        self._n += m
+
+    def __len__(self) -> int:
+        return min(self._n, self.capacity)
+
+    def steps(self) -> list[tuple[float, float, float]]:
+        """The kept steps, oldest first."""
+        n, cap, a = len(self), self.capacity, self._a
+        first = self._n - n
+        out = []
+        for k in range(first, first + n):
+            j = 3 * (k % cap)
+            out.append((a[j], a[j + 1], a[j + 2]))
+        return out
+
+
 class _CounterRing:
     """The latest ``capacity`` ``(queue_name, time_s, depth)`` samples, preallocated (24 B each)."""
 
@@ -176,16 +288,40 @@ class _CounterRing:
         if cap == 0:
             return
         i = self._n % cap
-        if i >= self._size:  # grow by doubling, as the event ring
-            more = min(cap, max(_FIRST_SLOTS, 2 * self._size)) - self._size
-            self._name.extend([None] * more)
-            self._t.frombytes(bytes(8 * more))
-            self._depth.frombytes(bytes(8 * more))
-            self._size += more
+        if i >= self._size:
+            self._grow()
         self._n += 1
         self._name[i] = name
         self._t[i] = t_s
         self._depth[i] = depth
+
+    def _grow(self) -> None:  # by doubling, as the event ring
+        more = min(self.capacity, max(_FIRST_SLOTS, 2 * self._size)) - self._size
+        self._name.extend([None] * more)
+        self._t.frombytes(bytes(8 * more))
+        self._depth.frombytes(bytes(8 * more))
+        self._size += more
+
+    def extend(self, names: Sequence[str], times: array, depths: array) -> None:
+        """Keep a run of samples (equal-length sequences), oldest first (slice copies)."""
+        cap, m = self.capacity, len(times)
+        if cap == 0 or m == 0:
+            return
+        lo = 0
+        if m > cap:
+            lo = m - cap
+            self._n += lo
+        while self._size < min(cap, self._n + m - lo):
+            self._grow()
+        i = self._n % cap
+        first = min(m - lo, cap - i)
+        for dst, a, b in ((i, lo, lo + first), (0, lo + first, m)):
+            if b > a:
+                k = b - a
+                self._name[dst : dst + k] = names[a:b]
+                self._t[dst : dst + k] = times[a:b]
+                self._depth[dst : dst + k] = depths[a:b]
+        self._n += m - lo
 
     def __len__(self) -> int:
         return min(self._n, self.capacity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from fastfeed import _procio
-from fastfeed.profiling import Recorder
+from fastfeed.profiling import Recorder, clocks
 from fastfeed.profiling.trace import chrome_trace, write_chrome_trace
 
 
@@ -150,6 +151,7 @@ def test_event_rings_cost_under_80_bytes_per_event_and_stay_flat() -> None:
     from fastfeed.profiling import DEFAULT_MAX_EVENTS
 
     assert DEFAULT_MAX_EVENTS == 20_000
+    _ring_bytes(0)  # once first: numpy's lazily built state (the folds' first use) is not per event
     base = _ring_bytes(0)  # reservoirs, stage figures: everything but the rings
     per_event = (_ring_bytes(10_000) - base) / 10_000
     # An event and a queue sample; the deques of tuples and dicts took ~460 bytes.
@@ -172,22 +174,63 @@ def test_run_queue_and_switches_are_scaled_from_the_measured_spans() -> None:
     assert st["never"]["blocked_s"] is None
 
 
-def test_mark_chains_read_scheduler_counters_on_every_nth_chain() -> None:
+def test_mark_chains_read_scheduler_counters_on_every_nth_chain(monkeypatch) -> None:
     from fastfeed.profiling import recorder as profiling
 
+    monkeypatch.setattr(clocks, "SCHED_SAMPLE_GAP_S", 0.0)  # chains as slow as the gap
     rec = Recorder()
     sampled = []
     for _ in range(4 * profiling.SCHED_SAMPLE_EVERY):
         m = rec.mark()
         m2 = rec.add_since("read", m)
         m3 = rec.add_since("transform", m2)
-        modes = {x[2] == profiling._NOT_SAMPLED for x in (m, m2, m3)}
+        modes = {x[2] == clocks._NOT_SAMPLED for x in (m, m2, m3)}
         assert len(modes) == 1  # a chain keeps its mode
         sampled.append(not modes.pop())
     assert sum(sampled) == 4
     if profiling._run_delay_s() >= 0:
         st = rec.snapshot()["stages"]["read"]
         assert st["runq_s"] is not None and st["count"] == 4 * profiling.SCHED_SAMPLE_EVERY
+
+
+def test_fast_chains_are_measured_at_most_once_per_gap(monkeypatch) -> None:
+    from fastfeed.profiling import recorder as profiling
+
+    monkeypatch.setattr(clocks, "SCHED_SAMPLE_GAP_S", 0.05)
+    rec = Recorder()
+
+    def chains(n: int) -> list[bool]:
+        out = []
+        for _ in range(n):
+            m = rec.add_since("read", rec.mark())
+            out.append(m[2] != clocks._NOT_SAMPLED)
+        return out
+
+    # Tiny batches: the first chain, then none within the gap however many pass.
+    assert chains(5 * profiling.SCHED_SAMPLE_EVERY) == [True] + [False] * (
+        5 * profiling.SCHED_SAMPLE_EVERY - 1
+    )
+    time.sleep(0.06)
+    assert chains(2) == [True, False]  # the gap passed and 8+ chains since: measured
+    st = rec.snapshot()["stages"]["read"]
+    assert st["count"] == 5 * profiling.SCHED_SAMPLE_EVERY + 2
+    assert st["cpu_s"] is not None  # scaled from the two measured chains to all
+
+
+def test_consumer_steps_are_measured_at_most_once_per_gap(monkeypatch) -> None:
+    from fastfeed.profiling import recorder as profiling
+
+    monkeypatch.setattr(clocks, "SCHED_SAMPLE_GAP_S", 10.0)
+    rec = Recorder()
+    for _ in range(4 * profiling.CONSUMER_SAMPLE_EVERY):
+        rec.consumer_enter()
+        rec.consumer_step(0.0, 0.001)
+    assert rec.snapshot()["consumer"]["steps"] == 1  # the first after 8 steps, then none
+    monkeypatch.setattr(clocks, "SCHED_SAMPLE_GAP_S", 0.0)
+    for _ in range(4 * profiling.CONSUMER_SAMPLE_EVERY):
+        rec.consumer_enter()
+        rec.consumer_step(0.0, 0.001)
+    assert rec.snapshot()["consumer"]["steps"] == 5
 
 
 def _python_burn(data: bytes) -> int:
@@ -338,3 +381,49 @@ def test_stage_ranges_show_in_torch_profiler_from_worker_threads() -> None:
     with rec.span("collate"):
         pass
     assert rec.snapshot()["stages"]["collate"]["count"] == 1
+
+
+def test_step_log_keeps_the_latest_steps_in_order() -> None:
+    import numpy as np
+
+    from fastfeed.profiling.rings import _StepRing
+
+    ring = _StepRing(5)
+    rows = np.array([[i, i / 10, i / 100] for i in range(20)], dtype=np.float64)
+    ring.extend(rows[:3])
+    assert ring.steps() == [tuple(r) for r in rows[:3].tolist()]
+    ring.extend(rows[3:7])  # wraps around
+    assert ring.steps() == [tuple(r) for r in rows[2:7].tolist()]
+    ring.extend(rows[7:20])  # more than it holds at once
+    assert ring.steps() == [tuple(r) for r in rows[15:20].tolist()]
+    rec = Recorder()
+    for k in range(3):
+        rec.consumer_step(0.001 * k, None if k == 0 else 0.1)
+    assert [(round(w, 3), s) for _, w, s in rec.step_log] == [(0.001, 0.1), (0.002, 0.1)]
+
+
+def test_chains_record_back_to_back_spans_in_one_call() -> None:
+    from fastfeed.profiling import Stage
+    from fastfeed.profiling.spans import STAGE_CODE
+
+    rec = Recorder()
+    read, transform = STAGE_CODE[Stage.READ], STAGE_CODE[Stage.TRANSFORM]
+    for i in range(600):  # more than a book holds: folded on the way, then on reading
+        clock, record = rec.chain()
+        t0 = clock()
+        spans = [(read, clock(), 8, 800)]
+        if i % 3:  # chains of two lengths
+            spans.append((transform, clock(), 8, 0))
+        record([len(spans), t0, *(x for s in spans for x in s)])
+    st = rec.snapshot()["stages"]
+    assert st["read"]["count"] == 600 and st["read"]["items"] == 4800
+    assert st["read"]["bytes"] == 480_000
+    assert st["transform"]["count"] == 400 and st["transform"]["bytes"] == 0
+    assert st["read"]["cpu_s"] is not None  # the first chain was measured
+    ev = [e for e in rec.events if e[0] in ("read", "transform")]
+    assert len(ev) == 1000
+    assert all(b[2] >= a[2] for a, b in itertools.pairwise(ev))  # oldest first
+    r, t = ev[1], ev[2]  # chain 1: its transform starts where its read ended
+    assert (r[0], t[0]) == ("read", "transform") and t[2] == r[3]
+    rec.reset()
+    assert rec.snapshot()["stages"] == {} and rec.events == []
