@@ -123,15 +123,19 @@ def _run(make: Callable[[], Any], step_s: float, epochs: int) -> tuple[float, Lo
         reset = getattr(loader, "recorder", None)
         if reset is not None:
             reset.reset()
-        n, t0 = 0, time.perf_counter()
-        for _ in range(epochs - 1):
-            for batch in loader:
-                time.sleep(step_s)
-                n += _batch_len(batch)
-        rate = n / (time.perf_counter() - t0)
-        return rate, loader.stats()
+        return _timed(loader, step_s, epochs - 1), loader.stats()
     finally:
         loader.close()
+
+
+def _timed(loader: Any, step_s: float, epochs: int) -> float:
+    """Samples per second over ``epochs`` epochs, with a ``step_s`` sleep per batch."""
+    n, t0 = 0, time.perf_counter()
+    for _ in range(epochs):
+        for batch in loader:
+            time.sleep(step_s)
+            n += _batch_len(batch)
+    return n / (time.perf_counter() - t0)
 
 
 def _run_cold(make: Callable[[], Any], step_s: float, epochs: int) -> tuple[float, LoaderStats]:
@@ -142,12 +146,7 @@ def _run_cold(make: Callable[[], Any], step_s: float, epochs: int) -> tuple[floa
     loader = make()
     try:
         drop_cached(storage_files(loader.source), loader.source)
-        n, t0 = 0, time.perf_counter()
-        for batch in loader:
-            time.sleep(step_s)
-            n += _batch_len(batch)
-        rate = n / (time.perf_counter() - t0)
-        return rate, loader.stats()
+        return _timed(loader, step_s, 1), loader.stats()
     finally:
         loader.close()
 
