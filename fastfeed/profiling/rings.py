@@ -23,6 +23,20 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
+def _wrap(n: int, cap: int, m: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """Where ``m`` new entries go in a ring of ``cap`` slots that has had ``n`` written.
+
+    Returns:
+        ``(skipped, segments)``: the first ``skipped`` entries are overwritten by later
+        ones of the same run (only the last ``cap`` can stay), and each segment
+        ``(slot, a, b)`` copies entries ``[a, b)`` to slots from ``slot``.
+    """
+    lo = max(0, m - cap)
+    slot = (n + lo) % cap
+    split = lo + min(m - lo, cap - slot)
+    return lo, [(slot, lo, split)] + ([(0, split, m)] if split < m else [])
+
+
 class _Reservoir:
     """Uniform sample of at most ``_RESERVOIR`` values (Vitter's algorithm R)."""
 
@@ -175,18 +189,11 @@ class _EventRing:
         cap, m = self.capacity, len(starts)
         if cap == 0 or m == 0:
             return
-        lo = 0
-        if m > cap:  # only the last ``cap`` can stay
-            lo = m - cap
-            self._n += lo
-        need = min(cap, self._n + m - lo)
-        while self._size < need:
+        lo, segments = _wrap(self._n, cap, m)
+        self._n += lo
+        while self._size < min(cap, self._n + m - lo):
             self._grow()
-        i = self._n % cap
-        first = min(m - lo, cap - i)
-        for dst, a, b in ((i, lo, lo + first), (0, lo + first, m)):
-            if b <= a:
-                continue
+        for dst, a, b in segments:
             k = b - a
             self._stage[dst : dst + k] = stages[a:b]
             self._thread[dst : dst + k] = [thread] * k
@@ -307,20 +314,15 @@ class _CounterRing:
         cap, m = self.capacity, len(times)
         if cap == 0 or m == 0:
             return
-        lo = 0
-        if m > cap:
-            lo = m - cap
-            self._n += lo
+        lo, segments = _wrap(self._n, cap, m)
+        self._n += lo
         while self._size < min(cap, self._n + m - lo):
             self._grow()
-        i = self._n % cap
-        first = min(m - lo, cap - i)
-        for dst, a, b in ((i, lo, lo + first), (0, lo + first, m)):
-            if b > a:
-                k = b - a
-                self._name[dst : dst + k] = names[a:b]
-                self._t[dst : dst + k] = times[a:b]
-                self._depth[dst : dst + k] = depths[a:b]
+        for dst, a, b in segments:
+            k = b - a
+            self._name[dst : dst + k] = names[a:b]
+            self._t[dst : dst + k] = times[a:b]
+            self._depth[dst : dst + k] = depths[a:b]
         self._n += m - lo
 
     def __len__(self) -> int:
