@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -322,3 +323,35 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def pread_files(paths: Sequence[str], order: Sequence[int], threads: int) -> int:
+    """Read whole files ``paths[i]`` for ``i`` in ``order`` with one ``pread`` each, on
+    ``threads`` threads taking the next file as they finish: the storage ceiling the
+    loaders are compared with. Returns the bytes read."""
+    nbytes = [0] * threads
+    it = iter(order)
+    lock = threading.Lock()
+
+    def work(k: int) -> None:
+        total = 0
+        while True:
+            with lock:
+                i = next(it, None)
+            if i is None:
+                break
+            fd = os.open(paths[i], os.O_RDONLY)
+            try:
+                total += len(os.pread(fd, os.fstat(fd).st_size, 0))
+            finally:
+                os.close(fd)
+        nbytes[k] = total
+
+    ts = [
+        threading.Thread(target=work, args=(k,), name=f"fastfeed-bench-{k}") for k in range(threads)
+    ]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(nbytes)

@@ -33,7 +33,6 @@ import random
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -129,30 +128,7 @@ def _pread_ceiling(root: str) -> tuple[int, int]:
     paths = list(FileSource.from_folder(root).paths)
     order = list(range(len(paths)))
     random.Random(0).shuffle(order)
-    it = iter(order)
-    lock = threading.Lock()
-    total = [0]
-
-    def work() -> None:
-        while True:
-            with lock:
-                i = next(it, None)
-            if i is None:
-                return
-            fd = os.open(paths[i], os.O_RDONLY)
-            try:
-                n = len(os.pread(fd, os.fstat(fd).st_size, 0))
-            finally:
-                os.close(fd)
-            with lock:
-                total[0] += n
-
-    threads = [threading.Thread(target=work, name=f"fastfeed-bench-{k}") for k in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(paths), total[0]
+    return len(paths), _common.pread_files(paths, order, 16)
 
 
 def _epoch(spec: dict[str, Any]) -> dict[str, Any]:

@@ -30,12 +30,12 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _common import pread_files
 from PIL import Image
 
 from fastfeed.packing import pack
@@ -105,35 +105,6 @@ def resident_fraction(paths: list[str]) -> float:
                 except BufferError:
                     pass
     return resident / total if total else 0.0
-
-
-def _pread_ceiling(paths: list[str], order: list[int], threads: int) -> int:
-    nbytes = [0] * threads
-    it = iter(order)
-    lock = threading.Lock()
-
-    def work(k: int) -> None:
-        total = 0
-        while True:
-            with lock:
-                i = next(it, None)
-            if i is None:
-                break
-            fd = os.open(paths[i], os.O_RDONLY)
-            try:
-                total += len(os.pread(fd, os.fstat(fd).st_size, 0))
-            finally:
-                os.close(fd)
-        nbytes[k] = total
-
-    ts = [
-        threading.Thread(target=work, args=(k,), name=f"fastfeed-bench-{k}") for k in range(threads)
-    ]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return sum(nbytes)
 
 
 def _batches(order: list[int], size: int) -> list[list[int]]:
@@ -234,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             run(
                 "ceiling: 16-thread pread",
                 state,
-                lambda: _pread_ceiling(paths, order, args.threads),
+                lambda: pread_files(paths, order, args.threads),
                 paths,
             )
             run("FileSource.read_many", state, read_all(files), paths)
