@@ -268,7 +268,7 @@ class ThreadIter:
         self._outstanding = 0  # tasks of this epoch put in the feed, result not yet taken
         threads = pool.num_threads
         self._threaded = threads > 0
-        self._ahead = ahead if threads > 0 else 1
+        self._ahead = ahead  # tasks in flight (threads; num_workers=0 runs inline)
         self._timeout = timeout
         self._sampler_len = sampler_len
         self._done = False
@@ -317,12 +317,16 @@ class ThreadIter:
             except StopIteration:
                 self._sampler_done = True
                 break
-            if worker is None:
-                self._pool.feed.put(Task(self._gen, index))
-            else:
-                self._pool.feed.put(Task(self._gen, index, worker, self._seq[worker]))
-                self._seq[worker] += 1
+            self._pool.feed.put(self._task(index, worker))
             self._outstanding += 1
+
+    def _task(self, index: Any, worker: int | None) -> Task:
+        """The task for ``index``; an IterableDataset's names its worker and sequence."""
+        if worker is None:
+            return Task(self._gen, index)
+        seq = self._seq[worker]
+        self._seq[worker] = seq + 1
+        return Task(self._gen, index, worker, seq)
 
     def _next_worker(self) -> int | None:
         # torch's _try_put_index: the next worker in the cycle that is still active.
@@ -398,11 +402,10 @@ class ThreadIter:
                 if not any(self._active):
                     self._sampler_done = True
                 continue
-            if self._threaded:
-                # Refill as the batch is handed over, as torch does (_try_put_index in
-                # _next_data), before a failure is raised too. Not with num_workers=0,
-                # where torch advances the sampler only inside next().
-                self._fill()
+            # Refill as the batch is handed over, as torch does (_try_put_index in
+            # _next_data), before a failure is raised too. (num_workers=0 runs inline,
+            # where torch advances the sampler only inside next().)
+            self._fill()
             if isinstance(result, Failed):
                 raise result.exc
             self._count_yield()
@@ -422,13 +425,8 @@ class ThreadIter:
             except StopIteration:
                 self._sampler_done = True
                 continue
-            if worker is None:
-                task = Task(self._gen, index)
-            else:
-                task = Task(self._gen, index, worker, self._seq[worker])
-                self._seq[worker] += 1
             try:
-                result = fetch(task)
+                result = fetch(self._task(index, worker))
             except StopIteration:
                 self._finish()  # raised by the dataset: torch ends the epoch too
                 raise
