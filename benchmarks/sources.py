@@ -20,10 +20,8 @@ Run by hand (not a test)::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import io
 import json
-import mmap
 import os
 import platform
 import random
@@ -38,11 +36,9 @@ import numpy as np
 from _common import pread_files
 from PIL import Image
 
+from fastfeed._procio import evict, residency
 from fastfeed.packing import pack
 from fastfeed.sources import FileSource, LMDBSource, MemoryCache
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 
 
 def _encode_unique(rng: np.random.Generator, n_unique: int) -> list[bytes]:
@@ -69,42 +65,6 @@ def make_dataset(root: Path, count: int, seed: int = 0) -> None:
         d = root / f"class_{i % 10:02d}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"img_{i:06d}.jpg").write_bytes(unique[i % len(unique)])
-
-
-def _evict(paths: list[str]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def resident_fraction(paths: list[str]) -> float:
-    """Fraction of the files' pages in the page cache (``mincore``)."""
-    page = mmap.PAGESIZE
-    resident = total = 0
-    for p in paths:
-        size = os.path.getsize(p)
-        if size == 0:
-            continue
-        with open(p, "rb") as f:
-            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-            try:
-                n = (size + page - 1) // page
-                vec = (ctypes.c_ubyte * n)()
-                addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-                if _LIBC.mincore(ctypes.c_void_p(addr), size, vec) != 0:
-                    raise OSError(ctypes.get_errno(), "mincore failed")
-                resident += sum(b & 1 for b in vec)
-                total += n
-                del addr
-            finally:
-                try:
-                    mm.close()
-                except BufferError:
-                    pass
-    return resident / total if total else 0.0
 
 
 def _batches(order: list[int], size: int) -> list[list[int]]:
@@ -147,16 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     random.Random(0).shuffle(order)
     batches = _batches(order, args.batch)
 
-    _evict(paths + data_mdb)
-    evict_check = {"files": resident_fraction(paths), "data.mdb": resident_fraction(data_mdb)}
+    evict(paths + data_mdb)
+    evict_check = {"files": residency(paths).fraction, "data.mdb": residency(data_mdb).fraction}
     results: list[dict] = []
     current_round = [0]
 
-    def run(name: str, state: str, fn: Callable[[], int], evict: list[str]) -> None:
+    def run(name: str, state: str, fn: Callable[[], int], drop: list[str]) -> None:
         resident = None
         if state == "cold":
-            _evict(evict)
-            resident = resident_fraction(evict)
+            evict(drop)
+            resident = residency(drop).fraction
         dt, nbytes = _time(fn)
         results.append(
             {
