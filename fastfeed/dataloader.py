@@ -56,7 +56,7 @@ from torch.utils.data import IterableDataset
 
 from fastfeed._torch_compat import torch_private as _tp
 from fastfeed._torch_compat.fetch import Fetch
-from fastfeed._torch_compat.process import ProcessIter
+from fastfeed._torch_compat.process import ProcessIter, start_process_iter
 from fastfeed._torch_compat.rngstate import probe_global_rng
 from fastfeed._torch_compat.state import (
     Epoch,
@@ -323,7 +323,7 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         try:
             inner: ThreadIter | ProcessIter
             if self.worker_type == "process" and self.num_workers > 0:
-                inner = self._process_iter(tracked)
+                inner = start_process_iter(self, tracked)
             else:
                 inner = self._thread_iter(tracked)
         finally:
@@ -362,28 +362,6 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
             _tp.abandon_torch_iterator(torch_iter)
             self._iterator = None
         self._torch_iter_pid = os.getpid()
-
-    def _process_iter(self, tracked: TrackedSampler | None) -> ProcessIter:
-        persistent = bool(self.persistent_workers)
-        user_init = self.worker_init_fn
-        batch_attr = "batch_sampler" if _tp.auto_collation(self) else "sampler"
-        original = self.__dict__[batch_attr]
-        # Bypass torch's __setattr__ guard: for the duration of this call only, torch's
-        # iterator reads the tracked sampler and fastfeed's worker init.
-        self.__dict__["worker_init_fn"] = _tp.WorkerInit(user_init)
-        if tracked is not None:
-            self.__dict__[batch_attr] = tracked
-            _tp.set_persistent_index_sampler(self, tracked)
-        try:
-            with warnings.catch_warnings():
-                # Given once at construction already; torch would repeat it every epoch.
-                warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
-                warnings.filterwarnings("ignore", message="pin_memory_device is deprecated")
-                inner = super().__iter__()
-        finally:
-            self.__dict__["worker_init_fn"] = user_init
-            self.__dict__[batch_attr] = original
-        return ProcessIter(inner, persistent)
 
     def _thread_iter(self, tracked: TrackedSampler | None) -> ThreadIter:
         # torch's order: iter(index sampler), then the base-seed draw.

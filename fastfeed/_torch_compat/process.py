@@ -16,14 +16,16 @@ with three additions:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from fastfeed._torch_compat import torch_private as _tp
 from fastfeed._torch_compat.errors import add_context
 from fastfeed._torch_compat.torch_private import shutdown_torch_iterator
 from fastfeed.errors import FastFeedError, LoaderTimeoutError
 
-__all__ = ["ProcessIter"]
+__all__ = ["ProcessIter", "start_process_iter"]
 
 
 class ProcessIter:
@@ -95,3 +97,32 @@ class ProcessIter:
 
     def _note(self) -> str:
         return f"fastfeed: while loading batch #{self._batches} of the epoch (worker processes)"
+
+
+def start_process_iter(loader: Any, tracked: Any) -> ProcessIter:
+    """Start torch's own worker-process iterator for ``loader`` (a fastfeed DataLoader).
+
+    For the duration of this call only, torch's iterator reads the tracked sampler
+    (``tracked``; None: the loader's own) and fastfeed's worker init, set straight into
+    the loader's ``__dict__`` past torch's ``__setattr__`` guard.
+    """
+    from torch.utils.data import DataLoader as TorchDataLoader
+
+    persistent = bool(loader.persistent_workers)
+    user_init = loader.worker_init_fn
+    batch_attr = "batch_sampler" if _tp.auto_collation(loader) else "sampler"
+    original = loader.__dict__[batch_attr]
+    loader.__dict__["worker_init_fn"] = _tp.WorkerInit(user_init)
+    if tracked is not None:
+        loader.__dict__[batch_attr] = tracked
+        _tp.set_persistent_index_sampler(loader, tracked)
+    try:
+        with warnings.catch_warnings():
+            # Given once at construction already; torch would repeat it every epoch.
+            warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
+            warnings.filterwarnings("ignore", message="pin_memory_device is deprecated")
+            inner = TorchDataLoader.__iter__(loader)
+    finally:
+        loader.__dict__["worker_init_fn"] = user_init
+        loader.__dict__[batch_attr] = original
+    return ProcessIter(inner, persistent)
