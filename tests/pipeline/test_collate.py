@@ -255,3 +255,61 @@ def _host_allocs() -> int | None:
     """cudaHostAlloc calls so far (torch's caching host allocator), None if not reported."""
     stats = getattr(torch.cuda, "host_memory_stats", None)
     return stats().get("num_host_alloc") if stats is not None else None
+
+
+_NUMBER_BATCHES = [
+    [3, 1, 4, 1, 5],  # ints -> int64
+    [1, True, 0],  # an int first, bools among them -> int64
+    [True, False, True],  # bools only -> bool
+    [1, 2.5],  # a float among ints -> torch's inference (float32)
+    [1, torch.tensor(2)],  # a 0-d tensor among ints
+    [1, np.int32(3)],  # a numpy integer among ints
+    [2**62, -(2**62)],  # large, still int64
+    [0.5, 2.25, -1e300],  # floats -> float64
+    [1.5, True, 2],  # ints and bools among floats -> float64
+    [1.5, np.float32(2.0)],
+    [float("nan"), float("inf")],
+    [1.5, 2**70],  # an int numpy cannot hold -> torch's rule
+]
+
+_BAD_NUMBER_BATCHES = [
+    [1, 2**63],  # overflows int64
+    [1, "a"],
+    [1, None],
+    [1, [2]],
+    [1.5, None],
+    [1.5, 1j],
+    [1, np.uint64(2**63)],
+]
+
+
+@pytest.mark.parametrize("batch", _NUMBER_BATCHES, ids=repr)
+def test_number_batches_collate_to_what_default_collate_gives(batch):
+    got = Collator().collate(batch)
+    want = default_collate(batch)
+    # Same dtype, shape and values (NaN where torch has NaN), bit for bit.
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got.untyped_storage().resizable()  # an ordinary tensor, as torch.tensor makes
+    # Inside tuples (a sample's label) too, e.g. 3 KB records with an int label.
+    pairs = [(torch.full((2,), k), v) for k, v in enumerate(batch)]
+    xs, ys = Collator().collate(pairs)
+    want_xs, want_ys = default_collate(pairs)
+    assert torch.equal(xs, want_xs)
+    torch.testing.assert_close(ys, want_ys, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("batch", _BAD_NUMBER_BATCHES, ids=repr)
+def test_number_batches_torch_rejects_fail_with_torch_error(batch):
+    with pytest.raises(Exception) as want:
+        default_collate(batch)
+    with pytest.raises(type(want.value)) as got:
+        Collator().collate(batch)
+    assert str(got.value) == str(want.value)
+
+
+def test_a_changed_label_never_shares_memory_with_the_next_batch():
+    col = Collator()
+    first = col.collate([1, 2, 3])
+    second = col.collate([4, 5, 6])
+    first += 10
+    assert second.tolist() == [4, 5, 6] and first.tolist() == [11, 12, 13]
