@@ -25,10 +25,18 @@ from fastfeed._torch_compat.torch_private import THREAD_INFO, WorkerInfo, defaul
 from fastfeed.errors import describe_indices
 from fastfeed.pipeline.collate import Collator
 from fastfeed.profiling import Recorder, Stage
+from fastfeed.profiling.clocks import _torch_profiler_active
+from fastfeed.profiling.spans import STAGE_CODE, ChainTime
 
 __all__ = ["END", "STALE", "Failed", "Fetch", "Task", "describe"]
 
 _POLL_S = 0.05  # how often a stream task waiting for its turn looks at the stop flag, s
+_READ, _COLLATE = STAGE_CODE[Stage.READ], STAGE_CODE[Stage.COLLATE]
+
+
+def _seconds(t: ChainTime) -> float:
+    """A chain clock's reading (``perf_counter`` seconds, or a full mark) in seconds."""
+    return t if isinstance(t, float) else t[0]
 
 
 class Task:
@@ -181,47 +189,73 @@ class Fetch:
                     raise
             return self._collate(data, index, 1)
         n = len(index)
-        with rec.span(Stage.READ, items=n):
-            if self.getitems is not None:
-                try:
-                    data = self.getitems(index)
-                except Exception as exc:
-                    where = f"{self.name}.__getitems__({describe_indices(index)})"
-                    add_context(exc, sample_note(None, where, Stage.READ, _who()))
-                    raise
-            else:
-                # One loop without a helper call per index: on tiny records the per-sample
-                # cost is what separates a loader from torch's num_workers=0.
-                data = []
-                append = data.append
-                dataset = self.dataset
-                try:
-                    for i in index:
-                        append(dataset[i])
-                except Exception as exc:
-                    i = index[len(data)]
-                    note = sample_note(i, f"{self.name}[{i!r}]", Stage.READ, _who())
-                    add_context(exc, note)
-                    raise
-        return self._collate(data, index, n)
+        if _torch_profiler_active():  # spans: fastfeed/read and /collate in its trace
+            with rec.span(Stage.READ, items=n):
+                data = self._read_batch(index)
+            return self._collate(data, index, n)
+        # One call into the recorder per batch, C functions after it (Recorder.chain):
+        # two spans cost ~3.5 us a batch, a share of a tiny-record batch worth keeping.
+        clock, record = rec.chain()
+        start = clock()
+        try:
+            data = self._read_batch(index)
+        except BaseException:
+            rec.add(Stage.READ, _seconds(start), _seconds(clock()), None, items=n, failed=True)
+            raise
+        read_end = clock()
+        try:
+            out = self._collate_now(data, index)
+        except BaseException:
+            record([1, start, _READ, read_end, n, 0])
+            end = _seconds(clock())
+            rec.add(Stage.COLLATE, _seconds(read_end), end, None, items=n, failed=True)
+            raise
+        record([2, start, _READ, read_end, n, 0, _COLLATE, clock(), n, 0])
+        return out
+
+    def _read_batch(self, index: Any) -> Any:
+        """The samples of a batch of indices: ``__getitems__``, else ``dataset[i]`` each."""
+        if self.getitems is not None:
+            try:
+                return self.getitems(index)
+            except Exception as exc:
+                where = f"{self.name}.__getitems__({describe_indices(index)})"
+                add_context(exc, sample_note(None, where, Stage.READ, _who()))
+                raise
+        # One loop without a helper call per index: on tiny records the per-sample cost
+        # is what separates a loader from torch's num_workers=0.
+        data: list[Any] = []
+        append = data.append
+        dataset = self.dataset
+        try:
+            for i in index:
+                append(dataset[i])
+        except Exception as exc:
+            i = index[len(data)]
+            add_context(exc, sample_note(i, f"{self.name}[{i!r}]", Stage.READ, _who()))
+            raise
+        return data
 
     def _collate(self, data: Any, index: Any, n: int) -> Any:
         with self.recorder.span(Stage.COLLATE, items=n):
-            hidden = None
-            if self.hide_info:
-                hidden = getattr(THREAD_INFO, "info", None)
-                THREAD_INFO.info = None
-            try:
-                return self.collator.collate(data)
-            except Exception as exc:
-                where = index if isinstance(index, str) else f"batch {describe_indices(index)}"
-                if not isinstance(index, (list, tuple, str)):
-                    where = f"sample {index!r}"
-                add_context(exc, sample_note(None, where, Stage.COLLATE, _who()))
-                raise
-            finally:
-                if hidden is not None:
-                    THREAD_INFO.info = hidden
+            return self._collate_now(data, index)
+
+    def _collate_now(self, data: Any, index: Any) -> Any:
+        hidden = None
+        if self.hide_info:
+            hidden = getattr(THREAD_INFO, "info", None)
+            THREAD_INFO.info = None
+        try:
+            return self.collator.collate(data)
+        except Exception as exc:
+            where = index if isinstance(index, str) else f"batch {describe_indices(index)}"
+            if not isinstance(index, (list, tuple, str)):
+                where = f"sample {index!r}"
+            add_context(exc, sample_note(None, where, Stage.COLLATE, _who()))
+            raise
+        finally:
+            if hidden is not None:
+                THREAD_INFO.info = hidden
 
     # -- iterable-style ---------------------------------------------------------------
 

@@ -892,6 +892,54 @@ def test_recorder_counts_read_and_collate_per_batch() -> None:
     assert quiet.recorder.snapshot()["stages"] == {}
 
 
+class _FailsAt(tud.Dataset[Any]):
+    """Sample ``bad`` raises in __getitem__; ``ragged`` gives sample 9 another shape."""
+
+    def __init__(self, bad: int | None = None, ragged: bool = False) -> None:
+        self.bad, self.ragged = bad, ragged
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == self.bad:
+            raise KeyError(i)
+        return torch.zeros(3 if self.ragged and i == 9 else 2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_recorder_counts_failed_read_and_collate_spans(workers: int) -> None:
+    loader = DataLoader(_FailsAt(bad=5), batch_size=4, num_workers=workers)
+    with pytest.raises(KeyError):
+        list(loader)
+    # Inline, the epoch stops at the failing batch (the second); two workers had all four
+    # batches queued (prefetch_factor 2 x 2 workers) and ran them.
+    batches = 2 if workers == 0 else 4
+    stages = loader.recorder.snapshot()["stages"]
+    assert stages["read"]["count"] == batches and stages["read"]["failures"] == 1
+    assert stages["collate"]["count"] == batches - 1 and stages["collate"]["failures"] == 0
+    loader.close()
+    loader = DataLoader(_FailsAt(ragged=True), batch_size=4, num_workers=workers)
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        list(loader)
+    batches = 3 if workers == 0 else 4
+    stages = loader.recorder.snapshot()["stages"]
+    assert stages["read"]["count"] == batches and stages["read"]["failures"] == 0
+    assert stages["collate"]["count"] == batches and stages["collate"]["failures"] == 1
+    loader.close()
+
+
+def test_read_and_collate_show_as_torch_profiler_ranges() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    loader = DataLoader(make_dataset("tensor"), batch_size=8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        list(loader)
+    keys = {e.key: e.count for e in prof.key_averages()}
+    assert keys.get("fastfeed/read") == 7 and keys.get("fastfeed/collate") == 7
+    assert loader.recorder.snapshot()["stages"]["read"]["count"] == 7
+
+
 @pytest.mark.skipif(torch.accelerator.is_available(), reason="checks the no-accelerator path")
 def test_pin_memory_without_accelerator_warns_once() -> None:
     with warnings.catch_warnings(record=True) as caught:
