@@ -233,6 +233,32 @@ def test_consumer_steps_are_measured_at_most_once_per_gap(monkeypatch) -> None:
     assert rec.snapshot()["consumer"]["steps"] == 5
 
 
+def test_fast_hand_overs_stay_direct_while_a_measured_step_waits_for_the_gap(
+    monkeypatch,
+) -> None:
+    from fastfeed.pipeline.tap import Tap
+    from fastfeed.profiling import recorder as profiling
+
+    monkeypatch.setattr(clocks, "SCHED_SAMPLE_GAP_S", 10.0)
+    rec = Recorder()
+    calls = []
+    real = rec.consumer_report
+
+    def counted(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(rec, "consumer_report", counted)
+    n = 50 * profiling.CONSUMER_SAMPLE_EVERY
+    assert sum(1 for _ in Tap(iter(range(n)), rec)) == n
+    snap = rec.snapshot()
+    assert snap["steps"] == n - 1  # every step between hand-overs, most without a call
+    assert snap["consumer"]["steps"] == 1  # one measured step: the gap is 10 s
+    # One call in CONSUMER_SAMPLE_EVERY, also after the first measured step (before:
+    # every hand-over called in while the next measured step waited for the gap).
+    assert len(calls) <= n // (profiling.CONSUMER_SAMPLE_EVERY - 1) + 3
+
+
 def _python_burn(data: bytes) -> int:
     s = 0  # a pure-Python loop: holds the GIL the whole time
     for i in range(80_000):
