@@ -85,27 +85,15 @@ def _loader_overhead(rounds: int) -> list[dict[str, float | str]]:
     """CPU cost of the Loader's hooks, as a fraction of the CPU per sample, median of rounds."""
     import io
 
+    import _common
     from PIL import Image
 
     from fastfeed.image import Compose, RandomHorizontalFlip, RandomResizedCrop
-    from fastfeed.sources.base import Record, Source
-
-    class _Ram(Source):
-        def __init__(self, payloads: list[bytes]) -> None:
-            super().__init__()
-            self.payloads = payloads
-
-        def __len__(self) -> int:
-            return len(self.payloads)
-
-        def describe(self, index: int) -> str:
-            return f"ram[{index}]"
-
-        def _read_one(self, index: int) -> Record:
-            return Record(self.payloads[index], index % 10)
 
     rng = np.random.default_rng(0)
-    tiny = _Ram([rng.bytes(3072) for _ in range(50_000)])
+    tiny = _common.RamSource(
+        [rng.bytes(3072) for _ in range(50_000)], [i % 10 for i in range(50_000)]
+    )
 
     def frombuffer(records: list[bytes]) -> np.ndarray:
         return np.frombuffer(b"".join(records), dtype=np.uint8).reshape(len(records), -1)
@@ -120,7 +108,7 @@ def _loader_overhead(rounds: int) -> list[dict[str, float | str]]:
         ("tiny 3 KB records, batch 256", tiny, None, frombuffer, 256),
         (
             "JPEG 500x375 RRC 224 + flip, batch 64",
-            _Ram(jpegs),
+            _common.RamSource(jpegs, [i % 10 for i in range(len(jpegs))]),
             Compose([RandomResizedCrop(224), RandomHorizontalFlip()]),
             None,
             64,
@@ -192,6 +180,108 @@ def _dataloader_overhead(rounds: int, samples: int = 50_000) -> list[dict[str, f
             }
         )
     return out
+
+
+def _per_batch_us(loader, epochs: int) -> float:
+    """Wall microseconds per batch over ``epochs`` epochs of a built loader (GC off)."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        t0, n = time.perf_counter(), 0
+        for _ in range(epochs):
+            for _batch in loader:
+                n += 1
+        return (time.perf_counter() - t0) / n * 1e6
+    finally:
+        gc.enable()
+
+
+def _hook_cost(rounds: int, samples: int = 20_000) -> list[dict[str, float | str]]:
+    """The hooks' cost per batch, measured where nothing else varies, over a batch's time.
+
+    The per-epoch comparisons above move by several per cent from round to round (GC,
+    allocator, the other core), more than the hooks cost. Here each loader is built once,
+    profile on and off, at batch size 1 over the same 3 KB records: a batch's fixed costs
+    (the hooks among them) dominate, and the paired on-minus-off difference of
+    alternating epochs, in microseconds per batch, is the hooks' cost. Divided by the
+    wall time of a batch of 256 (the same loader, profile off), it is the overhead on
+    3 KB records at batch 256.
+    """
+    import _common
+
+    from fastfeed import DataLoader
+    from fastfeed.loader import Loader
+    from fastfeed.profiling import gil
+
+    rng = np.random.default_rng(0)
+    payloads = [rng.bytes(3072) for _ in range(samples)]
+    tiny = _common.RamArrays(payloads, [i % 10 for i in range(samples)])
+    source = _common.RamSource(payloads, [i % 10 for i in range(samples)])
+
+    def frombuffer(records: list[bytes]) -> np.ndarray:
+        return np.frombuffer(b"".join(records), dtype=np.uint8).reshape(len(records), -1)
+
+    def build(kind: str, batch: int, profile: bool):
+        if kind == "Loader":
+            return Loader(
+                source,
+                batch_transform=frombuffer,
+                batch_size=batch,
+                shuffle=True,
+                num_threads=0,
+                profile=profile,
+                read_ahead=False,
+            )
+        workers = 2 if kind.endswith("2)") else 0
+        return DataLoader(
+            tiny, batch_size=batch, shuffle=True, num_workers=workers, profile=profile
+        )
+
+    out = []
+    for kind in ("Loader", "DataLoader(num_workers=0)", "DataLoader(num_workers=2)"):
+        loaders = {p: build(kind, 1, p) for p in (False, True)}
+        big = build(kind, 256, False)
+        for loader in (*loaders.values(), big):
+            _per_batch_us(loader, 1)  # warm-up: threads, ring slots, page faults
+        diffs, big_us, probe_ms = [], [], []
+        for r in range(rounds):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            got = {}
+            for p in order:
+                thread = gil._STATE.thread
+                c0 = _thread_cpu_s(thread) if p else None
+                t0 = time.perf_counter()
+                got[p] = _per_batch_us(loaders[p], 1)
+                if c0 is not None and thread is gil._STATE.thread:
+                    probe_ms.append(1e3 * (_thread_cpu_s(thread) - c0) / (time.perf_counter() - t0))
+            diffs.append(got[True] - got[False])
+            big_us.append(_per_batch_us(big, 1))
+        for loader in (*loaders.values(), big):
+            loader.close()
+        cost, batch_us = statistics.median(diffs), statistics.median(big_us)
+        q1, _, q3 = statistics.quantiles(diffs, n=4)
+        out.append(
+            {
+                "case": kind,
+                "hook_us_per_batch": cost,
+                "hook_us_quartiles": [q1, q3],
+                "batch256_us": batch_us,
+                "overhead_at_256": cost / batch_us,
+                "probe_cpu_ms_per_s": statistics.median(probe_ms) if probe_ms else None,
+            }
+        )
+    return out
+
+
+def _thread_cpu_s(thread) -> float:
+    """CPU seconds a thread of this process has run (its schedstat); 0 when unknown."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (AttributeError, OSError, ValueError):
+        return 0.0
 
 
 def main() -> None:
@@ -272,6 +362,20 @@ def main() -> None:
                 f"({100 * r['rate_loss']:+.2f}% slower)",
             )
         )
+    hook_rows = _hook_cost(max(args.rounds, 9))
+    for r in hook_rows:
+        q1, q3 = r["hook_us_quartiles"]
+        rows.append(
+            (
+                f"{r['case']}, 3 KB records: hooks per batch (us, quartiles) / batch of 256 (us)",
+                f"{r['hook_us_per_batch']:.2f} ({q1:.2f}..{q3:.2f}) / {r['batch256_us']:.0f}"
+                f" = {100 * r['overhead_at_256']:.2f}%",
+            )
+        )
+        if r["probe_cpu_ms_per_s"] is not None:
+            rows.append(
+                (f"{r['case']}: GIL probe thread CPU (ms per s)", f"{r['probe_cpu_ms_per_s']:.1f}")
+            )
     width = max(len(r[0]) for r in rows)
     print(
         f"profiling overhead: {args.batches} batches x {args.rounds} rounds, "
@@ -291,6 +395,7 @@ def main() -> None:
         "torch_profiler_check_ns": check_ns,
         "loader_cpu_overhead": loader_rows,
         "dataloader_overhead": dl_rows,
+        "hook_cost": hook_rows,
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
