@@ -275,6 +275,53 @@ def _hook_cost(rounds: int, samples: int = 20_000) -> list[dict[str, float | str
     return out
 
 
+def _probe_cost(rounds: int, seconds: float = 1.0) -> dict[str, float]:
+    """What the GIL probe thread costs a pure-Python loop beside it, paired rounds.
+
+    Each round runs the loop for ``seconds`` with the probe running and without it (in
+    alternating order); reported: the median slowdown and its quartiles, and the probe
+    thread's CPU per second of running.
+    """
+    from fastfeed.profiling import gil
+    from fastfeed.profiling.clocks import _run_delay_s
+
+    def loop() -> float:
+        t0, n = time.perf_counter(), 0
+        while True:
+            for _ in range(2000):
+                n += 1
+            now = time.perf_counter()
+            gil.touch(now)  # recording activity: keeps a running probe alive
+            if now - t0 > seconds:
+                return n / (now - t0)
+
+    slow, cpu = [], []
+    for r in range(rounds):
+        rate = {}
+        for on in (False, True) if r % 2 == 0 else (True, False):
+            if on:
+                gil.ensure_running(_run_delay_s)
+                time.sleep(0.05)
+                thread = gil._STATE.thread
+                c0, t0 = _thread_cpu_s(thread), time.perf_counter()
+                rate[on] = loop()
+                cpu.append(1e3 * (_thread_cpu_s(thread) - c0) / (time.perf_counter() - t0))
+            else:
+                gil._STATE.last_activity = -1e9  # the probe exits at its next wake-up
+                deadline = time.monotonic() + 2
+                while gil.running() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                rate[on] = loop()
+        slow.append(1.0 - rate[True] / rate[False])
+    q1, med, q3 = statistics.quantiles(slow, n=4)
+    return {
+        "slowdown": med,
+        "slowdown_q1": q1,
+        "slowdown_q3": q3,
+        "cpu_ms_per_s": statistics.median(cpu),
+    }
+
+
 def _thread_cpu_s(thread) -> float:
     """CPU seconds a thread of this process has run (its schedstat); 0 when unknown."""
     try:
@@ -376,6 +423,14 @@ def main() -> None:
             rows.append(
                 (f"{r['case']}: GIL probe thread CPU (ms per s)", f"{r['probe_cpu_ms_per_s']:.1f}")
             )
+    probe = _probe_cost(max(args.rounds, 9))
+    rows.append(
+        (
+            "GIL probe thread beside a pure-Python loop: loop slowdown (quartiles), probe CPU",
+            f"{100 * probe['slowdown']:+.2f}% ({100 * probe['slowdown_q1']:+.2f}.."
+            f"{100 * probe['slowdown_q3']:+.2f}), {probe['cpu_ms_per_s']:.1f} ms/s",
+        )
+    )
     width = max(len(r[0]) for r in rows)
     print(
         f"profiling overhead: {args.batches} batches x {args.rounds} rounds, "
@@ -396,6 +451,7 @@ def main() -> None:
         "loader_cpu_overhead": loader_rows,
         "dataloader_overhead": dl_rows,
         "hook_cost": hook_rows,
+        "gil_probe": probe,
         "environment": {
             "python": platform.python_version(),
             "torch": torch.__version__,
