@@ -46,3 +46,28 @@ def test_dataloader_batches_are_unchanged_by_the_threshold() -> None:
     data = [torch.full((3,), i, dtype=torch.int32) for i in range(10)]
     got = [b.tolist() for b in DataLoader(data, batch_size=4)]
     assert got == [[[i] * 3 for i in range(k, min(k + 4, 10))] for k in range(0, 10, 4)]
+
+
+def test_small_unpinned_tensor_batches_take_torchs_rule_without_the_slot_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch.utils.data import default_collate
+
+    def no_checks(batch: object) -> bool:
+        raise AssertionError("the slot checks ran for a plain allocation")
+
+    monkeypatch.setattr(collate, "_stackable", no_checks)
+    c = Collator(slots=4)
+    samples = [(torch.full((3072,), i, dtype=torch.uint8), i) for i in range(256)]  # 786 KB
+    xs, ys = c.collate(samples)
+    want_xs, want_ys = default_collate(samples)
+    assert torch.equal(xs, want_xs) and torch.equal(ys, want_ys)
+    assert xs.dtype == torch.uint8 and ys.dtype == torch.int64
+    # Ragged, mixed-dtype and grad-requiring batches: torch's results and errors.
+    mixed = [torch.ones(2, dtype=torch.float32), torch.ones(2, dtype=torch.float64)]
+    assert c.collate(mixed).dtype == default_collate(mixed).dtype == torch.float64
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        c.collate([torch.ones(2), torch.ones(3)])
+    grad = c.collate([torch.ones(2, requires_grad=True)] * 3)
+    assert grad.requires_grad and grad.grad_fn is not None
+    assert c.stats()["allocations"] == 0
