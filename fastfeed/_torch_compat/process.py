@@ -106,8 +106,6 @@ def start_process_iter(loader: Any, tracked: Any) -> ProcessIter:
     (``tracked``; None: the loader's own) and fastfeed's worker init, set straight into
     the loader's ``__dict__`` past torch's ``__setattr__`` guard.
     """
-    from torch.utils.data import DataLoader as TorchDataLoader
-
     persistent = bool(loader.persistent_workers)
     user_init = loader.worker_init_fn
     batch_attr = "batch_sampler" if _tp.auto_collation(loader) else "sampler"
@@ -121,8 +119,21 @@ def start_process_iter(loader: Any, tracked: Any) -> ProcessIter:
             # Given once at construction already; torch would repeat it every epoch.
             warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
             warnings.filterwarnings("ignore", message="pin_memory_device is deprecated")
-            inner = TorchDataLoader.__iter__(loader)
+            inner = _torch_class(loader).__iter__(loader)
     finally:
         loader.__dict__["worker_init_fn"] = user_init
         loader.__dict__[batch_attr] = original
     return ProcessIter(inner, persistent)
+
+
+def _torch_class(loader: Any) -> type:
+    """torch's own ``DataLoader`` class among ``loader``'s bases.
+
+    Found in the class hierarchy, not by name: a script that makes fastfeed's class the
+    global default (``torch.utils.data.DataLoader = fastfeed.DataLoader``, as PyTorch's
+    own test file can be run against it) would otherwise have this call itself forever.
+    """
+    for cls in type(loader).__mro__:
+        if cls.__module__ == "torch.utils.data.dataloader" and cls.__name__ == "DataLoader":
+            return cls
+    raise TypeError(f"{type(loader).__name__} does not derive from torch's DataLoader")

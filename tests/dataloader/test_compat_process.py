@@ -85,6 +85,26 @@ def test_fork_processes_give_the_same_batches_as_threads_and_torch() -> None:
     assert loader.recorder.snapshot()["steps"] == 2 * (len(loader) - 1)
 
 
+def test_process_workers_run_when_fastfeed_is_made_torchs_default_dataloader(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `torch.utils.data.DataLoader = fastfeed.DataLoader` (how a script, or PyTorch's own
+    # test file, swaps it in everywhere) made starting torch's worker iterator call itself.
+    monkeypatch.setattr(tud, "DataLoader", DataLoader)
+    loader = DataLoader(
+        WhoLoaded(),
+        batch_size=8,
+        num_workers=1,
+        worker_type="process",
+        multiprocessing_context="fork",
+    )
+    batches = list(loader)
+    assert [b[0][:, 0].tolist() for b in batches] == [
+        list(range(k, min(k + 8, N))) for k in range(0, N, 8)
+    ]
+    assert {wid for b in batches for wid in b[1].tolist()} == {0}  # a worker process's id
+
+
 def test_spawn_persistent_processes_give_the_same_batches_as_threads() -> None:
     # Persistent on both sides: torch's persistent iterator draws the base seed only once,
     # so the second epoch's order differs from a non-persistent loader's.
