@@ -275,24 +275,26 @@ def _hook_cost(rounds: int, samples: int = 20_000) -> list[dict[str, float | str
     return out
 
 
-def _probe_cost(rounds: int, seconds: float = 1.0) -> dict[str, float]:
+def _probe_cost(rounds: int, seconds: float = 1.0, *, steady: bool) -> dict[str, float]:
     """What the GIL probe thread costs a pure-Python loop beside it, paired rounds.
 
     Each round runs the loop for ``seconds`` with the probe running and without it (in
     alternating order); reported: the median slowdown and its quartiles, and the probe
-    thread's CPU per second of running.
+    thread's CPU per second of running. ``steady``: time the loop only once the probe
+    has made its first ``gil.WARM_WAKEUPS`` wake-ups (it then wakes less often), else
+    from the probe's start.
     """
     from fastfeed.profiling import gil
     from fastfeed.profiling.clocks import _run_delay_s
 
-    def loop() -> float:
+    def loop(duration_s: float) -> float:
         t0, n = time.perf_counter(), 0
         while True:
             for _ in range(2000):
                 n += 1
             now = time.perf_counter()
             gil.touch(now)  # recording activity: keeps a running probe alive
-            if now - t0 > seconds:
+            if now - t0 > duration_s:
                 return n / (now - t0)
 
     slow, cpu = [], []
@@ -302,16 +304,18 @@ def _probe_cost(rounds: int, seconds: float = 1.0) -> dict[str, float]:
             if on:
                 gil.ensure_running(_run_delay_s)
                 time.sleep(0.05)
+                if steady:
+                    loop(gil.WARM_WAKEUPS * gil.INTERVAL_S + 0.2)
                 thread = gil._STATE.thread
                 c0, t0 = _thread_cpu_s(thread), time.perf_counter()
-                rate[on] = loop()
+                rate[on] = loop(seconds)
                 cpu.append(1e3 * (_thread_cpu_s(thread) - c0) / (time.perf_counter() - t0))
             else:
                 gil._STATE.last_activity = -1e9  # the probe exits at its next wake-up
                 deadline = time.monotonic() + 2
                 while gil.running() and time.monotonic() < deadline:
                     time.sleep(0.02)
-                rate[on] = loop()
+                rate[on] = loop(seconds)
         slow.append(1.0 - rate[True] / rate[False])
     q1, med, q3 = statistics.quantiles(slow, n=4)
     return {
@@ -423,14 +427,18 @@ def main() -> None:
             rows.append(
                 (f"{r['case']}: GIL probe thread CPU (ms per s)", f"{r['probe_cpu_ms_per_s']:.1f}")
             )
-    probe = _probe_cost(max(args.rounds, 9))
-    rows.append(
-        (
-            "GIL probe thread beside a pure-Python loop: loop slowdown (quartiles), probe CPU",
-            f"{100 * probe['slowdown']:+.2f}% ({100 * probe['slowdown_q1']:+.2f}.."
-            f"{100 * probe['slowdown_q3']:+.2f}), {probe['cpu_ms_per_s']:.1f} ms/s",
+    probe = {
+        phase: _probe_cost(max(args.rounds, 9), steady=phase == "steady")
+        for phase in ("start", "steady")
+    }
+    for phase, p in probe.items():
+        rows.append(
+            (
+                f"GIL probe beside a pure-Python loop, {phase}: slowdown (quartiles), probe CPU",
+                f"{100 * p['slowdown']:+.2f}% ({100 * p['slowdown_q1']:+.2f}.."
+                f"{100 * p['slowdown_q3']:+.2f}), {p['cpu_ms_per_s']:.1f} ms/s",
+            )
         )
-    )
     width = max(len(r[0]) for r in rows)
     print(
         f"profiling overhead: {args.batches} batches x {args.rounds} rounds, "

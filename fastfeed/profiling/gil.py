@@ -1,12 +1,13 @@
 """How long a thread that wants the GIL waits for it: one sleeping probe thread per process.
 
-The probe thread sleeps ``INTERVAL_S`` (releasing the GIL), wakes, and needs the GIL to
-run its next line. Its lateness beyond the sleep, minus the time it sat in the run
-queue (no free core, from ``/proc/thread-self/schedstat``) and minus the smallest
-lateness ever seen (the timer's own slack), is the time it waited for another thread
-to release the GIL. The mean of that per wake-up is the expected cost of one GIL
-acquisition in this process: about ``sys.getswitchinterval()`` (5 ms) while some thread
-runs Python code non-stop, ~0 while the GIL is mostly free.
+The probe thread sleeps (``INTERVAL_S``, later ``SLOW_INTERVAL_S``: see below), releasing
+the GIL, wakes, and needs the GIL to run its next line. Its lateness beyond the sleep,
+minus the time it sat in the run queue (no free core, from
+``/proc/thread-self/schedstat``) and minus the smallest lateness ever seen (the timer's
+own slack), is the time it waited for another thread to release the GIL. The mean of
+that per wake-up is the expected cost of one GIL acquisition in this process: about
+``sys.getswitchinterval()`` (5 ms) while some thread runs Python code non-stop, ~0 while
+the GIL is mostly free.
 
 A thread's GIL wait is then estimated as (its voluntary context switches: each one is a
 block, after which it must take the GIL again) x (that expected cost), capped by the
@@ -15,16 +16,17 @@ wait ~5 ms each time, so almost all their blocked time is GIL; a read that sleep
 storage switches once per read and finds the GIL free, so almost none of it is.
 
 The GIL is the process's, so one probe serves every recorder: each recorder keeps the
-totals it started from and reports the difference. The probe wakes every 20 ms and holds
+totals it started from and reports the difference. The probe wakes every 20 ms for its
+first 100 wake-ups (a short profile gets enough of them), then every 100 ms, and holds
 the GIL a few microseconds each time. Measured on a 2-core VM: ~140 us of CPU per
-wake-up, most of it the kernel's (a bare 20 ms sleep loop costs 73 us a wake there),
-i.e. 4.5-9 ms of CPU per second of recording (``benchmarks/profiling_overhead.py``),
-and a pure-Python loop beside it about 1% slower (median of paired rounds: -0.8%, +1.2%,
-+1.4% in three runs, each round within about +-5%). On
-a crowded machine it can be preempted while holding the GIL, so it runs only while
-stages record: it starts with a stage span, exits by itself 0.5 s after the last span
-or step, and the next span starts it again. A loop watched by :func:`fastfeed.watch`
-alone (no stage spans) runs no probe.
+wake-up, most of it the kernel's (a bare 20 ms sleep loop costs 73 us a wake there): 7 ms
+of CPU per second while it wakes every 20 ms, a pure-Python loop beside it then about 1%
+slower (median of paired rounds: -0.8%, +1.2%, +1.4% in three runs, quartiles about
++-5%); every 100 ms, a fifth of that (``benchmarks/profiling_overhead.py``). On a
+crowded machine it can be preempted while holding the GIL, so it runs only while stages
+record: it starts with a stage span, exits by itself 0.5 s after the last span or step,
+and the next span starts it again. A loop watched by :func:`fastfeed.watch` alone (no
+stage spans) runs no probe.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from typing import Any
 
 __all__ = ["GilProbeTotals", "ensure_running", "running", "totals", "touch"]
 
-INTERVAL_S = 0.020
+INTERVAL_S = 0.020  # between wake-ups for the first WARM_WAKEUPS of a run, seconds
+WARM_WAKEUPS = 100  # 2 s at INTERVAL_S: enough wake-ups for a short profile's estimate
+SLOW_INTERVAL_S = 0.100  # between wake-ups after those, seconds (a fifth of the cost)
 IDLE_EXIT_S = 0.5
 
 
@@ -114,14 +118,17 @@ def ensure_running(run_delay_s: Callable[[], float]) -> None:
 
 
 def _run(state: _Probe, run_delay_s: Callable[[], float]) -> None:
+    wakeups = 0
     while True:
+        interval = INTERVAL_S if wakeups < WARM_WAKEUPS else SLOW_INTERVAL_S
+        wakeups += 1
         q0 = run_delay_s()
         t0 = time.perf_counter()
-        time.sleep(INTERVAL_S)
+        time.sleep(interval)
         t1 = time.perf_counter()  # the GIL is held again from here
         q1 = run_delay_s()
         runq = q1 - q0 if q0 >= 0 and q1 >= 0 else 0.0
-        late = max(0.0, t1 - t0 - INTERVAL_S - runq)
+        late = max(0.0, t1 - t0 - interval - runq)
         with state.lock:
             idle = t1 - state.last_activity
             if idle > IDLE_EXIT_S or idle < -1.0:  # quiet, or a made-up future timestamp

@@ -84,6 +84,28 @@ def test_one_gil_probe_per_process_runs_while_stages_record_and_exits_when_idle(
     assert _probe_threads() == []
 
 
+def test_the_probe_wakes_less_often_after_its_first_wake_ups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fastfeed.profiling import gil
+
+    _wait_probe_gone()
+    monkeypatch.setattr(gil, "INTERVAL_S", 0.01)
+    monkeypatch.setattr(gil, "WARM_WAKEUPS", 5)
+    monkeypatch.setattr(gil, "SLOW_INTERVAL_S", 0.25)
+    rec = Recorder()
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:  # spans every 10 ms keep the probe running
+        t = time.perf_counter()
+        rec.add(Stage.READ, t, t, 0.0)
+        time.sleep(0.01)
+    wakeups = rec.snapshot()["gil"]["wakeups"]
+    # 5 quick wake-ups (50 ms), then one every 250 ms: about 9 in 1.2 s, where 10 ms
+    # sleeps throughout would have made about 120.
+    assert 5 <= wakeups <= 20
+    _wait_probe_gone()
+
+
 def test_disabled_recorder_starts_no_probe() -> None:
     _wait_probe_gone()
     rec = Recorder(enabled=False)
