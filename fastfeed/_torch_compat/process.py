@@ -126,7 +126,7 @@ def start_process_iter(loader: Any, tracked: Any) -> ProcessIter:
     return ProcessIter(inner, persistent)
 
 
-def _torch_class(loader: Any) -> type:
+def _torch_class(loader: Any) -> Any:
     """torch's own ``DataLoader`` class among ``loader``'s bases.
 
     Found in the class hierarchy, not by name: a script that makes fastfeed's class the
