@@ -60,11 +60,16 @@ def _pipeline(recorder: Recorder, batches: int, work: np.ndarray, threads: int) 
     return batches * 32 / (time.perf_counter() - t0)
 
 
-def _loader_cpu_per_sample(profile: bool, source, transform, batch_transform, batch: int) -> float:
-    """Process CPU seconds per sample of one inline Loader epoch (no thread scheduling noise)."""
+def _frombuffer(records: list[bytes]) -> np.ndarray:
+    """3 KB records as one (n, 3072) uint8 batch: the tiny-record batch transform."""
+    return np.frombuffer(b"".join(records), dtype=np.uint8).reshape(len(records), -1)
+
+
+def _inline_loader(source, profile: bool, batch: int, transform=None, batch_transform=None):
+    """A shuffled Loader that runs its batches in the calling thread (no read-ahead)."""
     from fastfeed.loader import Loader
 
-    loader = Loader(
+    return Loader(
         source,
         transform=transform,
         batch_transform=batch_transform,
@@ -74,6 +79,11 @@ def _loader_cpu_per_sample(profile: bool, source, transform, batch_transform, ba
         profile=profile,
         read_ahead=False,
     )
+
+
+def _loader_cpu_per_sample(profile: bool, source, transform, batch_transform, batch: int) -> float:
+    """Process CPU seconds per sample of one inline Loader epoch (no thread scheduling noise)."""
+    loader = _inline_loader(source, profile, batch, transform, batch_transform)
     c0 = time.process_time()
     n = sum(len(b.indices) for b in loader)
     cpu = time.process_time() - c0
@@ -95,9 +105,6 @@ def _loader_overhead(rounds: int) -> list[dict[str, float | str]]:
         [rng.bytes(3072) for _ in range(50_000)], [i % 10 for i in range(50_000)]
     )
 
-    def frombuffer(records: list[bytes]) -> np.ndarray:
-        return np.frombuffer(b"".join(records), dtype=np.uint8).reshape(len(records), -1)
-
     jpegs = []
     for _ in range(256):
         img = rng.integers(0, 255, size=(375, 500, 3), dtype=np.uint8)
@@ -105,7 +112,7 @@ def _loader_overhead(rounds: int) -> list[dict[str, float | str]]:
         Image.fromarray(img).save(buf, format="JPEG", quality=90)
         jpegs.append(buf.getvalue())
     cases = [
-        ("tiny 3 KB records, batch 256", tiny, None, frombuffer, 256),
+        ("tiny 3 KB records, batch 256", tiny, None, _frombuffer, 256),
         (
             "JPEG 500x375 RRC 224 + flip, batch 64",
             _common.RamSource(jpegs, [i % 10 for i in range(len(jpegs))]),
@@ -212,7 +219,6 @@ def _hook_cost(rounds: int, samples: int = 20_000) -> list[dict[str, float | str
     import _common
 
     from fastfeed import DataLoader
-    from fastfeed.loader import Loader
     from fastfeed.profiling import gil
 
     rng = np.random.default_rng(0)
@@ -220,20 +226,9 @@ def _hook_cost(rounds: int, samples: int = 20_000) -> list[dict[str, float | str
     tiny = _common.RamArrays(payloads, [i % 10 for i in range(samples)])
     source = _common.RamSource(payloads, [i % 10 for i in range(samples)])
 
-    def frombuffer(records: list[bytes]) -> np.ndarray:
-        return np.frombuffer(b"".join(records), dtype=np.uint8).reshape(len(records), -1)
-
     def build(kind: str, batch: int, profile: bool):
         if kind == "Loader":
-            return Loader(
-                source,
-                batch_transform=frombuffer,
-                batch_size=batch,
-                shuffle=True,
-                num_threads=0,
-                profile=profile,
-                read_ahead=False,
-            )
+            return _inline_loader(source, profile, batch, batch_transform=_frombuffer)
         workers = 2 if kind.endswith("2)") else 0
         return DataLoader(
             tiny, batch_size=batch, shuffle=True, num_workers=workers, profile=profile
