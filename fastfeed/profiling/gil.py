@@ -18,15 +18,15 @@ storage switches once per read and finds the GIL free, so almost none of it is.
 The GIL is the process's, so one probe serves every recorder: each recorder keeps the
 totals it started from and reports the difference. The probe wakes every 20 ms for its
 first 100 wake-ups (a short profile gets enough of them), then every 100 ms, and holds
-the GIL a few microseconds each time. Measured on a 2-core VM: ~140 us of CPU per
-wake-up, most of it the kernel's (a bare 20 ms sleep loop costs 73 us a wake there): 7 ms
-of CPU per second while it wakes every 20 ms, a pure-Python loop beside it then about 1%
-slower (median of paired rounds: -0.8%, +1.2%, +1.4% in three runs, quartiles about
-+-5%); every 100 ms, a fifth of that (``benchmarks/profiling_overhead.py``). On a
-crowded machine it can be preempted while holding the GIL, so it runs only while stages
-record: it starts with a stage span, exits by itself 0.5 s after the last span or step,
-and the next span starts it again. A loop watched by :func:`fastfeed.watch` alone (no
-stage spans) runs no probe.
+the GIL a few microseconds each time. Measured on a 2-core VM
+(``benchmarks/profiling_overhead.py``): ~140 us of CPU per wake-up, most of it the
+kernel's (a bare 20 ms sleep loop costs 73 us a wake there), so 7-8 ms of CPU per second
+while it wakes every 20 ms and about 3 ms after; what that costs a pure-Python loop
+beside it is below that machine's noise (medians of paired 1 s rounds from -4% to +5%).
+On a crowded machine it can be preempted while holding the GIL, so it runs only while
+stages record: it starts with a stage span, exits by itself 0.5 s after the last span
+or step, and the next span starts it again. A loop watched by :func:`fastfeed.watch`
+alone (no stage spans) runs no probe.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ __all__ = ["GilProbeTotals", "ensure_running", "running", "totals", "touch"]
 
 INTERVAL_S = 0.020  # between wake-ups for the first WARM_WAKEUPS of a run, seconds
 WARM_WAKEUPS = 100  # 2 s at INTERVAL_S: enough wake-ups for a short profile's estimate
-SLOW_INTERVAL_S = 0.100  # between wake-ups after those, seconds (a fifth of the cost)
+SLOW_INTERVAL_S = 0.100  # between wake-ups after those, seconds
 IDLE_EXIT_S = 0.5
 
 
