@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from fastfeed._procio import PeakRSS, evict, tree_rss_bytes
+from fastfeed._peakmem import PeakRSS
+from fastfeed._procio import evict, tree_rss_bytes
 from fastfeed.sources.base import Record, Source
 
 __all__ = [

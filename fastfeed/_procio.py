@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = [
-    "PeakRSS",
     "ProcIO",
     "Residency",
     "cpu_times",
@@ -346,48 +345,3 @@ def tree_rss_bytes(pid: int | None = None) -> int:
     the same way ``ps`` and ``psutil`` count them. 0 where ``/proc`` is missing.
     """
     return _tree_sum(os.getpid() if pid is None else pid, _rss_bytes)
-
-
-class PeakRSS:
-    """Samples a process tree's memory on a named background thread; a context manager.
-
-    Args:
-        interval_s: Seconds between samples.
-        pid: Root of the tree (default: this process).
-        measure: ``measure(pid) -> bytes``: :func:`tree_rss_bytes` (default) or
-            :func:`tree_pss_bytes` (shared pages divided among the processes).
-
-    Attributes:
-        peak_bytes: Highest process-tree figure seen, bytes.
-        start_bytes: The figure when sampling started, bytes.
-    """
-
-    def __init__(
-        self,
-        interval_s: float = 0.01,
-        pid: int | None = None,
-        measure: Callable[[int | None], int] = tree_rss_bytes,
-    ) -> None:
-        self.interval_s = interval_s
-        self.pid = pid
-        self.measure = measure
-        self.peak_bytes = 0
-        self.start_bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak_bytes = max(self.peak_bytes, self.measure(self.pid))
-
-    def __enter__(self) -> PeakRSS:
-        self.start_bytes = self.peak_bytes = self.measure(self.pid)
-        self._thread = threading.Thread(target=self._run, name="fastfeed-rss-0", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2.0)
-        self.peak_bytes = max(self.peak_bytes, self.measure(self.pid))

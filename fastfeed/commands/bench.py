@@ -81,7 +81,7 @@ def _measure(
 ) -> dict[str, Any]:
     """Iterate ``batches`` to the end; samples/s, MB/s, peak RSS and first-batch time."""
     from fastfeed._diskstats import disk_snapshot, storage_delta
-    from fastfeed._procio import PeakRSS
+    from fastfeed._peakmem import PeakRSS
     from fastfeed._progress import progress_bar
 
     samples = 0
