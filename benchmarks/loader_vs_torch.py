@@ -292,8 +292,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(0)
     with (
-        _common.PeakRSS(interval_s=0.005) as mem,
-        _common.PeakRSS(interval_s=0.05, measure=tree_pss_bytes) as pss,
+        # Sampled from a child process (fastfeed._peakmem), and not too often: each /proc
+        # read of a process's memory (PSS walks its page tables) holds that process's mm
+        # lock, which all of an in-process loader's threads share: at 5 ms (RSS) and
+        # 50 ms (PSS) they cost fastfeed's threads 5-10% of their JPEG rate.
+        _common.PeakRSS(interval_s=0.02) as mem,
+        _common.PeakRSS(interval_s=0.25, measure=tree_pss_bytes) as pss,
     ):
         cpu0 = _cpu_s()
         t0 = time.perf_counter()
