@@ -2,13 +2,15 @@
 
 :class:`PeakRSS` is what ``fastfeed bench`` and the benchmarks measure memory with. Its
 sampler runs in a child process (``python -m fastfeed._peakmem``), not in a thread of the
-measured process: a sampling thread wakes hundreds of times a second and needs the GIL
-each time, which slowed an in-process loader beside it (fastfeed's thread workers:
-1,824-1,897 JPEGs/s with the samplers of ``benchmarks/loader_vs_torch.py`` as threads,
-2,190-2,202 without, alternating runs on 2 cores) while torch's worker processes did not
-share that GIL. The child leaves itself out of the tree it measures. Where ``/proc`` is
-missing or the child cannot start, a thread samples (the figures are 0 without ``/proc``
-anyway).
+measured process, where each sample needs the GIL that an in-process loader's threads
+use and torch's worker processes do not: sampling every 5 ms, ``fastfeed.DataLoader(
+num_workers=2)`` on 3 KB records lost 12% of its rate to a sampling thread and 8% to the
+child (medians of 6 alternating runs, 2 cores). What remains is the ``/proc`` reads
+themselves: each holds the measured process's mm lock, which all the threads of an
+in-process loader share (a PSS read walks its page tables), so sample no more often than
+needed: every 20 ms the loss was below run-to-run noise. The child leaves itself out of
+the tree it measures. Where ``/proc`` is missing or the child cannot start, a thread
+samples (the figures are 0 without ``/proc`` anyway).
 """
 
 from __future__ import annotations
