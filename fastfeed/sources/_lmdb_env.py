@@ -32,6 +32,10 @@ from fastfeed.sources.base import Source
 
 _LMDB_MAGIC = 0xBEEFC0DE
 _PAGE_HEADER_BYTES = 16  # MDB_page header before MDB_meta on 64-bit builds
+# A writer may grow the map again between this reader adopting the new size and its next
+# transaction (a writer committing in a loop did, in CI, with 2 attempts): adopt again, up
+# to this many times in a row, before calling it a source that keeps changing.
+_ADOPT_ATTEMPTS = 8
 
 _T = TypeVar("_T")
 
@@ -384,7 +388,7 @@ class _LMDBEnv(Source):
             SourceChangedError: The map grew and could not be adopted.
             CorruptSourceError: LMDB failed (a database-level error, never one record's).
         """
-        for attempt in range(2):
+        for attempt in range(_ADOPT_ATTEMPTS):
             entry = self._entry
             assert entry is not None
             try:
@@ -394,10 +398,10 @@ class _LMDBEnv(Source):
             try:
                 return fn(entry)
             except lmdb.MapResizedError as exc:
-                if attempt:
+                if attempt == _ADOPT_ATTEMPTS - 1:
                     raise SourceChangedError(
-                        f"{what} LMDB {self.path}: the map grew again right after it was "
-                        f"adopted ({exc})",
+                        f"{what} LMDB {self.path}: the map kept growing while this reader "
+                        f"adopted it ({_ADOPT_ATTEMPTS} times in a row: {exc})",
                         path=self.path,
                     ) from exc
             except lmdb.Error as exc:

@@ -214,3 +214,35 @@ def test_map_guard_remap_waits_for_readers_and_blocks_new_ones() -> None:
     short.acquire_read()
     with pytest.raises(TimeoutError, match=r"did not finish within 0\.1 s"):
         short.remap(0, lambda: None)
+
+
+def test_a_map_that_grows_again_during_adoption_is_adopted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lmdb
+
+    from fastfeed.sources import _lmdb_env
+
+    path = tmp_path / "db"
+    _small_db(path)
+    with LMDBSource(path) as src:
+        adopted: list[int] = []
+        monkeypatch.setattr(src, "_adopt_grown_map", lambda entry, seen: adopted.append(seen))
+        calls = [0]
+
+        def grows_three_times(entry: Any) -> int:
+            calls[0] += 1
+            if calls[0] <= 3:  # a writer growing the map three times in a row
+                raise lmdb.MapResizedError("mdb_txn_begin: MDB_MAP_RESIZED")
+            return 42
+
+        assert src._guarded(grows_three_times) == 42
+        assert len(adopted) == 3 and calls[0] == 4
+
+        def always_grows(entry: Any) -> int:
+            raise lmdb.MapResizedError("mdb_txn_begin: MDB_MAP_RESIZED")
+
+        attempts = _lmdb_env._ADOPT_ATTEMPTS
+        with pytest.raises(SourceChangedError, match=f"kept growing .*{attempts} times in a row"):
+            src._guarded(always_grows)
+        assert len(adopted) == 3 + attempts - 1  # bounded: never a loop without end
