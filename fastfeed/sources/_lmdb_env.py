@@ -425,11 +425,18 @@ class _LMDBEnv(Source):
             entry.base = -1  # the map moved
             entry.index = None  # and the tree changed
             info = entry.env.info()
-            entry.need_bytes = max(entry.need_bytes, (info["last_pgno"] + 1) * entry.psize)
+            # The truncation check's floor: what the file holds now, up to LMDB's
+            # allocation mark. A live writer's last allocated pages need not be written
+            # yet (and none of them is referenced), so the mark alone read as "data.mdb
+            # shrank" while the file only grew (CorruptSourceError under a loaded run).
+            if entry.fd >= 0:  # else no size check runs at all
+                allocated = (info["last_pgno"] + 1) * entry.psize
+                held = os.fstat(entry.fd).st_size
+                entry.need_bytes = max(entry.need_bytes, min(allocated, held))
 
         try:
             entry.guard.remap(seen, remap)
-        except (lmdb.Error, TimeoutError) as exc:
+        except (lmdb.Error, OSError, TimeoutError) as exc:
             raise SourceChangedError(
                 f"LMDB {self.path} grew (another process writes to it) and its new size "
                 f"could not be adopted: {exc}",

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from fastfeed.errors import SampleError, SourceChangedError
+from fastfeed.errors import CorruptSourceError, SampleError, SourceChangedError
 from fastfeed.loader import Loader
 from fastfeed.packing import pack
 from fastfeed.sources import LMDBSource
@@ -246,3 +246,41 @@ def test_a_map_that_grows_again_during_adoption_is_adopted_again(
         with pytest.raises(SourceChangedError, match=f"kept growing .*{attempts} times in a row"):
             src._guarded(always_grows)
         assert len(adopted) == 3 + attempts - 1  # bounded: never a loop without end
+
+
+class _AheadEnv:
+    """An lmdb.Environment whose metadata reports pages a writer allocated but has not
+    written yet (the file is shorter than LMDB's allocation mark)."""
+
+    def __init__(self, env: Any, extra_pages: int) -> None:
+        self._env, self._extra = env, extra_pages
+
+    def info(self) -> dict[str, Any]:
+        info = dict(self._env.info())
+        info["last_pgno"] += self._extra
+        return info
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._env, name)
+
+
+def test_adopting_a_grown_map_takes_the_file_as_it_is_for_the_truncation_check(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db"
+    payloads = _small_db(path)
+    data = path / "data.mdb"
+    with LMDBSource(path) as src:
+        entry = src._entry
+        held = data.stat().st_size
+        entry.env = _AheadEnv(entry.env, extra_pages=50)
+        src._adopt_grown_map(entry, entry.guard.generation)
+        # The allocation mark is past the file's end; the file did not shrink: no error
+        # (it read "data.mdb shrank" under a loaded CI run), and reads go on.
+        assert entry.need_bytes == held
+        assert [r.data for r in src.read_many([3, 4])] == payloads[3:5]
+        # A real truncation below what was held is still caught before any read.
+        os.truncate(data, held - entry.psize)
+        with pytest.raises(CorruptSourceError, match=r"data\.mdb shrank"):
+            src._check_size()
+        entry.env = entry.env._env
