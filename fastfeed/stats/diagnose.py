@@ -404,6 +404,11 @@ def neighbour(
     own = max(compute - runq - gil, 1e-9)
     slowdown = (runq + gil) / own
     cause = "gil" if gil >= runq else "cores"
+    if cause == "cores" and gil > 0 and not _short_of_cores(stats):
+        # Cores were free, so the loop's run-queue wait is the wake-up latency of its GIL
+        # hand-offs (an idle VM core takes a while to wake), not a shortage of cores: a
+        # quiet 2-core run read "waiting for a core" with 1 core busy in all.
+        cause = "gil"
     sentence = ""
     if slowdown >= _NEIGHBOUR_FROM and (runq + gil) / n >= 2e-4:
         threads = max(1, stats.num_threads or 1)
@@ -425,6 +430,14 @@ def neighbour(
             f"({'GIL' if cause == 'gil' else 'waiting for a core'}); {advice}"
         )
     return Neighbour(slowdown, cause, step, sentence)
+
+
+def _short_of_cores(stats: LoaderStats) -> bool:
+    """Whether this process and the others kept 80%+ of the cores busy (True if unknown)."""
+    if stats.others_cores is None:
+        return True
+    busy = stats.host_busy * stats.cpu_count + stats.others_cores
+    return busy >= 0.8 * stats.cpu_count
 
 
 def whatif(stats: LoaderStats, facts: SourceFacts) -> list[tuple[float, float]]:

@@ -163,6 +163,26 @@ def test_noisy_neighbour_is_named_with_the_gil() -> None:
     assert "slow your step by 150% (GIL)" in stats.summary()
 
 
+def test_run_queue_wait_with_free_cores_is_the_gil_not_a_core_shortage() -> None:
+    # The loop's step: 2 s CPU, 1 s runnable-but-not-running, 0.2 s blocked, 50 GIL
+    # acquisitions of 5 ms (capped by the 0.2 s blocked): run queue > GIL estimate.
+    consumer = {"steps": 100, "compute_s": 3.2, "cpu_s": 2.0, "runq_s": 1.0, "switches": 50}
+    gil = {"wakeups": 500, "wait_per_acquire_s": 0.005, "runq_s": 0.0}
+    # 2 cores, this process kept 1 busy, nothing else ran: the wait is GIL hand-offs.
+    quiet = snapshot(gil=gil, consumer=consumer, cpu_count=2, process_cpu_s=10.0)
+    quiet["machine_busy"] = 0.5
+    nb = stats_of(quiet, threads=2, kind="dataset").neighbour
+    assert nb is not None and nb.cause == "gil", nb
+    assert "(GIL)" in nb.sentence
+    # The same loop while other processes kept the second core busy: cores were short.
+    busy = snapshot(gil=gil, consumer=consumer, cpu_count=2, process_cpu_s=10.0)
+    busy["machine_busy"] = 1.0
+    nb = stats_of(busy, threads=2, kind="dataset").neighbour
+    assert nb is not None and nb.cause == "cores", nb
+    assert "waiting for a core" in nb.sentence
+    assert nb.slowdown == pytest.approx((1.0 + 0.2) / (3.2 - 1.0 - 0.2))
+
+
 def test_a_sleeping_step_is_not_a_noisy_neighbour() -> None:
     snap = snapshot(
         gil={"wakeups": 500, "wait_per_acquire_s": 0.0001, "runq_s": 0.0},
