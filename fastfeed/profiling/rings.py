@@ -37,6 +37,19 @@ def _wrap(n: int, cap: int, m: int) -> tuple[int, list[tuple[int, int, int]]]:
     return lo, [(slot, lo, split)] + ([(0, split, m)] if split < m else [])
 
 
+def _claim(ring: _EventRing | _CounterRing, m: int) -> list[tuple[int, int, int]]:
+    """The :func:`_wrap` segments of a run of ``m`` entries for a growing ring: allocates
+    the slots they need and counts the run as written (the caller copies it there)."""
+    cap = ring.capacity
+    if cap == 0 or m == 0:
+        return []
+    _, segments = _wrap(ring._n, cap, m)
+    while ring._size < min(cap, ring._n + m):
+        ring._grow()
+    ring._n += m
+    return segments
+
+
 class _Reservoir:
     """Uniform sample of at most ``_RESERVOIR`` values (Vitter's algorithm R)."""
 
@@ -186,14 +199,7 @@ class _EventRing:
 
         Slice copies at C speed: how a per-thread book hands over its events.
         """
-        cap, m = self.capacity, len(starts)
-        if cap == 0 or m == 0:
-            return
-        lo, segments = _wrap(self._n, cap, m)
-        self._n += lo
-        while self._size < min(cap, self._n + m - lo):
-            self._grow()
-        for dst, a, b in segments:
+        for dst, a, b in _claim(self, len(starts)):
             k = b - a
             self._stage[dst : dst + k] = stages[a:b]
             self._thread[dst : dst + k] = [thread] * k
@@ -202,7 +208,6 @@ class _EventRing:
             self._items[dst : dst + k] = items[a:b]
             self._bytes[dst : dst + k] = nbytes[a:b]
             self._failed[dst : dst + k] = failed[a:b]
-        self._n += m - lo
 
     def __len__(self) -> int:
         return min(self._n, self.capacity)
@@ -311,19 +316,11 @@ class _CounterRing:
 
     def extend(self, names: Sequence[str], times: array, depths: array) -> None:
         """Keep a run of samples (equal-length sequences), oldest first (slice copies)."""
-        cap, m = self.capacity, len(times)
-        if cap == 0 or m == 0:
-            return
-        lo, segments = _wrap(self._n, cap, m)
-        self._n += lo
-        while self._size < min(cap, self._n + m - lo):
-            self._grow()
-        for dst, a, b in segments:
+        for dst, a, b in _claim(self, len(times)):
             k = b - a
             self._name[dst : dst + k] = names[a:b]
             self._t[dst : dst + k] = times[a:b]
             self._depth[dst : dst + k] = depths[a:b]
-        self._n += m - lo
 
     def __len__(self) -> int:
         return min(self._n, self.capacity)
