@@ -184,20 +184,7 @@ class StageHooks(BookKeeper):
             return _NO_MARK
         if since[2] == _NOT_SAMPLED and now is None:  # the common path: wall clock only
             now_s = time.perf_counter()
-            if not self._direct:
-                self._put(stage, since[0], now_s, items, nbytes, failed)
-                return (now_s, -1.0, _NOT_SAMPLED, _NOT_SAMPLED)
-            try:
-                book: Book = self._local.book
-            except AttributeError:
-                book = self._open_book()
-            code = self._stage_code.get(stage)
-            if code is None:
-                code = self._register(self._stage_code, self._stage_names, stage)
-            rows = book.rows
-            rows.frombytes(SPAN_ROW.pack(code, since[0], now_s, items, nbytes, failed))
-            if len(rows) >= ROWS_FULL or now_s - book.touched_s > _TOUCH_S:
-                self._after_put(book, now_s, stage)
+            self._put(stage, since[0], now_s, items, nbytes, failed)
             return (now_s, -1.0, _NOT_SAMPLED, _NOT_SAMPLED)
         if now is None:
             now = _mark()
