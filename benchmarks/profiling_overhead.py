@@ -330,6 +330,14 @@ def _thread_cpu_s(thread) -> float:
         return 0.0
 
 
+def _cpu_overhead(r: dict) -> str:
+    """'off / on (us), overhead (min of rounds)' of a CPU-per-sample row."""
+    return (
+        f"{r['cpu_us_per_sample_off']:.2f} / {r['cpu_us_per_sample_on']:.2f}, "
+        f"{100 * r['overhead']:+.2f}% (min of rounds {100 * r['overhead_min']:+.2f}%)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=400)
@@ -388,8 +396,7 @@ def main() -> None:
         rows.append(
             (
                 f"Loader CPU per sample, {r['case']}: off / on (us), overhead",
-                f"{r['cpu_us_per_sample_off']:.2f} / {r['cpu_us_per_sample_on']:.2f}, "
-                f"{100 * r['overhead']:+.2f}% (min of rounds {100 * r['overhead_min']:+.2f}%)",
+                _cpu_overhead(r),
             )
         )
     dl_rows = _dataloader_overhead(args.rounds)
@@ -397,8 +404,7 @@ def main() -> None:
         rows.append(
             (
                 f"{r['case']} ({r['worker_type']}): CPU per sample off / on (us), overhead",
-                f"{r['cpu_us_per_sample_off']:.2f} / {r['cpu_us_per_sample_on']:.2f}, "
-                f"{100 * r['overhead']:+.2f}% (min of rounds {100 * r['overhead_min']:+.2f}%)",
+                _cpu_overhead(r),
             )
         )
         rows.append(
