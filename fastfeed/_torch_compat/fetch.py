@@ -26,17 +26,12 @@ from fastfeed.errors import describe_indices
 from fastfeed.pipeline.collate import Collator
 from fastfeed.profiling import Recorder, Stage
 from fastfeed.profiling.clocks import _torch_profiler_active
-from fastfeed.profiling.spans import STAGE_CODE, ChainTime
+from fastfeed.profiling.spans import STAGE_CODE, chain_seconds
 
 __all__ = ["END", "STALE", "Failed", "Fetch", "Task", "describe"]
 
 _POLL_S = 0.05  # how often a stream task waiting for its turn looks at the stop flag, s
 _READ, _COLLATE = STAGE_CODE[Stage.READ], STAGE_CODE[Stage.COLLATE]
-
-
-def _seconds(t: ChainTime) -> float:
-    """A chain clock's reading (``perf_counter`` seconds, or a full mark) in seconds."""
-    return t if isinstance(t, float) else t[0]
 
 
 class Task:
@@ -200,15 +195,16 @@ class Fetch:
         try:
             data = self._read_batch(index)
         except BaseException:
-            rec.add(Stage.READ, _seconds(start), _seconds(clock()), None, items=n, failed=True)
+            end = chain_seconds(clock())
+            rec.add(Stage.READ, chain_seconds(start), end, None, items=n, failed=True)
             raise
         read_end = clock()
         try:
             out = self._collate_now(data, index)
         except BaseException:
             record([1, start, _READ, read_end, n, 0])
-            end = _seconds(clock())
-            rec.add(Stage.COLLATE, _seconds(read_end), end, None, items=n, failed=True)
+            end = chain_seconds(clock())
+            rec.add(Stage.COLLATE, chain_seconds(read_end), end, None, items=n, failed=True)
             raise
         record([2, start, _READ, read_end, n, 0, _COLLATE, clock(), n, 0])
         return out

@@ -44,7 +44,7 @@ from fastfeed.profiling.clocks import (
 )
 from fastfeed.profiling.figures import StageStats
 
-__all__ = ["STAGE_CODE", "ChainRecord", "ChainSpan", "ChainTime", "StageHooks"]
+__all__ = ["STAGE_CODE", "ChainRecord", "ChainSpan", "ChainTime", "StageHooks", "chain_seconds"]
 
 _new = object.__new__
 
@@ -252,12 +252,15 @@ class StageHooks(BookKeeper):
             if isinstance(prev, tuple) and isinstance(end, tuple):
                 self.add_since(stage, prev, items=items, nbytes=nbytes, now=end)
             else:
-                t0 = prev[0] if isinstance(prev, tuple) else prev
-                t1 = end[0] if isinstance(end, tuple) else end
-                self._put(stage, t0, t1, items, nbytes, False)
+                self._put(stage, chain_seconds(prev), chain_seconds(end), items, nbytes, False)
             prev = end
 
     # -- queues -----------------------------------------------------------------------
+
+
+def chain_seconds(t: ChainTime) -> float:
+    """A chain clock's reading (``perf_counter`` seconds, or a full mark) in seconds."""
+    return t if isinstance(t, float) else t[0]
 
 
 class _Span:
