@@ -105,6 +105,8 @@ class _LMDBColdReads(_LMDBEnv):
         Other threads wait for the answer (``entry.setup``): seeing "unknown" meanwhile
         would send their cold batches down the memory-map path, a page fault at a time.
         """
+        if entry.base != -1:  # known already: no lock
+            return
         with entry.setup:
             if entry.base == -1:
                 entry.base = self._map_base(entry, txn)
@@ -188,8 +190,7 @@ class _LMDBColdReads(_LMDBEnv):
             return False
         step = max(1, n // _PROBES)
         with entry.env.begin(buffers=True) as txn:
-            if entry.base == -1:
-                self._find_base(entry, txn)
+            self._find_base(entry, txn)
             base = entry.base
             ix = self._record_index(entry, txn) if base is not None else None
         if ix is None or base is None:
@@ -220,8 +221,7 @@ class _LMDBColdReads(_LMDBEnv):
         if entry is None or io.madvise is None:
             return False
         with entry.env.begin(buffers=True) as txn:
-            if entry.base == -1:
-                self._find_base(entry, txn)
+            self._find_base(entry, txn)
         base = entry.base
         if base is None or base < 0:
             return False

@@ -310,8 +310,7 @@ class LMDBSource(_LMDBColdReads):
 
     def _advise(self, entry: _EnvEntry, runs: dict[int, list[int]]) -> None:
         with entry.env.begin(buffers=True) as txn:
-            if entry.base == -1:
-                self._find_base(entry, txn)
+            self._find_base(entry, txn)
             ix = self._record_index(entry, txn) if entry.base is not None else None
         if ix is None or entry.base is None:
             return
