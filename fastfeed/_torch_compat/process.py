@@ -20,9 +20,18 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from torch.utils.data import default_collate as _default_collate
+
 from fastfeed._torch_compat import torch_private as _tp
 from fastfeed._torch_compat.errors import add_context
 from fastfeed._torch_compat.torch_private import shutdown_torch_iterator
+from fastfeed._torch_compat.transport import (
+    SlotBatch,
+    SlotCollate,
+    SlotTransport,
+    enabled,
+    slots_per_worker,
+)
 from fastfeed.errors import FastFeedError, LoaderTimeoutError
 
 __all__ = ["ProcessIter", "start_process_iter"]
@@ -36,9 +45,12 @@ class ProcessIter:
         persistent: It is the loader's persistent iterator (the loader shuts it down).
     """
 
-    def __init__(self, inner: Iterator[Any], persistent: bool) -> None:
+    def __init__(
+        self, inner: Iterator[Any], persistent: bool, transport: SlotTransport | None = None
+    ) -> None:
         self._inner = inner
         self._persistent = persistent
+        self._transport = transport
         self._batches = 0
         self._done = False
         self._pid = os.getpid()
@@ -66,6 +78,8 @@ class ProcessIter:
         self._closed = self._closed or by_loader
         if not self._persistent:
             shutdown_torch_iterator(self._inner)
+            if self._transport is not None:
+                self._transport.close()
 
     def __next__(self) -> Any:
         if os.getpid() != self._pid:
@@ -79,8 +93,12 @@ class ProcessIter:
                 "this DataLoader was closed (DataLoader.close()) during the epoch; its "
                 "iterator delivers no more batches: call iter(loader) to start a new one"
             )
+        if self._transport is not None:
+            self._transport.sweep()
         try:
             batch = next(self._inner)
+            if type(batch) is SlotBatch:  # pin_memory=False (torch's pin thread opens it)
+                batch = batch.open()
         except StopIteration:
             self._done = True
             raise
@@ -108,8 +126,17 @@ def start_process_iter(loader: Any, tracked: Any) -> ProcessIter:
     """
     persistent = bool(loader.persistent_workers)
     user_init = loader.worker_init_fn
+    user_collate = loader.collate_fn
     batch_attr = "batch_sampler" if _tp.auto_collation(loader) else "sampler"
     original = loader.__dict__[batch_attr]
+    transport = None
+    reused = persistent and getattr(loader, "_iterator", None) is not None
+    if _tp.auto_collation(loader) and enabled() and not reused:
+        transport = SlotTransport(
+            loader.num_workers, slots_per_worker(getattr(loader, "prefetch_factor", None))
+        )
+        wrapped = None if user_collate is _default_collate else user_collate
+        loader.__dict__["collate_fn"] = SlotCollate(wrapped, transport.spec())
     loader.__dict__["worker_init_fn"] = _tp.WorkerInit(user_init)
     if tracked is not None:
         loader.__dict__[batch_attr] = tracked
@@ -120,10 +147,17 @@ def start_process_iter(loader: Any, tracked: Any) -> ProcessIter:
             warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
             warnings.filterwarnings("ignore", message="pin_memory_device is deprecated")
             inner = _torch_class(loader).__iter__(loader)
+    except BaseException:
+        if transport is not None:
+            transport.close()
+        raise
     finally:
         loader.__dict__["worker_init_fn"] = user_init
+        loader.__dict__["collate_fn"] = user_collate
         loader.__dict__[batch_attr] = original
-    return ProcessIter(inner, persistent)
+    if transport is not None:
+        inner._fastfeed_transport = transport  # type: ignore[attr-defined]
+    return ProcessIter(inner, persistent, getattr(inner, "_fastfeed_transport", None))
 
 
 def _torch_class(loader: Any) -> Any:

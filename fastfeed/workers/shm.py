@@ -33,7 +33,7 @@ import torch
 
 from fastfeed.pipeline.buffers import map_tensors, tensor_leaves
 
-__all__ = ["Layout", "SharedRing", "SlotWriter", "TensorRef"]
+__all__ = ["Layout", "SharedRing", "SlotMapping", "SlotWriter", "TensorRef", "slot_view"]
 
 _use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -87,7 +87,7 @@ def _cuda_unregister(ptr: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
-class _Mapping:
+class SlotMapping:
     """One mmap of a slot and the uint8 tensor over it."""
 
     __slots__ = ("base", "baseline", "cdata", "mm", "nbytes", "pinned", "ptr", "storage")
@@ -122,7 +122,7 @@ class _Slot:
         self.fd = os.memfd_create(f"fastfeed-slot-{slot_id}", os.MFD_CLOEXEC)
         fds.add(self.fd)
         os.ftruncate(self.fd, _MIN_SLOT_BYTES)
-        self.mapping = _Mapping(self.fd, _MIN_SLOT_BYTES, pin)
+        self.mapping = SlotMapping(self.fd, _MIN_SLOT_BYTES, pin)
         self.state = _FREE
         self.event: Any = None
 
@@ -144,7 +144,7 @@ class SharedRing:
         self._order: list[int] = []  # slot ids, least recently handed out first
         self._next_id = 0
         self._by_cdata: dict[int, _Slot] = {}
-        self._old: list[tuple[_Mapping, Any]] = []  # outgrown mappings still referenced
+        self._old: list[tuple[SlotMapping, Any]] = []  # outgrown mappings still referenced
         self.allocations = 0
         self.reuses = 0
         self.retired = 0
@@ -242,13 +242,13 @@ class SharedRing:
                 old = slot.mapping
                 self._by_cdata.pop(old.cdata, None)
                 self._old.append((old, slot.event))
-                slot.mapping = _Mapping(slot.fd, size, self.pin)
+                slot.mapping = SlotMapping(slot.fd, size, self.pin)
                 self._by_cdata[slot.mapping.cdata] = slot
             slot.state = _OUT
             base = slot.mapping.base
 
         def wrap(ref: Any) -> Any:
-            return _view(base, ref) if isinstance(ref, TensorRef) else ref
+            return slot_view(base, ref) if isinstance(ref, TensorRef) else ref
 
         return _rebuild(layout.data, wrap), _rebuild(layout.labels, wrap)
 
@@ -314,7 +314,7 @@ def _close_fds(fds: set[int]) -> None:
     fds.clear()
 
 
-def _view(base: torch.Tensor, ref: TensorRef) -> torch.Tensor:
+def slot_view(base: torch.Tensor, ref: TensorRef) -> torch.Tensor:
     itemsize = ref.dtype.itemsize
     span = 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride, strict=True) if n > 0)
     if any(n == 0 for n in ref.shape):
@@ -417,31 +417,65 @@ class SlotWriter:
 
     # -- finishing a batch -------------------------------------------------------------------
 
+    @property
+    def used(self) -> int:
+        """Bytes of the bound slot this thread's batch uses so far."""
+        return int(self._tls.used)
+
     def layout(self, data: Any, labels: Any) -> Layout:
         """The batch's :class:`Layout`, copying into the slot any tensor not already there."""
+        d = self.pack(data, other=_picklable)
+        labs = self.pack(labels, other=_picklable) if labels is not None else None
+        return Layout(self._tls.slot, self._tls.used, d, labs)
+
+    def pack(
+        self,
+        batch: Any,
+        *,
+        keep: Callable[[torch.Tensor], bool] | None = None,
+        other: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """``batch`` with each tensor as a :class:`TensorRef` into the bound slot.
+
+        Tensors written in place (views of this slot) are referenced where they lie; any
+        other tensor is copied in. One tensor object appearing twice is placed once.
+
+        Args:
+            batch: A nested batch.
+            keep: Tensors for which this is true stay as they are (they travel pickled).
+                None: every tensor goes into the slot, and one that cannot (not a dense
+                CPU tensor) raises TypeError.
+            other: Applied to every leaf that is not a tensor (see ``map_tensors``).
+        """
         self._base(0)
         ranges = dict(self._tls.ranges)
+        placed: dict[int, TensorRef] = {}
 
-        def place(t: torch.Tensor) -> TensorRef:
-            if t.device.type != "cpu" or t.layout != torch.strided:
-                raise TypeError(
-                    f"a worker process can only return dense CPU tensors, got {t.layout} "
-                    f"on {t.device}"
-                )
-            ptr = t.untyped_storage().data_ptr()
-            for lo, (size, _) in ranges.items():
-                if lo <= ptr < lo + size:  # written in place (a view of this slot)
-                    offset = t.data_ptr() - lo
-                    return TensorRef(offset, tuple(t.shape), tuple(t.stride()), t.dtype)
-            t = t.contiguous()
-            nbytes = t.numel() * t.element_size()
-            offset, dst = self._alloc(nbytes)
-            dst.narrow(0, offset, nbytes).copy_(t.reshape(-1).view(torch.uint8))
-            return TensorRef(offset, tuple(t.shape), tuple(t.stride()), t.dtype)
+        def place(t: torch.Tensor) -> Any:
+            if keep is not None and keep(t):
+                return t
+            ref = placed.get(id(t))
+            if ref is None:
+                ref = placed[id(t)] = self._place(t, ranges)
+            return ref
 
-        d = map_tensors(data, place, _picklable)
-        labs = map_tensors(labels, place, _picklable) if labels is not None else None
-        return Layout(self._tls.slot, self._tls.used, d, labs)
+        return map_tensors(batch, place, other)
+
+    def _place(self, t: torch.Tensor, ranges: dict[int, Any]) -> TensorRef:
+        if t.device.type != "cpu" or t.layout != torch.strided:
+            raise TypeError(
+                f"a worker process can only return dense CPU tensors, got {t.layout} on {t.device}"
+            )
+        ptr = t.untyped_storage().data_ptr()
+        for lo, (size, _) in ranges.items():
+            if lo <= ptr < lo + size:  # written in place (a view of this slot)
+                offset = t.data_ptr() - lo
+                return TensorRef(offset, tuple(t.shape), tuple(t.stride()), t.dtype)
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        offset, dst = self._alloc(nbytes)
+        dst.narrow(0, offset, nbytes).copy_(t.reshape(-1).view(torch.uint8))
+        return TensorRef(offset, tuple(t.shape), tuple(t.stride()), t.dtype)
 
     def close(self) -> None:
         with self._lock:
