@@ -466,6 +466,8 @@ class SlotWriter:
             raise TypeError(
                 f"a worker process can only return dense CPU tensors, got {t.layout} on {t.device}"
             )
+        if t.numel() == 0:  # no bytes to place (and its data_ptr() may be 0)
+            return TensorRef(0, tuple(t.shape), tuple(t.stride()), t.dtype)
         ptr = t.untyped_storage().data_ptr()
         for lo, (size, _) in ranges.items():
             if lo <= ptr < lo + size:  # written in place (a view of this slot)

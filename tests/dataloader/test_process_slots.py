@@ -136,6 +136,20 @@ def test_batches_larger_than_a_slot_grow_it() -> None:
         assert all(bool((b == b[:, :1, :1]).all()) for b in got)
 
 
+def test_empty_tensors_keep_their_shapes() -> None:
+    class Empty(tud.Dataset[Any]):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"none": torch.empty(0), "rows": torch.zeros(0, 3, dtype=torch.int16)}
+
+    ours, theirs = _loaders(Empty())
+    got = list(ours)
+    assert [_plain(b) for b in got] == [_plain(b) for b in theirs]
+    assert [tuple(b["rows"].shape) for b in got] == [(4, 0, 3), (4, 0, 3)]
+
+
 def test_abandoned_epochs_give_their_slots_back_to_persistent_workers() -> None:
     ours, theirs = _loaders(Records(n=96), persistent_workers=True)
     want = [_plain(b) for b in theirs]
