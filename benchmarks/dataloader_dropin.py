@@ -9,7 +9,9 @@ Two workloads, each a torch map-style Dataset used unchanged by both loaders:
 
 For each: torch ``num_workers`` 0 and 2, fastfeed ``worker_type`` auto / thread /
 process at ``num_workers`` 0 and 2, and auto / thread again with ``profile=False`` (what
-the profiler's hooks cost). Every loader is built and warmed up (one epoch) first; then
+the profiler's hooks cost); then torch, auto and process at ``num_workers=2`` with
+``persistent_workers=True`` (``vs_torch_nw2`` compares with torch's ``num_workers=2``
+of the same ``persistent_workers``). Every loader is built and warmed up (one epoch) first; then
 ``--rounds`` alternating rounds time each loader over ``--epochs`` epochs (loaders that
 fork worker processes in a group of their own, after the others: see :func:`run`), and
 the median round is reported, so load from other work on a shared machine hits every loader alike.
@@ -99,16 +101,20 @@ def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[di
 
     from fastfeed import DataLoader
 
-    configs: list[tuple[str, int, bool]] = [("torch", 0, True), ("torch", 2, True)]
+    # (loader, num_workers, profile, persistent_workers)
+    configs: list[tuple[str, int, bool, bool]] = [("torch", 0, True, False)]
+    configs += [("torch", 2, True, False), ("torch", 2, True, True)]
     for wt in ("auto", "thread", "process"):
-        configs += [(wt, 0, True), (wt, 2, True)]
+        configs += [(wt, 0, True, False), (wt, 2, True, False)]
     for wt in ("auto", "thread"):
-        configs += [(wt, 0, False), (wt, 2, False)]
+        configs += [(wt, 0, False, False), (wt, 2, False, False)]
+    configs += [("auto", 2, True, True), ("process", 2, True, True)]
     loaders: list[Any] = []
-    for kind, nw, profile in configs:
+    for kind, nw, profile, persistent in configs:
         g = torch.Generator().manual_seed(0)
         kw: dict[str, Any] = {"batch_size": batch, "shuffle": True, "num_workers": nw}
         kw["generator"] = g
+        kw["persistent_workers"] = persistent
         if kind == "torch":
             loaders.append(tud.DataLoader(ds, **kw))
         else:
@@ -122,7 +128,7 @@ def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[di
     # alternate in separate groups, the in-process group first.
     forks = [
         nw > 0 and getattr(loader, "worker_type", "process") == "process"
-        for (_kind, nw, _p), loader in zip(configs, loaders, strict=True)
+        for (_kind, nw, _p, _w), loader in zip(configs, loaders, strict=True)
     ]
     for group in (False, True):
         for _ in range(rounds):  # alternating: every config of the group once per round
@@ -130,7 +136,7 @@ def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[di
                 if forks[i] == group:
                     rates[i].append(_epochs(loader, ds, epochs))
     rows: list[dict[str, Any]] = []
-    for (kind, nw, profile), loader, r in zip(configs, loaders, rates, strict=True):
+    for (kind, nw, profile, persistent), loader, r in zip(configs, loaders, rates, strict=True):
         if hasattr(loader, "close"):
             loader.close()
         ran_as = getattr(loader, "worker_type", "torch")
@@ -142,6 +148,7 @@ def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[di
                 "loader": kind,
                 "num_workers": nw,
                 "profile": profile,
+                "persistent": persistent,
                 "ran_as": ran_as,
                 "samples_per_s": round(statistics.median(w for w, _ in r), 1),
                 "samples_per_cpu_s": round(cpu, 1) if in_process else None,
@@ -149,11 +156,12 @@ def run(workload: str, ds: Any, batch: int, epochs: int, rounds: int) -> list[di
             }
         )
     base0 = rows[0]["samples_per_s"]
-    base2 = rows[1]["samples_per_s"]
+    base2 = {False: rows[1]["samples_per_s"], True: rows[2]["samples_per_s"]}
     cpu0 = rows[0]["samples_per_cpu_s"]
     for row in rows:
         row["vs_torch_nw0"] = round(row["samples_per_s"] / base0, 2)
-        row["vs_torch_nw2"] = round(row["samples_per_s"] / base2, 2)
+        # against torch's num_workers=2 with the same persistent_workers
+        row["vs_torch_nw2"] = round(row["samples_per_s"] / base2[row["persistent"]], 2)
         cpu = row["samples_per_cpu_s"]
         row["cpu_vs_torch_nw0"] = None if cpu is None else round(cpu / cpu0, 2)
     return rows
