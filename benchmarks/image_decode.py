@@ -369,12 +369,19 @@ def _gil_child(pipeline: str, seconds: float) -> None:
 
 
 def _worker_samples(raw_path: Path) -> int:
-    """Samples of the worker thread in a py-spy ``--format raw`` file."""
+    """Samples of the worker thread in a py-spy ``--format raw`` file.
+
+    Only stacks that start in a thread's bootstrap: the warm-up call on the main thread
+    (first-call imports, first allocations) also runs ``_gil_worker_loop`` and, counted,
+    added 12% to the GIL samples of the fast train pipeline (27 of 222 in one run).
+    """
     total = 0
     with open(raw_path) as fh:
         for line in fh:
             stack, _, count = line.rstrip().rpartition(" ")
-            if "_gil_worker_loop" in stack and count.isdigit():
+            first = stack.split(";", 1)[0]
+            worker = "_bootstrap" in first and "_gil_worker_loop" in stack
+            if worker and count.isdigit():
                 total += int(count)
     return total
 
