@@ -47,12 +47,10 @@ from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
 from fastfeed.pipeline.buffers import map_tensors
 from fastfeed.pipeline.collate import (
-    _collate_floats,
-    _collate_ints,
     _stackable,
     _torch_collate,
-    _torch_collate_map,
     _torch_collate_tensor,
+    collate_map,
 )
 from fastfeed.workers.shm import Layout, SlotMapping, SlotWriter, TensorRef, slot_view
 
@@ -102,7 +100,9 @@ class SlotTransport:
         self.key = (os.getpid(), next(_tokens))
         self.per_worker = per_worker
         n = workers * per_worker
-        self._lock = threading.Lock()
+        # Reentrant: a SlotBatch collected by the cyclic GC while this thread holds the
+        # lock (any allocation in open() or sweep()) calls free() from its __del__.
+        self._lock = threading.RLock()
         self._fds: list[int] = []
         self._finalizer = weakref.finalize(self, _close_fds, self._fds)
         flags_fd = os.memfd_create("fastfeed-slot-flags", os.MFD_CLOEXEC)
@@ -117,8 +117,6 @@ class SlotTransport:
             os.ftruncate(fd, _SLOT_BYTES)  # pages are allocated when first written
             self._slots.append(_SlotState(fd))
         self._out: set[int] = set()  # opened slots still marked BUSY
-        #: Batches that came through slots, and batches a worker sent torch's way.
-        self.opened = 0
         _registry[self.key] = self
 
     def spec(self) -> dict[str, Any]:
@@ -141,7 +139,6 @@ class SlotTransport:
                 state.mappings.append(SlotMapping(state.fd, os.fstat(state.fd).st_size, False))
             base = state.mappings[-1].base
             self._out.add(layout.slot)
-            self.opened += 1
 
         def wrap(ref: Any) -> Any:
             return slot_view(base, ref) if isinstance(ref, TensorRef) else ref
@@ -239,13 +236,7 @@ class _WorkerSlots:
         finally:
             os.close(fd)
         self.flags = np.frombuffer(self._map, dtype=np.uint8, count=len(self.fds))
-        self.collate_map: dict[Any, Callable[..., Any]] = {}
-        if _torch_collate is not None:
-            self.collate_map = dict(_torch_collate_map)
-            self.collate_map[torch.Tensor] = self._stack
-            if float in self.collate_map and int in self.collate_map:
-                self.collate_map[float] = _collate_floats
-                self.collate_map[int] = _collate_ints
+        self.collate_map = collate_map(self._stack)
         self._next = 0
 
     def take(self) -> int | None:

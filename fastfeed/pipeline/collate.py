@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - very old or very new torch: plain defa
     _torch_collate_tensor = None  # type: ignore[assignment]
     _torch_collate_map = {}
 
-__all__ = ["Collator"]
+__all__ = ["Collator", "collate_map"]
 
 
 class Collator:
@@ -83,11 +83,7 @@ class Collator:
         #: ring's bookkeeping cost more (3 KB records, batch 256: 0.86x -> 1.03x torch's
         #: samples per CPU-second). Pinned buffers always come from the ring.
         self.ring_min_bytes = RING_MIN_BYTES
-        self._collate_map: dict[Any, Callable[..., Any]] = dict(_torch_collate_map)
-        self._collate_map[torch.Tensor] = self._collate_tensors
-        if float in self._collate_map and int in self._collate_map:
-            self._collate_map[float] = _collate_floats
-            self._collate_map[int] = _collate_ints
+        self._collate_map = collate_map(self._collate_tensors)
 
     # -- fixed-shape path ----------------------------------------------------------------
 
@@ -180,6 +176,17 @@ class Collator:
 
 #: See :attr:`Collator.ring_min_bytes`.
 RING_MIN_BYTES = 4 << 20
+
+
+def collate_map(tensors: Callable[..., Any]) -> dict[Any, Callable[..., Any]]:
+    """torch's ``default_collate_fn_map`` with ``tensors`` as the tensor rule and the
+    cheaper number rules (:func:`_collate_ints`, :func:`_collate_floats`)."""
+    out: dict[Any, Callable[..., Any]] = dict(_torch_collate_map)
+    out[torch.Tensor] = tensors
+    if float in out and int in out:
+        out[float] = _collate_floats
+        out[int] = _collate_ints
+    return out
 
 
 def _nbytes(n: int, shape: Sequence[int], dtype: torch.dtype) -> int:
