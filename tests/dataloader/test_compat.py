@@ -273,6 +273,7 @@ def test_persistent_workers_draw_one_base_seed_like_torch() -> None:
         generator=g_ours,
         num_workers=2,
         persistent_workers=True,
+        worker_type="thread",  # auto would start processes for persistent workers
     )
     # Reference: what torch's persistent iterator does to the generator, replayed by hand
     # (one base-seed draw, then one randperm per epoch) without starting processes.
@@ -743,7 +744,9 @@ def test_persistent_workers_reuse_threads_and_stop_on_del() -> None:
 
 def test_persistent_epoch_abandoned_midway_restarts_cleanly() -> None:
     ds = make_dataset("tensor")
-    loader = DataLoader(ds, batch_size=5, num_workers=2, persistent_workers=True)
+    loader = DataLoader(
+        ds, batch_size=5, num_workers=2, persistent_workers=True, worker_type="thread"
+    )
     it = iter(loader)
     next(it)
     next(it)
@@ -912,21 +915,24 @@ def test_recorder_counts_failed_read_and_collate_spans(workers: int) -> None:
     loader = DataLoader(_FailsAt(bad=5), batch_size=4, num_workers=workers)
     with pytest.raises(KeyError):
         list(loader)
-    # Inline, the epoch stops at the failing batch (the second); two workers had all four
-    # batches queued (prefetch_factor 2 x 2 workers) and ran them.
-    batches = 2 if workers == 0 else 4
+    loader.close()  # the workers finish or drop what they were running
+    # Inline, the epoch stops at the failing batch (the second). Two workers had all four
+    # batches queued (prefetch_factor 2 x 2 workers): the two after the failure may or may
+    # not have run by the time the loop stopped (3 of 6 runs on a loaded machine: 3).
     stages = loader.recorder.snapshot()["stages"]
-    assert stages["read"]["count"] == batches and stages["read"]["failures"] == 1
-    assert stages["collate"]["count"] == batches - 1 and stages["collate"]["failures"] == 0
-    loader.close()
+    read, collate = stages["read"], stages["collate"]
+    assert read["failures"] == 1 and collate["failures"] == 0
+    assert read["count"] == 2 if workers == 0 else 2 <= read["count"] <= 4
+    assert collate["count"] == read["count"] - 1  # every batch read whole was collated
     loader = DataLoader(_FailsAt(ragged=True), batch_size=4, num_workers=workers)
     with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
         list(loader)
-    batches = 3 if workers == 0 else 4
-    stages = loader.recorder.snapshot()["stages"]
-    assert stages["read"]["count"] == batches and stages["read"]["failures"] == 0
-    assert stages["collate"]["count"] == batches and stages["collate"]["failures"] == 1
     loader.close()
+    stages = loader.recorder.snapshot()["stages"]
+    read, collate = stages["read"], stages["collate"]
+    assert read["failures"] == 0 and collate["failures"] == 1
+    assert read["count"] == 3 if workers == 0 else 3 <= read["count"] <= 4
+    assert collate["count"] == read["count"]
 
 
 def test_read_and_collate_show_as_torch_profiler_ranges() -> None:
@@ -1013,7 +1019,9 @@ class Slow(tud.Dataset):
         import time; time.sleep(0.01)
         return i
 
-loader = DataLoader(Slow(), batch_size=2, num_workers=3, persistent_workers=True)
+loader = DataLoader(
+    Slow(), batch_size=2, num_workers=3, persistent_workers=True, worker_type="thread"
+)
 list(loader)
 it = iter(loader)
 next(it)  # workers busy with the epoch's next batches while the interpreter exits

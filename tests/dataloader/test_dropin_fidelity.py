@@ -59,6 +59,13 @@ def _values(loader: Any) -> list[float]:
         ({"num_workers": 2}, "thread", "draws from no global RNG"),
         ({"num_workers": 2, "worker_init_fn": print}, "process", "worker_init_fn"),
         ({"num_workers": 2, "multiprocessing_context": "spawn"}, "process", "multiprocessing"),
+        ({"num_workers": 2, "persistent_workers": True}, "process", "persistent_workers"),
+        ({"num_workers": 0, "persistent_workers": False}, "thread", "num_workers=0"),
+        (
+            {"num_workers": 2, "persistent_workers": True, "worker_type": "thread"},
+            "thread",
+            "given",
+        ),
         ({"num_workers": 2, "worker_type": "thread"}, "thread", "given"),
         ({"num_workers": 2, "worker_type": "process"}, "process", "given"),
     ],
