@@ -209,7 +209,10 @@ class SlotBatch:
 
     def __del__(self) -> None:
         if self._live:
-            transport = _registry.get(self.key)
+            try:
+                transport = _registry.get(self.key)
+            except Exception:  # interpreter shutdown: nothing left to hand it back to
+                return
             if transport is not None:
                 transport.free(self.layout.slot)
 
