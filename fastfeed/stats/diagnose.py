@@ -191,17 +191,26 @@ def diagnose(stats: LoaderStats, facts: SourceFacts) -> Verdict:
             f"({_ms(stats.wait_s / max(1, stats.steps))} of {_ms(w.step)} per step)"
         )
     if w.worker <= 0 and w.copy <= 0:
+        if _in_processes(stats) and facts.kind == "dataset":
+            # The drop-in DataLoader's process workers are torch's: their stages run where
+            # this process's recorder does not see them.
+            why = "the worker processes time their stages where fastfeed does not see them"
+            action = Action(
+                'run a few epochs with worker_type="thread" (or `fastfeed profile` on the data)',
+                "times each stage in this process and classifies the time",
+            )
+        else:
+            why = "no pipeline stage reported its time"
+            action = Action(
+                "run `fastfeed profile` on the data, or switch to fastfeed.DataLoader",
+                "times each stage and classifies the time",
+            )
         return Verdict(
             bound,
             Bottleneck.NONE,
             stall,
-            f"{head}; no pipeline stage reported its time, so what is slow is not measured",
-            (
-                Action(
-                    "run `fastfeed profile` on the data, or switch to fastfeed.DataLoader",
-                    "times each stage and classifies the time",
-                ),
-            ),
+            f"{head}; {why}, so what is slow is not measured",
+            (action,),
         )
     total = max(w.cpu + w.runq + w.gil + w.io, 1e-12)
     parts = [("CPU", w.cpu), ("waiting for a core", w.runq), ("GIL", w.gil), ("IO wait", w.io)]
@@ -424,12 +433,24 @@ def neighbour(
         who = "the loader's threads"
         if cause == "cores" and stats.others_cores and stats.others_cores >= 0.5:
             who = "the loader's threads and other processes"
+        if _in_processes(stats):
+            # The workers hold no GIL and no core of this process: what slowed the loop
+            # is its other threads (torch's pin-memory and queue threads, the user's own)
+            # or, waiting for a core, the worker processes themselves.
+            who = "other threads of this process" if cause == "gil" else "the worker processes"
+            if cause == "gil":
+                advice = "the loader's workers are processes and do not hold it"
         by = _pct(slowdown) if slowdown < 2 else f"{1 + slowdown:.0f}x (it takes that much longer)"
         sentence = (
             f"{who} slow your step by {by} "
             f"({'GIL' if cause == 'gil' else 'waiting for a core'}); {advice}"
         )
     return Neighbour(slowdown, cause, step, sentence)
+
+
+def _in_processes(stats: LoaderStats) -> bool:
+    """Whether the loader's workers ran as processes (``stats().execution``)."""
+    return (stats.execution or {}).get("mode") == "processes"
 
 
 def _short_of_cores(stats: LoaderStats) -> bool:

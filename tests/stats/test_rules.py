@@ -7,6 +7,7 @@ from snapshots import snapshot, stage, stats_of
 
 from fastfeed.stats import Bottleneck, Bound, LoaderStats, cache_whatif
 from fastfeed.stats.analyze import analyze
+from fastfeed.stats.probe import SourceFacts
 
 
 def test_cpu_verdict_raises_threads_capped_by_free_cores() -> None:
@@ -161,6 +162,40 @@ def test_noisy_neighbour_is_named_with_the_gil() -> None:
     assert nb.sentence.startswith("the loader's threads slow your step by 150% (GIL)")
     assert 'worker_type="process"' in nb.sentence
     assert "slow your step by 150% (GIL)" in stats.summary()
+
+
+def test_process_workers_are_not_named_as_the_gil_neighbour() -> None:
+    """With worker processes the loop's GIL waits come from its own process's threads."""
+    snap = snapshot(
+        gil={"wakeups": 500, "wait_per_acquire_s": 0.005, "runq_s": 0.0},
+        consumer={"steps": 100, "compute_s": 5.0, "cpu_s": 2.0, "runq_s": 0.5, "switches": 500},
+    )
+    ex = {"mode": "processes", "processes": 2, "reason": "given"}
+    stats = analyze(
+        snap, batch_size=10, num_threads=2, facts=SourceFacts(kind="dataset"), execution=ex
+    )
+    nb = stats.neighbour
+    assert nb is not None and nb.slowdown == pytest.approx(1.5)
+    assert nb.sentence == (
+        "other threads of this process slow your step by 150% (GIL); the loader's workers "
+        "are processes and do not hold it"
+    )
+    assert 'worker_type="process"' not in stats.summary()
+
+
+def test_process_workers_without_stage_times_get_thread_advice() -> None:
+    snap = snapshot(stages={})
+    ex = {"mode": "processes", "processes": 2, "reason": "given"}
+    ours = analyze(
+        snap, batch_size=10, num_threads=2, facts=SourceFacts(kind="dataset"), execution=ex
+    )
+    assert ours.verdict.sentence.endswith(
+        "the worker processes time their stages where fastfeed does not see them, so what "
+        "is slow is not measured"
+    )
+    assert ours.verdict.actions[0].text.startswith('run a few epochs with worker_type="thread"')
+    threads = analyze(snap, batch_size=10, num_threads=2, facts=SourceFacts(kind="dataset"))
+    assert "no pipeline stage reported its time" in threads.verdict.sentence
 
 
 def test_run_queue_wait_with_free_cores_is_the_gil_not_a_core_shortage() -> None:
