@@ -30,6 +30,7 @@ from fastfeed._torch_compat.transport import (
     SlotCollate,
     SlotTransport,
     enabled,
+    fetch_started,
     slots_per_worker,
 )
 from fastfeed.errors import FastFeedError, LoaderTimeoutError
@@ -133,11 +134,14 @@ def start_process_iter(loader: Any, tracked: Any) -> ProcessIter:
     reused = persistent and getattr(loader, "_iterator", None) is not None
     if _tp.auto_collation(loader) and enabled() and not reused:
         transport = SlotTransport(
-            loader.num_workers, slots_per_worker(getattr(loader, "prefetch_factor", None))
+            loader.num_workers,
+            slots_per_worker(getattr(loader, "prefetch_factor", None)),
+            getattr(loader, "recorder", None),
         )
         wrapped = None if user_collate is _default_collate else user_collate
         loader.__dict__["collate_fn"] = SlotCollate(wrapped, transport.spec())
-    loader.__dict__["worker_init_fn"] = _tp.WorkerInit(user_init)
+    hook = fetch_started if transport is not None else None
+    loader.__dict__["worker_init_fn"] = _tp.WorkerInit(user_init, hook)
     if tracked is not None:
         loader.__dict__[batch_attr] = tracked
         _tp.set_persistent_index_sampler(loader, tracked)

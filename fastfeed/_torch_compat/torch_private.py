@@ -51,6 +51,7 @@ __all__ = [
     "install_thread_worker_info",
     "install_worker_exception_wrapper",
     "len_called",
+    "on_fetch_start",
     "set_persistent_index_sampler",
     "shutdown_torch_iterator",
     "torch_worker_info",
@@ -201,14 +202,63 @@ def install_worker_exception_wrapper() -> None:
 class WorkerInit:
     """The ``worker_init_fn`` fastfeed gives torch's worker processes (picklable).
 
-    Installs :class:`OriginalExceptionWrapper` in the worker, then calls the user's
-    ``worker_init_fn`` (if any), so errors of ``worker_init_fn`` itself keep their type.
+    Installs :class:`OriginalExceptionWrapper` in the worker and, given a
+    ``fetch_hook``, :func:`on_fetch_start` (before the worker's first fetch), then calls
+    the user's ``worker_init_fn`` (if any), so errors of ``worker_init_fn`` itself keep
+    their type.
     """
 
-    def __init__(self, user_fn: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        user_fn: Callable[[int], None] | None,
+        fetch_hook: Callable[[], None] | None = None,
+    ) -> None:
         self.user_fn = user_fn
+        self.fetch_hook = fetch_hook
 
     def __call__(self, worker_id: int) -> None:
         install_worker_exception_wrapper()
+        if self.fetch_hook is not None:
+            on_fetch_start(self.fetch_hook)  # False: batches come without stage times
         if self.user_fn is not None:
             self.user_fn(worker_id)
+
+
+# -- stage times in torch's worker processes ------------------------------------------
+
+
+def on_fetch_start(hook: Callable[[], None]) -> bool:
+    """In a torch worker process: call ``hook()`` as each batch's fetch starts.
+
+    torch's worker loop runs ``fetcher.fetch(index)``, which reads the samples and then
+    calls ``collate_fn``; the collate wrapper of the process slots times the rest. The
+    fetcher classes of *this* process are wrapped (a worker process's own copy of the
+    module: the training process is untouched). Idempotent.
+
+    Returns:
+        False where torch has no such fetcher classes (the read is then not timed).
+    """
+    try:
+        from torch.utils.data._utils import fetch as fetch_mod
+    except ImportError:  # pragma: no cover - a torch without the module
+        return False
+    names = ("_MapDatasetFetcher", "_IterableDatasetFetcher")
+    classes: list[Any] = [getattr(fetch_mod, n, None) for n in names]
+    if any(c is None or "fetch" not in vars(c) for c in classes):
+        return False
+    for cls in classes:
+        original = vars(cls)["fetch"]
+        if getattr(original, "_fastfeed_hook", None) is not None:
+            original = original._fastfeed_original
+        cls.fetch = _hooked(original, hook)
+    return True
+
+
+def _hooked(original: Callable[..., Any], hook: Callable[[], None]) -> Callable[..., Any]:
+    def fetch(self: Any, possibly_batched_index: Any) -> Any:
+        hook()
+        return original(self, possibly_batched_index)
+
+    fetch._fastfeed_hook = hook  # type: ignore[attr-defined]
+    fetch._fastfeed_original = original  # type: ignore[attr-defined]
+    return fetch

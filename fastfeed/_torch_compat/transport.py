@@ -52,13 +52,32 @@ from fastfeed.pipeline.collate import (
     _torch_collate_tensor,
     collate_map,
 )
+from fastfeed.profiling import Recorder
+from fastfeed.profiling.clocks import Mark, _light_mark, _mark
+from fastfeed.profiling.stages import Stage
 from fastfeed.workers.shm import Layout, SlotMapping, SlotWriter, TensorRef, slot_view
 
-__all__ = ["SlotBatch", "SlotCollate", "SlotTransport", "enabled", "slots_per_worker"]
+__all__ = [
+    "SlotBatch",
+    "SlotCollate",
+    "SlotTransport",
+    "enabled",
+    "fetch_started",
+    "slots_per_worker",
+]
 
 _FREE = 0
 _BUSY = 1
 _SLOT_BYTES = 1 << 20  # a slot's first size, bytes (a worker grows it for larger batches)
+# One batch in this many has its thread CPU time and run-queue wait read in the worker
+# (~2 us a mark, three marks a batch); the others only the wall clock.
+_SAMPLE_EVERY = 4
+
+#: A batch's stage times measured in its worker: (read start, read end = collate start,
+#: collate end) as ``time.perf_counter()`` (CLOCK_MONOTONIC, the same in every process
+#: of the machine), samples, then read CPU, read run-queue wait, collate CPU, collate
+#: run-queue wait in seconds (None where not measured).
+Times = tuple[float, float, float, int, float | None, float | None, float | None, float | None]
 _registry: weakref.WeakValueDictionary[tuple[int, int], SlotTransport] = (
     weakref.WeakValueDictionary()
 )
@@ -94,10 +113,12 @@ class SlotTransport:
     Args:
         workers: Worker processes (each owns ``per_worker`` slots).
         per_worker: Slots per worker.
+        recorder: Where the read and collate times measured in the workers go.
     """
 
-    def __init__(self, workers: int, per_worker: int) -> None:
+    def __init__(self, workers: int, per_worker: int, recorder: Recorder | None = None) -> None:
         self.key = (os.getpid(), next(_tokens))
+        self._recorder = recorder
         self.per_worker = per_worker
         n = workers * per_worker
         # Reentrant: a SlotBatch collected by the cyclic GC while this thread holds the
@@ -139,6 +160,11 @@ class SlotTransport:
                 state.mappings.append(SlotMapping(state.fd, os.fstat(state.fd).st_size, False))
             base = state.mappings[-1].base
             self._out.add(layout.slot)
+
+        if batch.times is not None and self._recorder is not None:
+            start, read_end, end, n, read_cpu, read_runq, coll_cpu, coll_runq = batch.times
+            self._recorder.add(Stage.READ, start, read_end, read_cpu, items=n, runq_s=read_runq)
+            self._recorder.add(Stage.COLLATE, read_end, end, coll_cpu, items=n, runq_s=coll_runq)
 
         def wrap(ref: Any) -> Any:
             return slot_view(base, ref) if isinstance(ref, TensorRef) else ref
@@ -184,15 +210,22 @@ class SlotBatch:
     abandoned epoch), it frees its slot.
     """
 
-    __slots__ = ("__weakref__", "_live", "key", "layout")
+    __slots__ = ("__weakref__", "_live", "key", "layout", "times")
 
-    def __init__(self, key: tuple[int, int], layout: Layout, live: bool = False) -> None:
+    def __init__(
+        self,
+        key: tuple[int, int],
+        layout: Layout,
+        times: Times | None = None,
+        live: bool = False,
+    ) -> None:
         self.key = key
         self.layout = layout
+        self.times = times
         self._live = live
 
     def __reduce__(self) -> Any:
-        return (_received, (self.key, self.layout))
+        return (_received, (self.key, self.layout, self.times))
 
     def open(self) -> Any:
         """The batch as tensors (raises if its iterator's transport is gone)."""
@@ -217,8 +250,41 @@ class SlotBatch:
                 transport.free(self.layout.slot)
 
 
-def _received(key: tuple[int, int], layout: Layout) -> SlotBatch:
-    return SlotBatch(key, layout, live=True)
+def _received(key: tuple[int, int], layout: Layout, times: Times | None) -> SlotBatch:
+    return SlotBatch(key, layout, times, live=True)
+
+
+class _FetchClock:
+    """This worker process's mark at the start of the batch being fetched."""
+
+    started: Mark | None = None
+    count = 0
+
+
+_clock = _FetchClock()
+
+
+def fetch_started() -> None:
+    """The hook torch's workers run as each batch's fetch starts (see ``WorkerInit``)."""
+    _clock.count += 1
+    _clock.started = _mark() if _clock.count % _SAMPLE_EVERY == 1 else _light_mark()
+
+
+def _delta(a: Mark, b: Mark, i: int) -> float | None:
+    return b[i] - a[i] if a[i] >= 0 and b[i] >= 0 else None
+
+
+def _times(start: Mark, mid: Mark, end: Mark, n: int) -> Times:
+    return (
+        start[0],
+        mid[0],
+        end[0],
+        n,
+        _delta(start, mid, 1),
+        _delta(start, mid, 2),
+        _delta(mid, end, 1),
+        _delta(mid, end, 2),
+    )
 
 
 # -- the worker's side -----------------------------------------------------------------------
@@ -316,6 +382,9 @@ class SlotCollate:
         slot = slots.take() if slots is not None else None
         if slots is None or slot is None:
             return self._plain(samples)
+        started, _clock.started = _clock.started, None
+        sampled = started is not None and started[1] >= 0
+        mid = _mark() if sampled else _light_mark()
         try:
             writer = slots.writer
             writer.bind(slot, slots.fds[slot])
@@ -328,4 +397,7 @@ class SlotCollate:
         except BaseException:
             slots.flags[slot] = _FREE
             raise
-        return SlotBatch(slots.key, layout)
+        if started is None:
+            return SlotBatch(slots.key, layout)
+        end = _mark() if sampled else _light_mark()
+        return SlotBatch(slots.key, layout, _times(started, mid, end, len(samples)))

@@ -215,7 +215,8 @@ def diagnose(stats: LoaderStats, facts: SourceFacts) -> Verdict:
     total = max(w.cpu + w.runq + w.gil + w.io, 1e-12)
     parts = [("CPU", w.cpu), ("waiting for a core", w.runq), ("GIL", w.gil), ("IO wait", w.io)]
     split = ", ".join(f"{_pct(v / total)} {k}" for k, v in parts if v / total >= 0.01)
-    where = f"worker time {_ms(w.worker)} per batch on {w.threads} threads: {split}"
+    unit = "processes" if _in_processes(stats) else "threads"
+    where = f"worker time {_ms(w.worker)} per batch on {w.threads} {unit}: {split}"
     saturated = (
         w.runq / total >= _RUNQ_SATURATED
         or (stats.machine_busy or 0.0) >= _BUSY_SATURATED

@@ -9,6 +9,7 @@ these tests tell the two paths apart.
 from __future__ import annotations
 
 import collections
+import time
 from typing import Any
 
 import pytest
@@ -189,6 +190,43 @@ def test_collate_error_reaches_the_loop_and_frees_the_slot() -> None:
     assert [next(it)[0, 0, 0].item() for _ in range(2)] == [0.0, 4.0]
     del it
     ours.close()
+
+
+class Sleepy(tud.Dataset[Any]):
+    """2 ms of waiting per sample: the worker's read time is known from below."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(0.002)
+        return torch.full((3,), float(i))
+
+
+def test_worker_stage_times_reach_the_loaders_stats() -> None:
+    ours = DataLoader(
+        Sleepy(),
+        batch_size=4,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context="fork",
+    )
+    assert ours.worker_type == "process"
+    for _ in range(2):
+        assert [b[:, 0].tolist() for b in ours] == [
+            [4.0 * k + j for j in range(4)] for k in range(4)
+        ]
+    stats = ours.stats()
+    read, collate = stats.stages["read"], stats.stages["collate"]
+    assert (read.count, read.items, collate.count, collate.items) == (8, 32, 8, 32)
+    assert read.busy_s >= 8 * 4 * 0.002  # each batch slept 8 ms in its worker
+    assert collate.busy_s < read.busy_s
+    assert read.cpu_s is not None and read.cpu_s < 0.5 * read.busy_s  # sleeping, not CPU
+    assert "worker time" in stats.summary() and "on 2 processes" in stats.summary()
+    ours.close()
+    quiet = DataLoader(Sleepy(), batch_size=4, num_workers=2, worker_type="process", profile=False)
+    assert len(list(quiet)) == 4
+    assert "read" not in quiet.stats().stages
 
 
 def test_slots_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
