@@ -6,10 +6,9 @@ attributes, ``len()`` and batches. What changes is how ``num_workers`` run:
 
 - ``worker_type="thread"``: worker threads of this process (no pickled dataset copies,
   no shared-memory IPC of batches, instant start);
-- ``worker_type="process"``: torch's own worker processes, whose batches come back
-  through reused shared-memory slots instead of a new shared-memory segment per tensor
-  (:mod:`fastfeed._torch_compat.transport`: 1.7-3.1x torch's rate on 3 KB records,
-  with 40-60% of torch's CPU per batch in the training process);
+- ``worker_type="process"``: torch's own worker processes; their batches come back
+  through reused shared-memory slots (:mod:`fastfeed._torch_compat.transport`: 1.7-3.1x
+  torch's rate on 3 KB records, 40-60% of its CPU per batch in the training process);
 - ``worker_type="auto"`` (default): threads only where the script's observable
   behaviour is the same as with torch's processes, else processes; processes also with
   ``persistent_workers=True``, where they are the faster of the two. The rule is

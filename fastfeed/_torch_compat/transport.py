@@ -45,17 +45,11 @@ import torch
 from torch.utils.data import default_collate as _default_collate
 from torch.utils.data._utils.pin_memory import pin_memory as _torch_pin_memory
 
-from fastfeed.pipeline.buffers import map_tensors
-from fastfeed.pipeline.collate import (
-    _stackable,
-    _torch_collate,
-    _torch_collate_tensor,
-    collate_map,
-)
+from fastfeed.pipeline.collate import Collator
 from fastfeed.profiling import Recorder
 from fastfeed.profiling.clocks import Mark, _light_mark, _mark
 from fastfeed.profiling.stages import Stage
-from fastfeed.workers.shm import Layout, SlotMapping, SlotWriter, TensorRef, slot_view
+from fastfeed.workers.shm import Layout, SlotMapping, SlotWriter, slot_views
 
 __all__ = [
     "SlotBatch",
@@ -166,12 +160,7 @@ class SlotTransport:
             self._recorder.add(Stage.READ, start, read_end, read_cpu, items=n, runq_s=read_runq)
             self._recorder.add(Stage.COLLATE, read_end, end, coll_cpu, items=n, runq_s=coll_runq)
 
-        def wrap(ref: Any) -> Any:
-            return slot_view(base, ref) if isinstance(ref, TensorRef) else ref
-
-        if isinstance(layout.data, TensorRef):
-            return wrap(layout.data)
-        return map_tensors(layout.data, lambda t: t, other=wrap)
+        return slot_views(base, layout.data)
 
     def sweep(self) -> None:
         """Hand back to their workers the opened slots nothing refers to any more."""
@@ -237,8 +226,7 @@ class SlotBatch:
 
     def pin_memory(self, device: Any = None) -> Any:
         """torch's pin-memory thread: the batch's tensors copied into page-locked memory."""
-        batch = self.open()
-        return _torch_pin_memory(batch, device) if device is not None else _torch_pin_memory(batch)
+        return _torch_pin_memory(self.open(), device)
 
     def __del__(self) -> None:
         if self._live:
@@ -293,7 +281,13 @@ def _times(start: Mark, mid: Mark, end: Mark, n: int) -> Times:
 class _WorkerSlots:
     """One worker process's share of the slots, opened through ``/proc``."""
 
-    def __init__(self, spec: dict[str, Any], parent_pid: int, worker_id: int) -> None:
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        parent_pid: int,
+        worker_id: int,
+        collate_fn: Callable[[list[Any]], Any] | None,
+    ) -> None:
         self.key = spec["key"]
         self.writer = SlotWriter(parent_pid)
         self.fds: list[int] = spec["slot_fds"]
@@ -305,7 +299,11 @@ class _WorkerSlots:
         finally:
             os.close(fd)
         self.flags = np.frombuffer(self._map, dtype=np.uint8, count=len(self.fds))
-        self.collate_map = collate_map(self._stack)
+        # The collate (default_collate's rules, or the user's), its tensors stacked
+        # straight into the bound slot whatever their size, as the Loader's workers do.
+        self.collator = Collator(collate_fn, slots=0)
+        self.collator.ring = self.writer  # type: ignore[assignment]
+        self.collator.ring_min_bytes = 0
         self._next = 0
 
     def take(self) -> int | None:
@@ -317,15 +315,6 @@ class _WorkerSlots:
                 self._next = (self._next + k + 1) % len(mine)
                 return slot
         return None
-
-    def _stack(self, batch: Any, *, collate_fn_map: Any = None) -> Any:
-        """default_collate's tensor rule, stacking straight into the slot."""
-        if _stackable(batch):
-            elem = batch[0]
-            out = self.writer.acquire(len(batch), elem.shape, elem.dtype)
-            with contextlib.suppress(RuntimeError):  # torch's rule below gives its error
-                return torch.stack(list(batch), 0, out=out)
-        return _torch_collate_tensor(batch, collate_fn_map=collate_fn_map)
 
 
 def _travels_by_slot(t: torch.Tensor) -> bool:
@@ -372,7 +361,7 @@ class SlotCollate:
             info = torch.utils.data.get_worker_info()
             if info is not None and os.getpid() != self.parent_pid:
                 try:
-                    self._slots = _WorkerSlots(self.spec, self.parent_pid, info.id)
+                    self._slots = _WorkerSlots(self.spec, self.parent_pid, info.id, self.collate_fn)
                 except OSError:  # /proc not readable here: torch's way for every batch
                     self._slots = None
         return self._slots
@@ -388,10 +377,7 @@ class SlotCollate:
         try:
             writer = slots.writer
             writer.bind(slot, slots.fds[slot])
-            if self.collate_fn is None and _torch_collate is not None:
-                batch = _torch_collate(samples, collate_fn_map=slots.collate_map)
-            else:
-                batch = self._plain(samples)
+            batch = slots.collator.collate(samples)
             data = writer.pack(batch, keep=lambda t: not _travels_by_slot(t))
             layout = Layout(slot, writer.used, data, None)
         except BaseException:

@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - very old or very new torch: plain defa
     _torch_collate_tensor = None  # type: ignore[assignment]
     _torch_collate_map = {}
 
-__all__ = ["Collator", "collate_map"]
+__all__ = ["Collator"]
 
 
 class Collator:
@@ -83,7 +83,11 @@ class Collator:
         #: ring's bookkeeping cost more (3 KB records, batch 256: 0.86x -> 1.03x torch's
         #: samples per CPU-second). Pinned buffers always come from the ring.
         self.ring_min_bytes = RING_MIN_BYTES
-        self._collate_map = collate_map(self._collate_tensors)
+        self._collate_map: dict[Any, Callable[..., Any]] = dict(_torch_collate_map)
+        self._collate_map[torch.Tensor] = self._collate_tensors
+        if float in self._collate_map and int in self._collate_map:
+            self._collate_map[float] = _collate_floats
+            self._collate_map[int] = _collate_ints
 
     # -- fixed-shape path ----------------------------------------------------------------
 
@@ -130,7 +134,9 @@ class Collator:
             # An ordinary allocation either way: torch's own rule, without the checks
             # below (14 us for 256 tensors, a third of their stack).
             return _torch_collate_tensor(batch, collate_fn_map=collate_fn_map)
-        if _stackable(batch) and torch.utils.data.get_worker_info() is None:
+        if _stackable(batch) and (
+            not isinstance(self.ring, PinnedRing) or torch.utils.data.get_worker_info() is None
+        ):
             elem = batch[0]
             out = self.new_batch(len(batch), elem.shape, elem.dtype)
             try:
@@ -139,8 +145,9 @@ class Collator:
                 return torch.stack(list(batch), 0, out=out)
             except RuntimeError:
                 self.release(out)
-        # Ragged, mixed, sparse or nested tensors, or a torch worker *process* (where
-        # torch stacks into shared memory itself): torch's own rule, with its own errors.
+        # Ragged, mixed, sparse or nested tensors, or a process-local ring in a torch
+        # worker *process* (where torch stacks into shared memory itself; a worker's
+        # SlotWriter is shared memory already): torch's own rule, with its own errors.
         return _torch_collate_tensor(batch, collate_fn_map=collate_fn_map)
 
     # -- recycling -----------------------------------------------------------------------
@@ -176,17 +183,6 @@ class Collator:
 
 #: See :attr:`Collator.ring_min_bytes`.
 RING_MIN_BYTES = 4 << 20
-
-
-def collate_map(tensors: Callable[..., Any]) -> dict[Any, Callable[..., Any]]:
-    """torch's ``default_collate_fn_map`` with ``tensors`` as the tensor rule and the
-    cheaper number rules (:func:`_collate_ints`, :func:`_collate_floats`)."""
-    out: dict[Any, Callable[..., Any]] = dict(_torch_collate_map)
-    out[torch.Tensor] = tensors
-    if float in out and int in out:
-        out[float] = _collate_floats
-        out[int] = _collate_ints
-    return out
 
 
 def _nbytes(n: int, shape: Sequence[int], dtype: torch.dtype) -> int:

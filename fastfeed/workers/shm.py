@@ -33,7 +33,7 @@ import torch
 
 from fastfeed.pipeline.buffers import map_tensors, tensor_leaves
 
-__all__ = ["Layout", "SharedRing", "SlotMapping", "SlotWriter", "TensorRef", "slot_view"]
+__all__ = ["Layout", "SharedRing", "SlotMapping", "SlotWriter", "TensorRef", "slot_views"]
 
 _use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -246,11 +246,7 @@ class SharedRing:
                 self._by_cdata[slot.mapping.cdata] = slot
             slot.state = _OUT
             base = slot.mapping.base
-
-        def wrap(ref: Any) -> Any:
-            return slot_view(base, ref) if isinstance(ref, TensorRef) else ref
-
-        return _rebuild(layout.data, wrap), _rebuild(layout.labels, wrap)
+        return slot_views(base, layout.data), slot_views(base, layout.labels)
 
     def release(self, batch: Any, *, ready_event: Any = None) -> None:
         """The consumer moved past ``batch``; its slot is reused once nothing reads it.
@@ -314,7 +310,7 @@ def _close_fds(fds: set[int]) -> None:
     fds.clear()
 
 
-def slot_view(base: torch.Tensor, ref: TensorRef) -> torch.Tensor:
+def _view(base: torch.Tensor, ref: TensorRef) -> torch.Tensor:
     itemsize = ref.dtype.itemsize
     span = 1 + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride, strict=True) if n > 0)
     if any(n == 0 for n in ref.shape):
@@ -323,8 +319,13 @@ def slot_view(base: torch.Tensor, ref: TensorRef) -> torch.Tensor:
     return raw.view(ref.dtype).as_strided(ref.shape, ref.stride)
 
 
-def _rebuild(structure: Any, leaf: Callable[[Any], Any]) -> Any:
-    """``structure`` with each :class:`TensorRef` replaced by ``leaf(ref)``."""
+def slot_views(base: torch.Tensor, structure: Any) -> Any:
+    """``structure`` (a :class:`Layout`'s data or labels) with each :class:`TensorRef`
+    replaced by a tensor viewing ``base``, the slot's mapping (no copy)."""
+
+    def leaf(ref: Any) -> Any:
+        return _view(base, ref) if isinstance(ref, TensorRef) else ref
+
     if isinstance(structure, TensorRef):
         return leaf(structure)
     return map_tensors(structure, lambda t: t, other=leaf)
@@ -426,7 +427,7 @@ class SlotWriter:
         """The batch's :class:`Layout`, copying into the slot any tensor not already there."""
         d = self.pack(data, other=_picklable)
         labs = self.pack(labels, other=_picklable) if labels is not None else None
-        return Layout(self._tls.slot, self._tls.used, d, labs)
+        return Layout(self._tls.slot, self.used, d, labs)
 
     def pack(
         self,
