@@ -40,10 +40,14 @@ def _numpy_burn(data: Any) -> float:
 
 
 def _consume(loader: Any, step: Any = None) -> LoaderStats:
-    for batch in loader:
-        if step is not None:
-            step(batch)
-    stats = loader.stats()
+    """One epoch through ``loader`` (``step`` per batch), its stats; the loader is closed."""
+    try:
+        for batch in loader:
+            if step is not None:
+                step(batch)
+        stats = loader.stats()
+    finally:
+        loader.close()
     print(stats.summary(details=True))  # shown with -s or on failure
     return stats
 
@@ -81,11 +85,7 @@ class _SleepyDataset:
 
 
 def test_decode_in_getitem_is_cpu_never_io() -> None:
-    loader = DataLoader(_JpegDataset(192), batch_size=8, num_workers=2)
-    try:
-        stats = _consume(loader)
-    finally:
-        loader.close()
+    stats = _consume(DataLoader(_JpegDataset(192), batch_size=8, num_workers=2))
     v = stats.verdict
     assert v.bottleneck in (Bottleneck.CPU, Bottleneck.HOST), v.sentence
     read = stats.stages["read"].split().shares()
@@ -97,11 +97,7 @@ def test_decode_in_getitem_is_cpu_never_io() -> None:
 
 
 def test_sleeping_getitem_is_io_with_more_workers() -> None:
-    loader = DataLoader(_SleepyDataset(), batch_size=8, num_workers=2)
-    try:
-        stats = _consume(loader)
-    finally:
-        loader.close()
+    stats = _consume(DataLoader(_SleepyDataset(), batch_size=8, num_workers=2))
     v = stats.verdict
     assert v.bottleneck is Bottleneck.IO, v.sentence
     assert stats.stages["read"].split().shares()["io"] > 0.6
@@ -110,11 +106,7 @@ def test_sleeping_getitem_is_io_with_more_workers() -> None:
 
 
 def test_slow_native_source_is_io_and_offers_memory_cache() -> None:
-    loader = Loader(ledger_source(160, delay_s=0.003), batch_size=8, num_threads=2)
-    try:
-        stats = _consume(loader)
-    finally:
-        loader.close()
+    stats = _consume(Loader(ledger_source(160, delay_s=0.003), batch_size=8, num_threads=2))
     v = stats.verdict
     assert v.bottleneck is Bottleneck.IO, v.sentence
     assert v.matches("io") and not v.matches("cpu")
@@ -135,11 +127,9 @@ def test_pure_python_transform_on_two_threads_is_gil() -> None:
     """
     verdicts = []
     for _ in range(2):
-        loader = Loader(ledger_source(96), transform=_python_burn, batch_size=4, num_threads=2)
-        try:
-            stats = _consume(loader)
-        finally:
-            loader.close()
+        stats = _consume(
+            Loader(ledger_source(96), transform=_python_burn, batch_size=4, num_threads=2)
+        )
         v = stats.verdict
         assert v.bottleneck in (Bottleneck.GIL, Bottleneck.CPU, Bottleneck.HOST), v.sentence
         assert stats.gil_wait_per_acquire_s is not None and stats.gil_wait_per_acquire_s > 1e-3
@@ -150,11 +140,9 @@ def test_pure_python_transform_on_two_threads_is_gil() -> None:
 
 
 def test_slow_step_is_compute_bound() -> None:
-    loader = Loader(ledger_source(96), batch_size=8, num_threads=2)
-    try:
-        stats = _consume(loader, lambda b: time.sleep(0.02))
-    finally:
-        loader.close()
+    stats = _consume(
+        Loader(ledger_source(96), batch_size=8, num_threads=2), lambda b: time.sleep(0.02)
+    )
     v = stats.verdict
     assert v.bound is Bound.COMPUTE and v.bottleneck is Bottleneck.NONE, v.sentence
     assert stats.steps == 11 and stats.batches == 12
@@ -179,11 +167,7 @@ def loaded_machine():
 
 
 def test_loaded_machine_is_host_saturated_not_gil(loaded_machine: int) -> None:
-    loader = Loader(ledger_source(64), transform=_numpy_burn, batch_size=4, num_threads=2)
-    try:
-        stats = _consume(loader)
-    finally:
-        loader.close()
+    stats = _consume(Loader(ledger_source(64), transform=_numpy_burn, batch_size=4, num_threads=2))
     v = stats.verdict
     assert v.bottleneck is Bottleneck.HOST, v.sentence
     assert stats.others_cores is not None and stats.others_cores >= 1.0
@@ -199,10 +183,7 @@ def _python_step(batch: Any) -> None:
 
 def test_python_step_beside_gil_heavy_loader_names_the_noisy_neighbour() -> None:
     loader = Loader(ledger_source(240), transform=_python_burn, batch_size=4, num_threads=2)
-    try:
-        stats = _consume(loader, _python_step)
-    finally:
-        loader.close()
+    stats = _consume(loader, _python_step)
     nb = stats.neighbour
     assert nb is not None, stats.to_dict()
     assert nb.slowdown >= 0.1, nb
@@ -231,11 +212,9 @@ def test_pack_at_400_gets_no_repack_advice(tmp_path) -> None:
         files.close()
     src = LMDBSource(str(tmp_path / "p.lmdb"))
     assert source_facts(src).packed_max_side == 400
-    loader = Loader(src, transform=RandomResizedCrop(224), batch_size=4, num_threads=1)
     try:
-        stats = _consume(loader)
+        stats = _consume(Loader(src, transform=RandomResizedCrop(224), batch_size=4, num_threads=1))
     finally:
-        loader.close()
         src.close()
     texts = [a.text for a in stats.verdict.actions]
     assert stats.verdict.bottleneck in (Bottleneck.CPU, Bottleneck.HOST), stats.verdict.sentence
