@@ -423,24 +423,28 @@ def neighbour(
     if slowdown >= _NEIGHBOUR_FROM and (runq + gil) / n >= 2e-4:
         threads = max(1, stats.num_threads or 1)
         cores = stats.available_cores
-        if cause == "gil":
-            advice = _process_advice(facts, max(2, min(threads, math.floor(cores + 0.5))))
-            advice = advice or "move the transform's Python work to GIL-releasing ops"
+        in_processes = _in_processes(stats)
+        # With worker processes, the workers hold no GIL and no core of this process: what
+        # slowed the loop is its other threads (torch's pin-memory and queue threads, the
+        # user's own) or, waiting for a core, the worker processes themselves.
+        if cause == "gil" and in_processes:
+            advice = "the loader's workers are processes and do not hold it"
+        elif cause == "gil":
+            k = max(2, min(threads, math.floor(cores + 0.5)))
+            advice = (
+                _process_advice(facts, k) or "move the transform's Python work to GIL-releasing ops"
+            )
         else:
             advice = (
                 f"leave a core to the training loop ({_threads_word(facts)}="
                 f"{max(1, min(threads, math.floor(cores)) - 1)})"
             )
-        who = "the loader's threads"
-        if cause == "cores" and stats.others_cores and stats.others_cores >= 0.5:
-            who = "the loader's threads and other processes"
-        if _in_processes(stats):
-            # The workers hold no GIL and no core of this process: what slowed the loop
-            # is its other threads (torch's pin-memory and queue threads, the user's own)
-            # or, waiting for a core, the worker processes themselves.
+        if in_processes:
             who = "other threads of this process" if cause == "gil" else "the worker processes"
-            if cause == "gil":
-                advice = "the loader's workers are processes and do not hold it"
+        elif cause == "cores" and stats.others_cores and stats.others_cores >= 0.5:
+            who = "the loader's threads and other processes"
+        else:
+            who = "the loader's threads"
         by = _pct(slowdown) if slowdown < 2 else f"{1 + slowdown:.0f}x (it takes that much longer)"
         sentence = (
             f"{who} slow your step by {by} "
