@@ -46,6 +46,7 @@ torch fails later or cannot apply: ``timeout > 0`` with ``num_workers=0``,
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import warnings
@@ -64,10 +65,10 @@ from fastfeed._torch_compat.rngstate import probe_global_rng
 from fastfeed._torch_compat.state import (
     Epoch,
     TrackedSampler,
-    apply_snapshot,
     check_state,
     fresh_state,
-    snapshot,
+    own_generator,
+    start_epoch,
 )
 from fastfeed._torch_compat.threads import RNG_WARNING, Pool, ThreadIter
 from fastfeed.errors import ConfigError
@@ -309,21 +310,8 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
     def __iter__(self) -> Epoch:  # type: ignore[override]
         self._forget_if_forked()
         resume, self._resume = self._resume, None
-        user_rng = torch.get_rng_state() if resume is not None else None
-        tracked = None
-        if not self._iterable:
-            tracked = TrackedSampler(
-                _tp.index_sampler(self),
-                self.generator,
-                resume=resume["rng"] if resume is not None else None,
-                skip=resume["batches_yielded"] if resume is not None else 0,
-            )
-        at_iter = None
-        if self._iterable:
-            if resume is not None:
-                apply_snapshot(resume["rng"]["at_iter"], self.generator)
-            else:
-                at_iter = snapshot(self.generator)
+        sampler = None if self._iterable else _tp.index_sampler(self)
+        tracked, at_iter, user_rng = start_epoch(resume, self.generator, sampler)
         try:
             inner: ThreadIter | ProcessIter
             if self.worker_type == "process" and self.num_workers > 0:
@@ -335,20 +323,10 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
                 torch.set_rng_state(user_rng)  # a resumed iter() leaves it as it found it
         self._live.add(inner)
         epoch = Epoch(
-            self._pipeline.deliver(inner),
-            inner,
-            tracked,
-            self.generator,
-            self._iterable,
-            resume["rng"]["at_iter"] if resume is not None and self._iterable else at_iter,
+            self._pipeline.deliver(inner), inner, tracked, self.generator, self._iterable, at_iter
         )
-        if resume is not None and self._iterable:
-            # A stream cannot seek: read and drop the batches the loop already had.
-            for _ in range(resume["batches_yielded"]):
-                try:
-                    next(epoch)
-                except StopIteration:
-                    break
+        if resume is not None:
+            epoch.catch_up(resume["batches_yielded"])
         self._latest = weakref.ref(epoch)
         return epoch
 
@@ -440,13 +418,17 @@ class DataLoader(_TorchDataLoader[_T_co], Generic[_T_co]):
         with :meth:`load_state_dict` then ``iter()``. What it holds and the limits are in
         :mod:`fastfeed._torch_compat.state` (exact with ``in_order=True``).
         """
+        if self._resume is not None:  # loaded, not iterated yet: still where it stood
+            return copy.deepcopy(self._resume)
         epoch = self._latest() if self._latest is not None else None
         if epoch is not None and not epoch.finished:
             return epoch.state()
         pool_alive = self._pool is not None and not self._pool.closed
         torch_alive = getattr(self, "_iterator", None) is not None
         persistent_running = pool_alive if self.worker_type == "thread" else torch_alive
-        return fresh_state(self.generator, self._iterable, base_draw=not persistent_running)
+        own = own_generator(_tp.index_sampler(self), self.generator)
+        base_draw = not persistent_running
+        return fresh_state(self.generator, self._iterable, base_draw=base_draw, own=own)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Make the next ``iter()`` continue where ``state`` (:meth:`state_dict`) stood.

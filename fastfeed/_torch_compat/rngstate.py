@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from fastfeed._torch_compat.torch_private import THREAD_INFO, install_thread_worker_info
+
 __all__ = [
     "decode_torch_state",
     "encode_torch_state",
@@ -112,9 +114,19 @@ def holds_process_primitives(dataset: Any) -> bool:
 
 
 def uses_global_rng(
-    dataset: Any, collate_fn: Any, index: Any, *, getitems: bool = False, timeout_s: float = 2.0
+    dataset: Any,
+    collate_fn: Any,
+    index: Any,
+    *,
+    getitems: bool = False,
+    timeout_s: float = 2.0,
 ) -> bool | None:
-    """Whether reading ``dataset[index]`` (and collating it) draws from a global RNG.
+    """Whether reading ``dataset[index]`` (and collating it) draws from a global RNG, or
+    calls ``get_worker_info()`` (answered None, as in torch's main process).
+
+    Both can make results depend on which worker reads which batch: torch hands batches
+    to its processes in a fixed rotation and seeds each, threads take batches as they
+    come free and share the RNGs.
 
     Reads one sample from a shallow copy of the dataset (so a handle it opens lazily is
     not kept by the original, which may be forked into worker processes later) on a
@@ -143,6 +155,8 @@ def uses_global_rng(
     done = threading.Event()
 
     def run() -> None:
+        calls: list[int] = []
+        THREAD_INFO.calls = calls  # get_worker_info() notes its calls in this thread
         before = rng_save()
         result: bool | None
         try:
@@ -158,9 +172,10 @@ def uses_global_rng(
                 return  # the caller went on: its RNGs are no longer ours to touch
             changed = rng_changes(before)
             rng_restore(before)
-            state["result"] = bool(changed) if result is not None else None
+            state["result"] = bool(changed or calls) if result is not None else None
             done.set()
 
+    install_thread_worker_info()  # so get_worker_info() answers the probe's thread
     thread = threading.Thread(target=run, name="fastfeed-probe", daemon=True)
     thread.start()
     finished = done.wait(timeout_s)
@@ -173,7 +188,8 @@ def uses_global_rng(
 
 
 def probe_global_rng(dataset: Any, collate_fn: Any, *, getitems: bool) -> bool | None:
-    """``worker_type="auto"``'s probe: does reading (and collating) sample 0 use a global RNG?
+    """``worker_type="auto"``'s probe: does reading (and collating) sample 0 use a global RNG
+    or the worker's info (see :func:`uses_global_rng`)?
 
     Not probed (None) when the dataset holds multiprocessing primitives (a shared
     ``Value``, ``Semaphore``, ``Queue``...): it is written for worker processes, and a

@@ -57,7 +57,8 @@ __all__ = [
     "torch_worker_info",
 ]
 
-#: Per-thread worker info, set only inside fastfeed's worker threads (attribute ``info``).
+#: Per-thread worker info, set only inside fastfeed's worker threads (attribute ``info``);
+#: ``calls``, a list, counts the calls made outside them (the auto probe's thread).
 THREAD_INFO = threading.local()
 _ATTR = "_fastfeed_thread_worker_info"  # the name the new code reads in torch's module
 _install_lock = threading.Lock()
@@ -66,8 +67,14 @@ _installed = False
 
 def _thread_aware_get_worker_info() -> Any:  # pragma: no cover - runs as torch's code
     # Globals resolved in torch's worker module: _worker_info and the name below.
-    info = getattr(_fastfeed_thread_worker_info, "info", None)  # type: ignore[name-defined]  # noqa: F821
-    return _worker_info if info is None else info  # type: ignore[name-defined]  # noqa: F821
+    local = _fastfeed_thread_worker_info  # type: ignore[name-defined]  # noqa: F821
+    info = getattr(local, "info", None)
+    if info is None:
+        calls = getattr(local, "calls", None)  # set by worker_type="auto"'s probe read
+        if calls is not None:
+            calls.append(1)
+        return _worker_info  # type: ignore[name-defined]  # noqa: F821
+    return info
 
 
 def install_thread_worker_info() -> bool:

@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -88,6 +89,36 @@ def test_auto_picks_processes_for_iterable_and_global_rng_datasets() -> None:
     assert rng.worker_type == "process" and "global RNG" in rng.worker_type_reason
     assert np.array_equal(np.random.get_state()[1], before)  # the probe restored numpy's RNG
     assert DataLoader(NumpyAugment(), num_workers=0).worker_type == "thread"
+
+
+class PerWorkerAugment(tud.Dataset):
+    """Draws from a generator per worker, seeded from get_worker_info() (no global RNG)."""
+
+    def __init__(self) -> None:
+        self.rngs: dict[Any, np.random.Generator] = {}
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> float:
+        info = tud.get_worker_info()
+        key = None if info is None else info.id
+        if key not in self.rngs:
+            self.rngs[key] = np.random.default_rng(0 if info is None else info.seed)
+        if i % 3 == 0:
+            time.sleep(0.002)  # uneven reads: threads would take batches out of rotation
+        return float(self.rngs[key].random())
+
+
+def test_auto_picks_processes_for_a_dataset_that_asks_get_worker_info() -> None:
+    kw: dict[str, Any] = {"batch_size": 2, "num_workers": 2}
+    loader = DataLoader(PerWorkerAugment(), generator=torch.Generator().manual_seed(0), **kw)
+    assert loader.worker_type == "process"
+    assert "get_worker_info()" in loader.worker_type_reason
+    theirs = tud.DataLoader(PerWorkerAugment(), generator=torch.Generator().manual_seed(0), **kw)
+    assert _values(loader) == _values(theirs)  # torch's rotation of batches over workers
+    loader.close()
+    assert DataLoader(Squares(), **kw).worker_type == "thread"  # no call: threads stay
 
 
 def test_auto_probe_failure_picks_processes() -> None:
@@ -464,6 +495,75 @@ def test_iterable_resume_skips_what_was_delivered(nw: int) -> None:
     resumed = DataLoader(MyIterableDataset(0, 20), **kw)
     resumed.load_state_dict(state)
     assert head + _flat(resumed) == full
+
+
+@pytest.mark.parametrize(
+    ("nw", "worker_type"),
+    [(0, "thread"), (2, "thread"), pytest.param(2, "process", marks=needs_fork)],
+)
+def test_resuming_twice_in_one_epoch_delivers_each_batch_once(nw: int, worker_type: str) -> None:
+    full = _mk(nw, worker_type, True, False)
+    expected = [b[0].tolist() for b in full]
+    full.close()
+    first = _mk(nw, worker_type, True, False)
+    it = iter(first)
+    head = [next(it)[0].tolist() for _ in range(3)]
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    second = _mk(nw, worker_type, True, False)
+    second.load_state_dict(state)
+    assert second.state_dict() == state  # loaded, not iterated yet: still where it stood
+    it = iter(second)
+    middle = [next(it)[0].tolist() for _ in range(2)]
+    state = json.loads(json.dumps(second.state_dict()))
+    assert state["batches_yielded"] == 5
+    second.close()
+    third = _mk(nw, worker_type, True, False)
+    third.load_state_dict(state)
+    assert head + middle + [b[0].tolist() for b in third] == expected
+    third.close()
+
+
+@pytest.mark.parametrize("nw", [0, 2])
+def test_resume_between_epochs_without_generator_continues_torchs_order(nw: int) -> None:
+    ds = tud.TensorDataset(torch.arange(10))
+    torch.manual_seed(3)
+    theirs = tud.DataLoader(ds, batch_size=5, shuffle=True, num_workers=nw)
+    expected = [[b[0].tolist() for b in theirs] for _ in range(3)]
+    torch.manual_seed(3)
+    kw: dict[str, Any] = {"batch_size": 5, "shuffle": True, "num_workers": nw}
+    ours = DataLoader(ds, worker_type="thread", **kw)
+    assert [b[0].tolist() for b in ours] == expected[0]
+    state = json.loads(json.dumps(ours.state_dict()))
+    script_rng = torch.get_rng_state()  # the script saves its RNG beside the loader's state
+    ours.close()
+    torch.manual_seed(999)
+    resumed = DataLoader(ds, worker_type="thread", **kw)
+    torch.set_rng_state(script_rng)
+    resumed.load_state_dict(state)
+    # The epoch after the resumed one draws a new order, as torch's did (not a repeat).
+    assert [[b[0].tolist() for b in resumed] for _ in range(2)] == expected[1:]
+    resumed.close()
+
+
+def test_resume_restores_the_generator_a_sampler_keeps() -> None:
+    ds = tud.TensorDataset(torch.arange(12))
+
+    def make() -> DataLoader[Any]:
+        sampler = tud.RandomSampler(ds, generator=torch.Generator().manual_seed(7))
+        return DataLoader(ds, batch_size=4, sampler=sampler)
+
+    reference = make()
+    expected = [[b[0].tolist() for b in reference] for _ in range(2)]
+    run = make()
+    assert [b[0].tolist() for b in run] == expected[0]
+    it = iter(run)
+    head = [next(it)[0].tolist()]
+    state = json.loads(json.dumps(run.state_dict()))
+    assert "sampler_generator" in state["rng"]["at_iter"]
+    resumed = make()  # its sampler's generator starts again from seed 7
+    resumed.load_state_dict(state)
+    assert head + [b[0].tolist() for b in resumed] == expected[1]
 
 
 def test_load_state_dict_rejects_foreign_state() -> None:
