@@ -16,7 +16,8 @@ the sampler's order (deterministic for any thread count) unless ``in_order=False
 Epochs. ``set_epoch(e)`` chooses the epoch of the next iteration. Without it, every new
 ``iter(loader)`` moves to the next epoch (the first is epoch 0), so two plain ``for``
 loops see two different shuffles, as with torch's ``DataLoader``. Starting a new iteration
-stops the previous one (one active iteration per loader).
+stops the previous one (one active iteration per loader): its next ``next()`` raises
+:class:`~fastfeed.errors.FastFeedError` saying so, as after ``close()`` or an error.
 
 Resume. ``state_dict()`` is a tiny JSON-serializable dict (seed, epoch, position, batches
 delivered past the position with ``in_order=False``, failures so far) describing the
@@ -38,16 +39,17 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from fastfeed._torch_compat.errors import add_context
 from fastfeed.errors import ConfigError, FastFeedError, LoaderTimeoutError
 from fastfeed.pipeline.assemble import Finish, PipelineSpec, assemble
 from fastfeed.pipeline.batch import Batch, SkippedSample
 from fastfeed.pipeline.build import sample_spec
-from fastfeed.pipeline.run import EpochRun, WorkSpec
+from fastfeed.pipeline.run import EpochIterator, EpochRun, WorkSpec
 from fastfeed.pipeline.sampling import EpochProgress, EpochSampler, prepare_block_order
 from fastfeed.pipeline.staging import resolve_device
 from fastfeed.profiling import Recorder
@@ -184,6 +186,12 @@ class Loader:
     ) -> None:
         if not isinstance(source, Source):
             raise ConfigError(f"source must be a fastfeed Source, got {type(source).__name__}")
+        try:
+            len(source)
+        except Exception as exc:  # the user's own error, with where it happened
+            where = f"fastfeed: len() of the source {type(source).__name__} failed"
+            add_context(exc, f"{where} while building the Loader")
+            raise
         if transform is not None and not callable(transform):
             raise ConfigError(f"transform must be callable, got {type(transform).__name__}")
         if batch_transform is not None and not callable(batch_transform):
@@ -381,7 +389,7 @@ class Loader:
         seed, progress = EpochProgress.from_state(
             state, self.sampler.describe(), self.sampler.num_batches
         )
-        self._close_active()
+        self._close_active("load_state_dict() was called")
         self.seed = seed
         self.sampler.seed = seed
         self._work = dataclasses.replace(self._work, seed=seed)
@@ -394,7 +402,7 @@ class Loader:
     def __iter__(self) -> Iterator[Batch]:
         if self._closed:
             raise FastFeedError("this Loader is closed; create a new one")
-        self._close_active()
+        self._close_active("iter(loader) started a new iteration (one runs at a time)")
         if not self._resume:
             self._progress = EpochProgress(epoch=self._progress.epoch + 1)
         self._resume = False
@@ -406,9 +414,9 @@ class Loader:
             engine, owner = self._pipeline.workers(self._work)
         run = EpochRun(self._work, self._pipeline, batches, self._progress, self.skipped, engine)
         self._active = weakref.ref(run)
-        return self._deliver(run, owner)
+        return EpochIterator(self._deliver(run, owner), run.epoch)
 
-    def _deliver(self, run: EpochRun, owner: Any = None) -> Iterator[Batch]:
+    def _deliver(self, run: EpochRun, owner: Any = None) -> Generator[Batch, None, None]:
         # The consumer-facing generator: the only strong owner of `run`, so dropping or
         # closing it stops the workers (finally below, or the prefetcher's finalizer).
         results = run.results()
@@ -417,6 +425,11 @@ class Loader:
             for batch in tap:
                 run.commit()
                 yield batch
+            if run.stopped is not None:  # not the epoch's end: say so, never end silently
+                raise FastFeedError(
+                    f"this iteration over epoch {run.epoch} was stopped because "
+                    f"{run.stopped}; it delivers no more batches"
+                )
             run.finish()
         except LoaderTimeoutError:
             run.close(join_s=0.0)  # a worker is stuck: do not wait for it (daemon thread)
@@ -425,11 +438,11 @@ class Loader:
             tap.close()
             run.close()
 
-    def _close_active(self) -> None:
+    def _close_active(self, reason: str) -> None:
         run = self._active() if self._active is not None else None
         self._active = None
         if run is not None:
-            run.close()
+            run.close(reason=reason)
 
     def close(self) -> None:
         """Stop the active iteration and join its threads (within 2 s). Idempotent.
@@ -437,7 +450,7 @@ class Loader:
         The source is not closed: the caller owns it (and may share it).
         """
         self._closed = True
-        self._close_active()
+        self._close_active("the Loader was closed (Loader.close())")
         self._pipeline.close()
 
     def __enter__(self) -> Loader:

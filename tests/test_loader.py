@@ -270,7 +270,8 @@ def test_starting_a_new_iteration_stops_the_previous_one() -> None:
     it2 = iter(loader)
     second = [b.indices for b in it2]
     assert second[0] == [0, 1] and len(second) == 50  # the new epoch runs in full
-    assert list(it1) == []  # the first iteration was stopped
+    with pytest.raises(FastFeedError, match=r"stopped because iter\(loader\) started a new"):
+        next(it1)  # the first iteration was stopped, and says so instead of ending early
     del it1, it2
     assert _wait_no_new_threads(before) == set()
 
@@ -648,10 +649,11 @@ def test_close_while_a_read_blocks_returns_quickly() -> None:
     loader.close()
     loader.close()  # idempotent
     assert time.monotonic() - t0 < 2.5
-    assert list(it) == []
+    src.release()  # lets the stuck daemon thread finish for the leak check
+    with pytest.raises(FastFeedError, match=r"the Loader was closed \(Loader.close\(\)\)"):
+        next(it)  # never a silent end of the epoch
     with pytest.raises(FastFeedError, match="closed"):
         iter(loader)
-    src.release()  # lets the stuck daemon thread finish for the leak check
 
 
 def test_context_manager_closes() -> None:
@@ -660,7 +662,8 @@ def test_context_manager_closes() -> None:
         it = iter(loader)
         next(it)
     assert _wait_no_new_threads(before) == set()
-    assert list(it) == []
+    with pytest.raises(FastFeedError, match="the Loader was closed"):
+        next(it)
 
 
 _CHILD = textwrap.dedent(

@@ -391,8 +391,10 @@ class ThreadIter:
                     in_flight=exc.in_flight,
                 ) from exc
             except StopIteration:
-                # Raised by the dataset (torch ends the epoch then too), or the pool closed.
-                self._finish()
+                if self._pool.closed:  # DataLoader.close() from another thread: say so
+                    self.close(by_loader=True)
+                    return self.__next__()
+                self._finish()  # raised by the dataset: torch ends the epoch then too
                 raise
             if task.gen != self._gen or result is STALE:
                 continue  # left over from an abandoned epoch of a persistent pool

@@ -84,14 +84,17 @@ class ToFloat:
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ConfigError(f"std must be positive, got {std}")
 
+    def check_channels(self, channels: int) -> None:
+        """Raise :class:`ConfigError` unless mean and std fit ``channels`` (1 value or one each)."""
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values is not None and len(values) not in (1, channels):
+                raise ConfigError(f"{name} has {len(values)} values for {channels} channels")
+
     def write(self, u8: torch.Tensor, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """Write the normalized float32 version of ``u8`` into ``out`` and return it."""
-        channels = u8.shape[channel_dim]
+        self.check_channels(u8.shape[channel_dim])
         mean = torch.tensor(self.mean or (0.0,), dtype=torch.float64)
         std = torch.tensor(self.std or (1.0,), dtype=torch.float64)
-        for name, values in (("mean", mean), ("std", std)):
-            if values.numel() not in (1, channels):
-                raise ConfigError(f"{name} has {values.numel()} values for {channels} channels")
         # x / 255 / std - mean / std as one multiply-subtract in float32.
         shape = [1] * u8.dim()
         shape[channel_dim] = -1
@@ -179,6 +182,8 @@ class Compose:
         last = self.transforms[-1] if self.transforms else None
         self._to_float = last if isinstance(last, ToFloat) else None
         self._ops = self.transforms[:-1] if self._to_float else self.transforms
+        if self._to_float is not None:  # caught here, not as a failure of every sample
+            self._to_float.check_channels(3 if mode == "RGB" else 1)
 
     def __call__(self, data: Any) -> Any:
         return self._run(data, None)

@@ -288,6 +288,10 @@ class Pipeline:
         if self._pool is None or not self._pool.alive():
             if self._pool is not None:
                 self._pool.shutdown()
+                if self._pool.broken is not None:  # a worker died (maybe killed while idle)
+                    warnings.warn(
+                        f"starting new worker processes: {self._pool.broken}", stacklevel=3
+                    )
             recipe = WorkerRecipe(
                 work=work,
                 collate_fn=self.spec.collate_fn,
@@ -404,6 +408,9 @@ def choose_worker_type(
        (``torch``, ``random``, numpy), or whose probe read failed: torch seeds each
        worker's RNGs, threads share the training loop's, so results would differ
        between runs and the loop's own random stream would depend on loader timing.
+       Calling ``get_worker_info()`` counts too (a dataset that asks is one that behaves
+       per worker): torch hands batches to its workers in a fixed rotation, threads take
+       them as they come free.
 
     Otherwise (and always with ``num_workers=0``): threads, which start at once and
     share the dataset instead of copying it (without persistent workers, processes pay
@@ -446,8 +453,8 @@ def choose_worker_type(
         )
     if probe:
         return "process", (
-            "auto: reading dataset[0] drew from a global RNG (torch/random/numpy), which "
-            "torch seeds per worker process"
+            "auto: reading dataset[0] drew from a global RNG (torch/random/numpy) or called "
+            "get_worker_info(), both of which differ per worker process"
         )
     return "thread", (
         "auto: map-style dataset, no worker_init_fn or multiprocessing_context, and "

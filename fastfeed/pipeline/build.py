@@ -11,6 +11,7 @@ index)`` here, so a batch is the same whichever thread or process builds it.
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable
 from itertools import chain
@@ -24,6 +25,7 @@ from fastfeed.errors import (
     DecodeError,
     ResourceLimitError,
     SampleError,
+    SourceNotFoundError,
     describe_indices,
 )
 from fastfeed.pipeline.batch import BatchResult, BatchTask, SkippedSample
@@ -38,6 +40,9 @@ __all__ = ["BatchBuilder", "SampleSpec", "TorchThreads", "sample_spec"]
 
 # The stages' codes in the recorder's chain records (numbers only, see Recorder.chain).
 _READ, _TRANSFORM, _COLLATE = (STAGE_CODE[s] for s in (Stage.READ, Stage.TRANSFORM, Stage.COLLATE))
+
+# Failures that are never skipped as one bad sample (see BatchBuilder._fail).
+_UNSKIPPABLE = (ResourceLimitError, CorruptSourceError, SourceNotFoundError, ConfigError)
 
 _INIT_WAIT_S = 5.0  # longest wait for worker threads to apply torch_threads, seconds
 
@@ -91,24 +96,46 @@ class BatchBuilder:
             stage = Stage.DECODE
         where = self._where(index) if index is not None else "batch"
         # Not the sample's fault, so never skipped: an open-file limit (the record is
-        # fine) or a source broken as a whole (every later read fails the same way).
-        unskippable = isinstance(exc, (ResourceLimitError, CorruptSourceError))
+        # fine), a source broken or gone as a whole (every later read fails the same
+        # way), or a transform configured wrong (every sample fails the same way).
+        unskippable = isinstance(exc, _UNSKIPPABLE)
         if not self.skip or index is None or unskippable:
             raise SampleError(index, where, stage, exc) from exc
         failures.append(SkippedSample(index, where, stage, f"{type(exc).__name__}: {exc}"))
 
-    # -- stages ---------------------------------------------------------------------------
+    def _labels(self, labels: list[Any], kept: list[int]) -> torch.Tensor | None:
+        """The batch's labels as a tensor; a label that is not an int names its sample."""
+        try:
+            return self.collator.labels(labels)
+        except (TypeError, ValueError, OverflowError) as exc:
+            for index, label in zip(kept, labels, strict=True):
+                try:
+                    operator.index(label)  # ints, numpy integers; not None, str, float
+                except TypeError:
+                    problem = TypeError(
+                        f"its label is {label!r}: labels must be ints for every record "
+                        "(or None for every record)"
+                    )
+                    raise SampleError(index, self._where(index), Stage.READ, problem) from exc
+            raise
 
     def _read(
         self, indices: list[int], failures: list[SkippedSample]
     ) -> tuple[list[int], list[Record]]:
         src = self.source
         try:
-            return indices, src.read_many(indices)
+            records = src.read_many(indices)
         except Exception:
             pass  # find which index failed: retry one by one below
+        else:
+            if len(records) != len(indices):  # a bug of the source, not a bad sample
+                raise CorruptSourceError(
+                    f"{type(src).__name__}.read_many() returned {len(records)} records for "
+                    f"{len(indices)} indices ({describe_indices(indices)})"
+                )
+            return indices, records
         ok: list[int] = []
-        records: list[Record] = []
+        read: list[Record] = []
         for i in indices:
             try:
                 rec = src.read(i)
@@ -116,8 +143,8 @@ class BatchBuilder:
                 self._fail(i, Stage.READ, exc, failures)
             else:
                 ok.append(i)
-                records.append(rec)
-        return ok, records
+                read.append(rec)
+        return ok, read
 
     def _run_batch_fn(
         self,
@@ -246,7 +273,7 @@ class BatchBuilder:
                     self.collator.collate, Stage.COLLATE, kept, samples, failures, number
                 )
                 labels, kept = _select(labels, kept, kept2), kept2
-        labels_t = self.collator.labels(labels) if kept else None
+        labels_t = self._labels(labels, kept) if kept else None
         spans.append((_COLLATE, clock(), len(kept), 0))
         return (data if kept else None), labels_t, kept
 
@@ -292,7 +319,7 @@ class BatchBuilder:
         assert out is not None
         if row < len(datas):
             out = out[:row]  # a view: skipped samples shrink the batch, never substituted
-        labels_t = self.collator.labels(labels)
+        labels_t = self._labels(labels, kept)
         spans.append((_COLLATE, clock(), row, 0))
         return out, labels_t, kept
 

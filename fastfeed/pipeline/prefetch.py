@@ -252,6 +252,8 @@ class Prefetcher(Generic[T, R]):
         deadline = None if self.timeout_s is None else t_enter + self.timeout_s
         with sh.cond:
             while True:
+                if sh.stop.is_set():  # closed from another thread: stop waiting now
+                    raise StopIteration
                 if self.in_order:
                     item = sh.done.pop(self._next_out, None)
                     if item is not None:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fastfeed.errors import TooManyFailuresError
+from fastfeed.errors import FastFeedError, TooManyFailuresError
 from fastfeed.pipeline.assemble import Pipeline
 from fastfeed.pipeline.batch import (
     Batch,
@@ -29,7 +29,7 @@ from fastfeed.pipeline.prefetch import Prefetcher
 from fastfeed.pipeline.sampling import EpochProgress
 from fastfeed.sources.base import Source
 
-__all__ = ["Engine", "EpochRun", "WorkSpec"]
+__all__ = ["Engine", "EpochIterator", "EpochRun", "WorkSpec"]
 
 
 @dataclass(frozen=True)
@@ -154,10 +154,13 @@ class EpochRun:
         self.pending: collections.deque[tuple[list[int], int]] = collections.deque()
         self._unyielded: list[int] = []
         self._unyielded_failures = 0
+        #: Why the run was stopped from outside (a new iteration, ``close()``), or None.
+        self.stopped: str | None = None
 
     def results(self) -> Generator[Batch, None, None]:
         """Batches in hand-off order; applies the skip policy."""
         limit = self.work.failure_limit
+        yielded = 0
         for _task, res in self.source:
             if res.failures:
                 self.skipped.extend(res.failures)
@@ -177,7 +180,35 @@ class EpochRun:
             numbers = [*self._unyielded, res.number]
             self.pending.append((numbers, self._unyielded_failures + len(res.failures)))
             self._unyielded, self._unyielded_failures = [], 0
+            yielded += 1
             yield Batch(res.data, res.labels, res.indices)
+        if yielded == 0 and self.stopped is None and self.work.max_failures is None:
+            self._check_not_all_failed()
+
+    def _check_not_all_failed(self) -> None:
+        """Raise when the whole epoch ran and every one of its samples failed.
+
+        Skipping is for the odd bad sample; an epoch of nothing but failures is a broken
+        source or transform, which must not pass as an empty epoch (an explicit
+        ``max_failures`` opts out).
+        """
+        progress = self.progress
+        if self.failures == 0 or progress.position > 0 or progress.ahead:
+            return  # nothing failed, or an earlier iteration delivered part of the epoch
+        first = self.skipped[0] if self.skipped else None
+        shown = (
+            ""
+            if first is None
+            else (
+                f"; first: sample {first.index} ({first.where}) in stage '{first.stage}': "
+                f"{first.message}"
+            )
+        )
+        raise TooManyFailuresError(
+            f"every sample of epoch {self.epoch} failed ({self.failures} skipped, none "
+            f"delivered): this is not a few bad samples but a broken source or transform"
+            f"{shown}. Pass max_failures=1.0 to allow it"
+        )
 
     def commit(self) -> None:
         """The consumer is being handed the oldest pending batch: mark it delivered."""
@@ -191,5 +222,49 @@ class EpochRun:
         self.progress.failures += self._unyielded_failures
         self._unyielded, self._unyielded_failures = [], 0
 
-    def close(self, join_s: float | None = None) -> None:
+    def close(self, join_s: float | None = None, *, reason: str | None = None) -> None:
+        """Stop the workers; ``reason`` (stopped from outside) makes the consumer raise."""
+        if reason is not None and self.stopped is None:
+            self.stopped = reason
         self._close(join_s)
+
+
+class EpochIterator(Iterator[Batch]):
+    """What ``iter(loader)`` returns: the delivering generator's batches, never a silent end.
+
+    A generator that raised is finished: its next ``next()`` would raise StopIteration,
+    and a loop that caught the error and went on would lose the rest of the epoch
+    unnoticed. Here every later ``next()`` raises :class:`FastFeedError` naming it.
+
+    Args:
+        batches: The delivering generator.
+        epoch: Its epoch (for the message).
+    """
+
+    def __init__(self, batches: Generator[Batch, None, None], epoch: int) -> None:
+        self._batches = batches
+        self._epoch = epoch
+        self._failed: str | None = None
+
+    def __iter__(self) -> EpochIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._failed is not None:
+            raise FastFeedError(
+                f"this iteration over epoch {self._epoch} already stopped at an error "
+                f"({self._failed}) and delivers no more batches. iter(loader) starts the "
+                "next epoch; loader.load_state_dict(loader.state_dict()) first resumes "
+                "this one after its last delivered batch"
+            )
+        try:
+            return next(self._batches)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self._failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            raise
+
+    def close(self) -> None:
+        """Stop this iteration's workers now (what dropping the iterator does later)."""
+        self._batches.close()

@@ -320,6 +320,14 @@ class FileSource(Source):
         try:
             fd = os.open(path, _O_FLAGS)
         except FileNotFoundError as exc:
+            if self.root is not None and not os.path.isdir(self.root):
+                # The whole source is gone, not one record: never skipped as a bad sample.
+                raise SourceNotFoundError(
+                    f"cannot read record {index} ({path}): the source's folder {self.root} "
+                    "no longer exists (it did when the source was indexed)",
+                    path=self.root,
+                    index=index,
+                ) from exc
             raise RecordReadError(
                 f"cannot read record {index}: {path} does not exist (deleted after indexing?)",
                 path=path,

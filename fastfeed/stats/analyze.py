@@ -286,12 +286,18 @@ def analyze(
         batches = (
             math.ceil(items / batch_size) if batch_size else max(s.count for s in worker_stages)
         )
+    # What reached the batches: the collate stage counts the samples it collated; the
+    # read and transform stages also count samples that failed and were skipped.
+    collated = stages.get(str(Stage.COLLATE))
+    delivered = collated.items if collated is not None and collated.items else None
+    if delivered is None:
+        delivered = max((s.items for s in worker_stages), default=0)
     if batch_size:
         samples = batches * batch_size
-        if worker_stages:  # the last batch of an epoch may be short
-            samples = min(samples, max(s.items for s in worker_stages)) or samples
+        if worker_stages:  # the last batch of an epoch may be short; skips make it shorter
+            samples = min(samples, delivered) or samples
     else:
-        samples = max((s.items for s in worker_stages), default=0)
+        samples = delivered
 
     process_cpu = float(snapshot.get("process_cpu_s", 0.0))
     machine_busy = snapshot.get("machine_busy")

@@ -177,11 +177,32 @@ class ProcessPool:
         return PoolRun(self, tasks, self.gen)
 
     def alive(self) -> bool:
+        """No worker died (one killed while idle, say by the OOM killer, counts too)."""
+        if self.broken is None and self._finalizer.alive:
+            for w in self.workers:
+                if not w.process.is_alive():
+                    self.broken = _death(w)
+                    break
         return self.broken is None and self._finalizer.alive
 
     def shutdown(self) -> None:
         """Stop and join every worker within 2 s (then kill). Idempotent."""
         self._finalizer()
+
+
+def _death(w: _Worker) -> WorkerError:
+    """The error that says worker ``w`` died: how, and which batches it held."""
+    w.process.join(0.1)
+    lost = [describe_task(t) for t in w.in_flight.values()]
+    return WorkerError(
+        f"worker process fastfeed-worker-{w.id} (pid {w.process.pid}) "
+        f"{_signal_name(w.process.exitcode)}; batches in flight there: "
+        f"{'; '.join(lost) if lost else 'none'}",
+        worker=w.id,
+        pid=w.process.pid,
+        exitcode=w.process.exitcode,
+        in_flight=[i for t in w.in_flight.values() for i in t.indices],
+    )
 
 
 def _shutdown(workers: list[_Worker]) -> None:
@@ -233,10 +254,14 @@ class PoolRun:
                 return
             worker = min(pool.workers, key=lambda w: len(w.in_flight))
             seq = self._seq
+            try:
+                worker.tasks.send(("task", self.gen, seq, got[0], got[1], task))
+            except OSError:  # its end of the pipe is gone: the worker died (while idle)
+                pool.ring.abandon(got[0])
+                self._died(worker)
             self._seq += 1
             worker.in_flight[(self.gen, seq)] = task
             self._outstanding += 1
-            worker.tasks.send(("task", self.gen, seq, got[0], got[1], task))
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -287,17 +312,7 @@ class PoolRun:
         self._done[seq] = (task, result)
 
     def _died(self, w: _Worker) -> None:
-        w.process.join(0.1)
-        lost = [describe_task(t) for t in w.in_flight.values()]
-        err = WorkerError(
-            f"worker process fastfeed-worker-{w.id} (pid {w.process.pid}) "
-            f"{_signal_name(w.process.exitcode)}; batches in flight there: "
-            f"{'; '.join(lost) if lost else 'none'}",
-            worker=w.id,
-            pid=w.process.pid,
-            exitcode=w.process.exitcode,
-            in_flight=[i for t in w.in_flight.values() for i in t.indices],
-        )
+        err = _death(w)
         self.pool.broken = err
         raise err
 
