@@ -30,9 +30,11 @@ Thread workers, where they differ from processes (``auto`` picks processes for e
 - the process's RNGs are shared: a dataset drawing from ``torch``/``random``/``numpy``
   global RNGs is not reproducible across runs, and a ``worker_init_fn`` reseeding them
   would reseed the training loop (fastfeed restores them and warns);
-- ``torch.utils.data.get_worker_info()`` answers per thread (``worker_method="thread"``);
-  it is hidden (None) while torch's ``default_collate`` runs, which would otherwise
-  allocate shared memory that threads do not need;
+- ``torch.utils.data.get_worker_info()`` answers per thread (``worker_method="thread"``),
+  but threads take batches as they come free where torch rotates them over its workers,
+  so per-worker state (a generator seeded from ``get_worker_info().seed``) sees other
+  batches; it is hidden (None) while torch's ``default_collate`` runs, which would
+  otherwise allocate shared memory that threads do not need;
 - an IterableDataset gets one ``iter()`` per worker thread, like torch's processes: a
   dataset that shards itself by ``get_worker_info()`` is sharded across threads, one that
   configures ``get_worker_info().dataset`` in place would configure the shared object;

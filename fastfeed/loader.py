@@ -58,6 +58,8 @@ from fastfeed.stats import LoaderStats
 
 __all__ = ["Loader"]
 
+_CLOSED = "the Loader was closed (Loader.close())"  # why a closed loader's iteration stopped
+
 
 def _int_arg(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -414,6 +416,8 @@ class Loader:
             engine, owner = self._pipeline.workers(self._work)
         run = EpochRun(self._work, self._pipeline, batches, self._progress, self.skipped, engine)
         self._active = weakref.ref(run)
+        if self._closed:  # close() ran in another thread while this iteration started
+            run.close(reason=_CLOSED)
         return EpochIterator(self._deliver(run, owner), run.epoch)
 
     def _deliver(self, run: EpochRun, owner: Any = None) -> Generator[Batch, None, None]:
@@ -450,7 +454,7 @@ class Loader:
         The source is not closed: the caller owns it (and may share it).
         """
         self._closed = True
-        self._close_active("the Loader was closed (Loader.close())")
+        self._close_active(_CLOSED)
         self._pipeline.close()
 
     def __enter__(self) -> Loader:

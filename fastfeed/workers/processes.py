@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from fastfeed._threads import ExceptionBox
-from fastfeed.errors import LoaderTimeoutError, WorkerError
+from fastfeed.errors import ConfigError, LoaderTimeoutError, WorkerError
 from fastfeed.pipeline.batch import BatchResult, BatchTask, describe_task
 from fastfeed.profiling import Recorder
 from fastfeed.workers.shm import Layout, SharedRing
@@ -153,7 +153,18 @@ class ProcessPool:
                 name=f"fastfeed-worker-{k}",
                 daemon=True,
             )
-            proc.start()
+            try:
+                proc.start()
+            except (pickle.PicklingError, AttributeError, TypeError) as exc:
+                # spawn/forkserver pickle the recipe: a lambda or local function cannot go.
+                for conn in (task_r, task_w, res_r, res_w):
+                    conn.close()
+                _shutdown(self.workers)
+                raise ConfigError(
+                    f"the Loader's work (source, transform, collate_fn) cannot be sent to "
+                    f"{start_method!r} worker processes: {exc}. Use module-level functions "
+                    "and classes, or start_method='fork'"
+                ) from exc
             task_r.close()
             res_w.close()
             self.workers.append(_Worker(k, proc, task_w, res_r))

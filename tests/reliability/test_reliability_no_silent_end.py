@@ -248,3 +248,15 @@ def test_a_record_without_a_label_among_labelled_ones_names_its_index(num_thread
     with pytest.raises(SampleError, match=r"sample 5 \(numbers\[5\]\) failed in stage 'read'"):
         list(loader)
     loader.close()
+
+
+def test_a_transform_spawned_workers_cannot_receive_is_a_config_error() -> None:
+    loader = _loader(
+        transform=lambda data: LedgerDecode()(data),  # a lambda does not pickle
+        num_threads=1,
+        processes=2,
+        start_method="spawn",
+    )
+    with pytest.raises(ConfigError, match=r"cannot be sent to 'spawn' worker processes: .*lambda"):
+        iter(loader)
+    loader.close()
