@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -50,7 +51,14 @@ IMG_EXTENSIONS: tuple[str, ...] = (
 
 _T = TypeVar("_T")
 _FD_LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE)
-_O_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+# O_NONBLOCK: opening a FIFO (or a device) named like an image must not block; regular
+# files ignore the flag (their reads never block on it).
+_O_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+)
 
 
 class FileSource(Source):
@@ -348,7 +356,15 @@ class FileSource(Source):
                 index=index,
             ) from exc
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RecordReadError(
+                    f"cannot read record {index}: {path} is not a regular file (a FIFO, "
+                    "socket or device)",
+                    path=path,
+                    index=index,
+                )
+            size = st.st_size
             data = os.pread(fd, size, 0) if size else b""
             if len(data) < size:  # short read (network file systems): keep reading
                 parts = [data]
@@ -360,6 +376,8 @@ class FileSource(Source):
                     parts.append(chunk)
                     got += len(chunk)
                 data = b"".join(parts)
+        except RecordReadError:
+            raise
         except OSError as exc:
             raise RecordReadError(
                 f"cannot read record {index}: reading {path} failed: {exc.strerror or exc}",

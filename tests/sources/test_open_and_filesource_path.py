@@ -166,3 +166,31 @@ def test_worker_pool_submit_runs_background_jobs_and_refuses_after_stop():
     pool.close()
     assert pool.submit(job) is False
     assert _WorkerPool(0, "none").submit(job) is False
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_named_like_an_image_fails_its_read_instead_of_blocking(tmp_path: Path) -> None:
+    from fastfeed.errors import RecordReadError
+
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "000.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    os.mkfifo(root / "a" / "001.jpg")  # no writer: a blocking open would wait forever
+    source = FileSource.from_folder(root)
+    assert source.read(0).data.startswith(b"\xff\xd8")
+    done: list[BaseException] = []
+
+    def read_fifo() -> None:
+        try:
+            source.read(1)
+        except BaseException as exc:
+            done.append(exc)
+
+    reader = threading.Thread(target=read_fifo, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive() and len(done) == 1
+    assert isinstance(done[0], RecordReadError)
+    assert "001.jpg is not a regular file (a FIFO, socket or device)" in str(done[0])
+    source.hint([0, 1])  # read-ahead hints must not block on it either
+    source.close()
