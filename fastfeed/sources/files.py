@@ -358,12 +358,14 @@ class FileSource(Source):
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
+                what = "is not a regular file (a FIFO, socket or device)"
+                cause = None
+                if stat.S_ISDIR(st.st_mode):  # what reading it would have raised
+                    what = "is a directory"
+                    cause = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
                 raise RecordReadError(
-                    f"cannot read record {index}: {path} is not a regular file (a FIFO, "
-                    "socket or device)",
-                    path=path,
-                    index=index,
-                )
+                    f"cannot read record {index}: {path} {what}", path=path, index=index
+                ) from cause
             size = st.st_size
             data = os.pread(fd, size, 0) if size else b""
             if len(data) < size:  # short read (network file systems): keep reading
