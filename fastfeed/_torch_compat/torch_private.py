@@ -25,6 +25,7 @@ thread, torch's ``WorkerInfo`` in a torch worker process.
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 from collections.abc import Callable
@@ -33,6 +34,9 @@ from typing import Any
 import torch.utils.data._utils.worker as _worker_mod
 from torch.utils.data import default_collate
 from torch.utils.data._utils.worker import WorkerInfo
+
+from fastfeed._torch_compat.errors import add_context
+from fastfeed.errors import describe_indices
 
 try:  # where torch keeps it (2.x); one guarded import
     from torch._utils import ExceptionWrapper as _TorchExceptionWrapper
@@ -47,6 +51,7 @@ __all__ = [
     "abandon_torch_iterator",
     "auto_collation",
     "default_collate",
+    "fetch_note",
     "index_sampler",
     "install_thread_worker_info",
     "install_worker_exception_wrapper",
@@ -225,8 +230,9 @@ class WorkerInit:
 
     def __call__(self, worker_id: int) -> None:
         install_worker_exception_wrapper()
-        if self.fetch_hook is not None:
-            on_fetch_start(self.fetch_hook)  # False: batches come without stage times
+        # Always wrapped: a failing sample's error names its index. With a hook, the
+        # fetch is timed too (False: batches come without stage times).
+        on_fetch_start(self.fetch_hook)
         if self.user_fn is not None:
             self.user_fn(worker_id)
 
@@ -234,8 +240,9 @@ class WorkerInit:
 # -- stage times in torch's worker processes ------------------------------------------
 
 
-def on_fetch_start(hook: Callable[[], None]) -> bool:
-    """In a torch worker process: call ``hook()`` as each batch's fetch starts.
+def on_fetch_start(hook: Callable[[], None] | None) -> bool:
+    """In a torch worker process: call ``hook()`` as each batch's fetch starts, and name
+    the failing sample in a note on an exception of a map-style fetch (:func:`fetch_note`).
 
     torch's worker loop runs ``fetcher.fetch(index)``, which reads the samples and then
     calls ``collate_fn``; the collate wrapper of the process slots times the rest. The
@@ -255,17 +262,49 @@ def on_fetch_start(hook: Callable[[], None]) -> bool:
         return False
     for cls in classes:
         original = vars(cls)["fetch"]
-        if getattr(original, "_fastfeed_hook", None) is not None:
-            original = original._fastfeed_original
-        cls.fetch = _hooked(original, hook)
+        original = getattr(original, "_fastfeed_original", original)
+        cls.fetch = _hooked(original, hook, named=cls is classes[0])
     return True
 
 
-def _hooked(original: Callable[..., Any], hook: Callable[[], None]) -> Callable[..., Any]:
+def _hooked(
+    original: Callable[..., Any], hook: Callable[[], None] | None, *, named: bool
+) -> Callable[..., Any]:
     def fetch(self: Any, possibly_batched_index: Any) -> Any:
-        hook()
-        return original(self, possibly_batched_index)
+        if hook is not None:
+            hook()
+        try:
+            return original(self, possibly_batched_index)
+        except Exception as exc:
+            if named:  # map-style: the indices are the dataset's keys
+                add_context(exc, fetch_note(exc, possibly_batched_index))
+            raise
 
-    fetch._fastfeed_hook = hook  # type: ignore[attr-defined]
     fetch._fastfeed_original = original  # type: ignore[attr-defined]
     return fetch
+
+
+def fetch_note(exc: BaseException, index: Any) -> str:
+    """Where a map-style fetch in a torch worker process failed: the sample when torch's
+    read loop (``dataset[idx] for idx in ...``) was running, else the batch.
+
+    The sample is the ``idx`` local of torch's fetch frame in the traceback; a dataset
+    with ``__getitems__`` or a failing ``collate_fn`` leaves only the batch to name.
+    """
+    info = _worker_mod.get_worker_info()
+    who = "DataLoader worker process" + ("" if info is None else f" {info.id}")
+    tb = exc.__traceback__
+    sample: Any = _NO_SAMPLE
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename.endswith(_TORCH_FETCH) and "idx" in frame.f_locals:
+            sample = frame.f_locals["idx"]
+        tb = tb.tb_next
+    batch = describe_indices(index) if isinstance(index, (list, tuple)) else repr(index)
+    if sample is not _NO_SAMPLE:
+        return f"fastfeed: sample {sample!r} failed in {who} (batch {batch})"
+    return f"fastfeed: batch {batch} failed in {who}"
+
+
+_NO_SAMPLE = object()
+_TORCH_FETCH = os.path.join("_utils", "fetch.py")  # torch.utils.data._utils.fetch

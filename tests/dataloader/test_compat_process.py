@@ -6,6 +6,7 @@ interpreter per worker (seconds each), so it gets one persistent case.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -162,6 +163,9 @@ def test_process_worker_error_is_the_original_exception_with_notes() -> None:
     assert "raised in DataLoader worker process" in notes
     assert 'raise KeyError("missing-key")' in notes  # the worker's traceback
     assert "batch #2 of the epoch" in notes
+    # The worker names the sample (torch's read loop was at index 7) and its batch.
+    worker_note = r"fastfeed: sample 7 failed in DataLoader worker process \d \(batch \[6, 7, 8\]\)"
+    assert re.search(worker_note, notes)
     assert next(it).tolist() == [9, 10, 11]
     del info, err
     loader.close()
