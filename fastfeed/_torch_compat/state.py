@@ -19,12 +19,15 @@ resumed epoch has the same order, then:
 Between epochs the state holds the RNG states of now, so the next epoch's order is the
 one the original run would draw. Exact with ``in_order=True`` (the default); with
 ``in_order=False`` the batches delivered so far depend on timing. A resumed ``iter()``
-leaves torch's global RNG as it found it (the training script restores its own) and
-leaves the loader's ``generator`` (and a ``torch.Generator`` the sampler keeps, as
-``RandomSampler(generator=g)`` does) where the original run had it. Not restored: numpy /
-``random`` streams a custom sampler keeps itself, and the RNG streams *inside* worker
-processes (a dataset drawing from them in ``worker_type="process"`` gets fresh worker
-seeds for the rest of the epoch).
+leaves torch's global RNG as it found it (the training script restores its own), except
+where the script restored the very RNG the state's ``iter()`` drew from (a checkpoint
+between epochs): then the replayed draws advance it, as in the uninterrupted run
+(:func:`continues_from`); so do the draws a state saved before the first batch had not
+made yet. It leaves the loader's ``generator`` (and a ``torch.Generator`` the sampler
+keeps, as ``RandomSampler(generator=g)`` does) where the original run had it. Not
+restored: numpy / ``random`` streams a custom sampler keeps itself, and the RNG streams
+*inside* worker processes (a dataset drawing from them in ``worker_type="process"`` gets
+fresh worker seeds for the rest of the epoch).
 """
 
 from __future__ import annotations
@@ -275,9 +278,11 @@ def start_epoch(
         ``at_iter`` record, and the RNG state to put back once the workers started
         (None: leave torch's global RNG where the draws put it).
     """
-    user_rng = torch.get_rng_state() if resume is not None else None
-    if resume is not None and user_rng is not None and continues_from(resume, user_rng):
-        user_rng = None  # leave the RNG where the replayed draws put it
+    user_rng = None
+    if resume is not None:
+        user_rng = torch.get_rng_state()
+        if continues_from(resume, user_rng):
+            user_rng = None  # leave the RNG where the replayed draws put it
     if index_sampler is not None:
         tracked = TrackedSampler(
             index_sampler,

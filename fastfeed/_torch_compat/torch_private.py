@@ -263,7 +263,8 @@ def on_fetch_start(hook: Callable[[], None] | None) -> bool:
     for cls in classes:
         original = vars(cls)["fetch"]
         original = getattr(original, "_fastfeed_original", original)
-        cls.fetch = _hooked(original, hook, named=cls is classes[0])
+        named = cls.__name__ == "_MapDatasetFetcher"  # its indices are the dataset's keys
+        cls.fetch = _hooked(original, hook, named=named)
     return True
 
 
@@ -276,7 +277,7 @@ def _hooked(
         try:
             return original(self, possibly_batched_index)
         except Exception as exc:
-            if named:  # map-style: the indices are the dataset's keys
+            if named:
                 add_context(exc, fetch_note(exc, possibly_batched_index))
             raise
 

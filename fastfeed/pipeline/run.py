@@ -195,15 +195,13 @@ class EpochRun:
         progress = self.progress
         if self.failures == 0 or progress.position > 0 or progress.ahead:
             return  # nothing failed, or an earlier iteration delivered part of the epoch
-        first = self.skipped[0] if self.skipped else None
-        shown = (
-            ""
-            if first is None
-            else (
+        shown = ""
+        if self.skipped:
+            first = self.skipped[0]
+            shown = (
                 f"; first: sample {first.index} ({first.where}) in stage '{first.stage}': "
                 f"{first.message}"
             )
-        )
         raise TooManyFailuresError(
             f"every sample of epoch {self.epoch} failed ({self.failures} skipped, none "
             f"delivered): this is not a few bad samples but a broken source or transform"

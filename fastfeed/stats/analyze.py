@@ -289,9 +289,9 @@ def analyze(
     # What reached the batches: the collate stage counts the samples it collated; the
     # read and transform stages also count samples that failed and were skipped.
     collated = stages.get(str(Stage.COLLATE))
-    delivered = collated.items if collated is not None and collated.items else None
-    if delivered is None:
-        delivered = max((s.items for s in worker_stages), default=0)
+    delivered = (collated.items if collated is not None else 0) or max(
+        (s.items for s in worker_stages), default=0
+    )
     if batch_size:
         samples = batches * batch_size
         if worker_stages:  # the last batch of an epoch may be short; skips make it shorter
